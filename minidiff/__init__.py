@@ -1,0 +1,6 @@
+"""minidiff: a from-scratch U-Net diffusion framework with native DeepCache-style partial execution."""
+from .pipeline import Pipeline, load
+from .unet import UNet, UNetConfig
+
+__version__ = "0.1.0"
+__all__ = ["Pipeline", "UNet", "UNetConfig", "load"]
