@@ -168,11 +168,16 @@ class Pipeline:
                  progress: bool = True, callback=None) -> torch.Tensor:
         """Sample images (in [0, 1], (B, C, H, W)) or, with output="latent", the final sample."""
         _check_args(steps=steps, sampler=sampler, eta=eta, cache_interval=cache_interval,
-                    batch_size=batch_size, guidance_scale=guidance_scale, output=output)
+                    batch_size=batch_size, guidance_scale=guidance_scale, output=output, seed=seed)
         if not isinstance(cache_branch, int) or not 0 <= cache_branch < self.unet.num_branches:
             raise ValueError(f"cache_branch must be an int in [0, {self.unet.num_branches - 1}], got {cache_branch!r}")
-        if isinstance(prompt, (list, tuple)) and batch_size == 1:
-            batch_size = len(prompt)
+        if batch_size == 1:  # the batch follows the noise, labels or prompts when they are given
+            if noise is not None and noise.ndim == 4:
+                batch_size = noise.shape[0]
+            elif class_labels is not None and torch.as_tensor(class_labels).numel() > 1:
+                batch_size = torch.as_tensor(class_labels).numel()
+            elif isinstance(prompt, (list, tuple)):
+                batch_size = len(prompt)
         class_cond, class_uncond = self._class_cond(class_labels, batch_size, guidance_scale)
         text_cond, text_uncond = self._text_cond(prompt, negative_prompt, batch_size, guidance_scale)
         cond = class_cond if class_cond is not None else text_cond
@@ -189,7 +194,20 @@ class Pipeline:
                                    calibrated=calibrated)
         cached = CachedUNet(self.unet, calls, full_steps, cache_branch)
         denoiser = self.make_denoiser(cached, cond, uncond, guidance_scale)
-        kwargs = dict(generator=generator, progress=progress, callback=callback)
+        causes = ["U-Net weights that are not finite or overflow", "noise that is not finite"]
+        if uncond is not None:
+            causes.insert(0, f"guidance_scale={guidance_scale} too large")
+        if self.dtype in (torch.float16, torch.bfloat16):
+            causes.insert(0, "half-precision overflow (try dtype=torch.float32)")
+
+        def checked(i, t, x):  # stop at the first step that breaks, not after the whole run
+            if not torch.isfinite(x).all():
+                raise FloatingPointError(f"the sample became NaN/Inf at step {i + 1} (timestep {t}); likely "
+                                         f"cause: {' or '.join(causes)}")
+            if callback is not None:
+                callback(i, t, x)
+
+        kwargs = dict(generator=generator, progress=progress, callback=checked)
         if sampler == "ddim":
             kwargs["eta"] = eta
         elif eta:
@@ -199,10 +217,6 @@ class Pipeline:
 
         start = time.perf_counter()
         x = SAMPLERS[sampler](denoiser, x, self.scheduler, steps, **kwargs)
-        if not torch.isfinite(x).all():
-            hint = "a guidance scale that is too large" if guidance_scale else "half precision overflow"
-            raise FloatingPointError(f"the sample became NaN/Inf during sampling (likely cause: {hint}); "
-                                     "try float32 or a smaller guidance scale")
         result = x if output == "latent" else self.decode(x)
         self.last_run = RunStats(steps, cached.calls, cached.full_calls, cached.shallow_calls,
                                  time.perf_counter() - start, sorted(cached.full_steps))
@@ -260,7 +274,11 @@ class Pipeline:
                 save_json(self.calibration, tmp / "calibration.json")
 
 
-def _check_args(*, steps, sampler, eta, cache_interval, batch_size, guidance_scale, output):
+def _check_args(*, steps, sampler, eta, cache_interval, batch_size, guidance_scale, output, seed):
+    if isinstance(steps, bool) or isinstance(cache_interval, bool) or isinstance(batch_size, bool):
+        raise ValueError("steps, cache_interval and batch_size must be ints, not True/False")
+    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2 ** 64):
+        raise ValueError(f"seed must be None or an int in [0, 2**64 - 1], got {seed!r}")
     if not isinstance(steps, int) or not 1 <= steps <= 10_000:
         raise ValueError(f"steps must be an int in [1, 10000], got {steps!r}")
     if sampler not in SAMPLERS:
