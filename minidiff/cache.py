@@ -42,8 +42,8 @@ def nonuniform_schedule(num_steps: int, interval: int, center: Optional[int] = N
     center = num_steps * 3 // 10 if center is None else center
     if not 0 < center < num_steps:
         raise ValueError(f"non-uniform center must lie in (0, {num_steps}), got {center}")
-    if power <= 1:
-        raise ValueError(f"non-uniform power must be > 1, got {power}")
+    if not math.isfinite(power) or not 1 < power <= 10:
+        raise ValueError(f"non-uniform power must be a number in (1, 10], got {power}")
     while power > 1:
         start, stop = complex(-center) ** (1 / power), complex(num_steps - center) ** (1 / power)
         points = start + (stop - start) * np.arange(count + 1) / count  # linspace, endpoint included
@@ -130,4 +130,13 @@ def save_calibrated(path, schedule: dict):
 
 def load_calibrated(path) -> Optional[dict]:
     path = Path(path)
-    return json.loads(path.read_text()) if path.exists() else None
+    if not path.exists():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path} (the calibrated cache schedule) is unreadable: {e}; delete it or rerun "
+                         "`minidiff analyze calibrate`") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must hold a JSON object")
+    return data

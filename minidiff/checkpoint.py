@@ -1,18 +1,26 @@
 """Reading untrusted weight files safely and writing files so that a crash never leaves half of one.
 
-- `.safetensors` is read memory-mapped; a truncated or corrupt file is a clear error.
+- `.safetensors` is read memory-mapped after its header is checked against the file size, so a
+  truncated or hostile file is a clear error, never a huge allocation.
 - `.ckpt` / `.pt` / `.pth` / `.bin` pickles go through `torch.load(weights_only=True)`, which refuses
   to build anything but tensors and plain containers, so no code in the file can run.
-- State dicts are checked key by key (missing, unexpected, mis-shaped) before any weight is assigned.
-- Writes go to a temporary file in the destination folder, are fsynced, then renamed into place.
+- State dicts are checked key by key (missing, unexpected, mis-shaped, wrong kind of dtype) before
+  any weight is assigned. A float tensor of another precision is cast (fp16 files into fp32 models).
+- Writes go to a temporary sibling `.NAME.PID.RANDOM.tmp`, are fsynced, then renamed into place;
+  a folder replaces the old one in a single atomic exchange where the OS has one (Linux). A killed
+  writer leaves at most such a temporary, which the next write to NAME removes; loading ignores it.
 """
 from __future__ import annotations
 
+import ctypes
+import errno
 import json
+import math
 import os
 import pickle
+import re
+import secrets
 import shutil
-import tempfile
 import zipfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -38,6 +46,8 @@ def read_state_dict(path, *, allow_nan: bool = False) -> dict:
         raise CheckpointError(f"weight file {path} does not exist")
     if path.is_dir():
         raise CheckpointError(f"{path} is a folder; expected a weight file (.safetensors, .ckpt, .pt, .bin)")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{path} is empty (0 bytes): an interrupted download or copy?")
     if path.suffix == ".safetensors":
         sd = _read_safetensors(path)
     elif path.suffix in PICKLE_SUFFIXES:
@@ -50,34 +60,93 @@ def read_state_dict(path, *, allow_nan: bool = False) -> dict:
     return sd
 
 
+# Bytes per element of the safetensors dtypes torch can hold.
+SAFETENSORS_DTYPES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2,
+                      "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8, "C64": 8}
+MAX_HEADER_BYTES = 100_000_000  # the safetensors format's own limit
+
+
 def _read_safetensors(path: Path) -> dict:
+    """Check the header, then map the file: `load_file` backs every tensor by one private mmap of it
+    (pages are read on first touch and never copied into process memory)."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    _check_safetensors_header(path)
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{path} is not a valid safetensors file (corrupt or truncated?): {e}") from None
+
+
+def _check_safetensors_header(path: Path):
+    """Every tensor has a known dtype, a shape matching its byte range, and bytes inside the file,
+    not shared with another tensor. Raises CheckpointError naming the first tensor that does not."""
     size = path.stat().st_size
     if size < 8:
         raise CheckpointError(f"{path} is truncated ({size} bytes): a safetensors file starts with an 8-byte "
                               "header length")
     with open(path, "rb") as f:
         header_len = int.from_bytes(f.read(8), "little")
-    if header_len > min(size - 8, 100_000_000):
-        raise CheckpointError(f"{path} is corrupt or truncated: its header claims {header_len} bytes but the file "
-                              f"has {size}")
+        if header_len > min(size - 8, MAX_HEADER_BYTES):
+            raise CheckpointError(f"{path} is corrupt or truncated: its header claims {header_len} bytes but the "
+                                  f"file has {size}")
+        raw = f.read(header_len)
     try:
-        return load_file(str(path))  # memory-mapped by safetensors; tensors are copied lazily by the OS
-    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise CheckpointError(f"{path} is not a valid safetensors file (corrupt or truncated?): {e}") from None
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path} is corrupt: its header is not valid JSON ({e})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path} is corrupt: its header is a JSON {type(header).__name__}, not an object")
+    data_len = size - 8 - header_len
+    ranges = sorted(_byte_range(path, name, info, data_len) + (name,) for name, info in header.items()
+                    if name != "__metadata__")
+    for (_, end, first), (begin, _, second) in zip(ranges, ranges[1:]):
+        if begin < end:
+            raise CheckpointError(f"{path} is corrupt: tensors {first!r} and {second!r} claim overlapping bytes")
+
+
+def _byte_range(path: Path, name: str, info, data_len: int) -> tuple:
+    """(begin, end) of one header entry, checked against its dtype, its shape and the data size."""
+    def bad(why):
+        return CheckpointError(f"{path} is corrupt or truncated: tensor {name!r} {why}")
+
+    if not isinstance(info, dict) or not isinstance(info.get("dtype"), str):
+        raise bad(f"has no dtype entry: {str(info)[:80]}")
+    itemsize = SAFETENSORS_DTYPES.get(info["dtype"])
+    if itemsize is None:
+        raise bad(f"has dtype {info['dtype']!r}; supported are {sorted(SAFETENSORS_DTYPES)}")
+    shape, offsets = info.get("shape"), info.get("data_offsets")
+    if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+        raise bad(f"has shape {str(shape)[:80]}; expected a list of non-negative ints")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)
+            and 0 <= offsets[0] <= offsets[1]):
+        raise bad(f"has data_offsets {str(offsets)[:80]}; expected [begin, end] with 0 <= begin <= end")
+    begin, end = offsets
+    if end > data_len:
+        raise bad(f"claims bytes {begin}..{end} but only {data_len} bytes of data follow the header")
+    if math.prod(shape) * itemsize != end - begin:
+        raise bad(f"of shape {shape} and dtype {info['dtype']} needs {math.prod(shape) * itemsize} bytes, "
+                  f"its data_offsets give {end - begin}")
+    return begin, end
 
 
 def _read_pickle(path: Path) -> dict:
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except pickle.UnpicklingError as e:
-        raise CheckpointError(
-            f"{path} needs more than tensors to load (it would run code from the file), so it was refused. "
-            f"Only plain weight pickles are read. Details: {str(e).splitlines()[0]}") from None
-    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as e:
-        raise CheckpointError(f"{path} could not be read (corrupt or truncated?): {e}") from None
+        # keep the line of torch's long message that names what the file wanted, e.g. "GLOBAL posix.system"
+        lines = [ln for ln in str(e).splitlines() if "GLOBAL" in ln or "Unsupported" in ln]
+        detail = lines[0].strip() if lines else str(e).splitlines()[0]
+        if "GLOBAL" in detail:
+            raise CheckpointError(
+                f"{path} needs more than tensors to load (it asks to import and call code: {detail}), so it was "
+                "refused; only plain weight pickles are read. Re-save it as safetensors where you trust it") from None
+        raise CheckpointError(f"{path} is not a weight file the safe loader can read (corrupt, or a plain pickle "
+                              f"rather than torch.save output): {detail}") from None
+    except Exception as e:  # torch's unpickler fails on damaged bytes with IndexError, KeyError, struct.error...
+        raise CheckpointError(f"{path} could not be read (corrupt or truncated?): "
+                              f"{str(e)[:300] or type(e).__name__}") from None
     while isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict):
@@ -85,8 +154,19 @@ def _read_pickle(path: Path) -> dict:
     return {k: v for k, v in obj.items() if isinstance(k, str) and torch.is_tensor(v)}
 
 
+def _finite(tensor: torch.Tensor) -> bool:
+    if not tensor.is_floating_point() or tensor.numel() == 0:
+        return True
+    try:  # one pass and no temporary as large as the tensor; NaN and Inf propagate to min or max
+        low, high = torch.aminmax(tensor)
+    except (RuntimeError, NotImplementedError):  # float8 has no aminmax
+        return bool(torch.isfinite(tensor.float()).all())
+    return bool(torch.isfinite(low) and torch.isfinite(high))
+
+
 def check_finite(state_dict: dict, what: str = "state dict"):
-    bad = [k for k, v in state_dict.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    """Raise a CheckpointError naming the float tensors that hold NaN or Inf."""
+    bad = [k for k, v in state_dict.items() if not _finite(v)]
     if bad:
         raise CheckpointError(f"{what}: {len(bad)} tensor(s) contain NaN or Inf, e.g. {bad[:5]}; the file is "
                               "damaged (pass allow_nan=True / --allow-nan to load it anyway)")
@@ -99,7 +179,11 @@ def _listing(keys: Iterable[str], limit: int = 12) -> str:
 
 
 def check_state_dict(module: nn.Module, state_dict: dict, what: str = "model"):
-    """Raise a CheckpointError listing missing, unexpected and mis-shaped keys; assign nothing."""
+    """Raise a CheckpointError listing missing, unexpected and mis-shaped keys; assign nothing.
+
+    Floats of another precision are accepted (loading casts them); an integer, bool or complex
+    tensor where the model holds a float (or the reverse) is an error.
+    """
     expected = module.state_dict()
     missing = set(expected) - set(state_dict)
     unexpected = set(state_dict) - set(expected)
@@ -130,7 +214,8 @@ def load_weights(module: nn.Module, state_dict: dict, what: str = "model"):
 
 # -- writing ----------------------------------------------------------------------------------------
 
-def _fsync_dir(path: Path):
+def _fsync(path: Path):
+    """Flush a file's or folder's contents to disk (folders: their entries, so a rename survives a crash)."""
     try:
         fd = os.open(str(path), os.O_RDONLY)
     except OSError:
@@ -143,31 +228,82 @@ def _fsync_dir(path: Path):
         os.close(fd)
 
 
+def _temp_sibling(target: Path) -> Path:
+    return target.with_name(f".{target.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def remove_stale_temps(target) -> list:
+    """Delete temporaries of writes to `target` whose process died (a crash or kill mid-write).
+
+    Returns what was removed. Assumes one machine writes the folder: a pid from another host
+    sharing it over the network could be taken for dead.
+    """
+    target = Path(target)
+    pattern = re.compile(rf"\.{re.escape(target.name)}\.(\d+)\.[0-9a-f]+\.(tmp|old)")
+    removed = []
+    if not target.parent.is_dir():
+        return removed
+    for entry in sorted(target.parent.iterdir()):
+        match = pattern.fullmatch(entry.name)
+        if match is None or _alive(int(match.group(1))):
+            continue
+        if match.group(2) == "old" and not target.exists():
+            os.replace(entry, target)  # killed between the two renames of _swap_in_slowly: put it back
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+        removed.append(entry)
+    return removed
+
+
 @contextmanager
 def atomic_path(path, *, overwrite: bool = True):
-    """Yield a temporary path beside `path`; on success fsync it and rename it over `path`."""
+    """Yield a temporary path (same name, in a private folder beside `path`); on success fsync it
+    and rename it over `path`. Writers that make temporaries of their own (safetensors does) make
+    them in that folder too, so a kill leaves nothing that the next write cannot identify and remove.
+    """
     path = Path(path)
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists; pass overwrite=True (--overwrite) to replace it")
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp)
+    remove_stale_temps(path)
+    workdir = _temp_sibling(path)
+    workdir.mkdir()
+    tmp = workdir / path.name
     try:
+        os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+        mode = tmp.stat().st_mode  # 0o666 & ~umask, as open() gives
         yield tmp
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
+        os.chmod(tmp, mode)  # some writers (safetensors) recreate the file as 0o600
+        _fsync(tmp)
         os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        _fsync(path.parent)
     finally:
-        if tmp.exists():
-            tmp.unlink()
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 def save_safetensors(state_dict: dict, path, metadata: Optional[dict] = None, *, overwrite: bool = True):
+    """Write tensors atomically; tensors sharing memory (tied weights) are stored once each."""
     from safetensors.torch import save_file
 
-    tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
+    tensors, seen = {}, set()
+    for key, value in state_dict.items():
+        value = value.detach().contiguous().cpu()
+        storage = value.untyped_storage().data_ptr()
+        tensors[key] = value.clone() if storage in seen else value  # safetensors refuses shared memory
+        seen.add(storage)
     with atomic_path(path, overwrite=overwrite) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
 
@@ -177,33 +313,57 @@ def save_json(obj, path, *, overwrite: bool = True):
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
+_RENAME_EXCHANGE, _AT_FDCWD = 2, -100
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two existing paths in one atomic step (Linux renameat2); False where that is not supported."""
+    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None) if os.name == "posix" else None
+    if renameat2 is None:
+        return False
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def _swap_in_slowly(tmp: Path, dst: Path):
+    """Two renames where no atomic swap exists: a kill between them leaves dst absent for a moment,
+    and remove_stale_temps(dst) puts the old folder back."""
+    old = dst.with_name(tmp.name[: -len(".tmp")] + ".old")
+    os.replace(dst, old)
+    os.replace(tmp, dst)
+    shutil.rmtree(old, ignore_errors=True)
+
+
 @contextmanager
 def atomic_folder(dst, *, overwrite: bool = False):
     """Yield a temporary folder beside `dst`; on success it replaces `dst` in one rename.
 
-    A crash or error leaves `dst` as it was (absent, or the previous version).
+    A crash or error leaves `dst` as it was (absent, or the previous version); the temporary
+    folder a kill leaves behind is removed by the next write to `dst`.
     """
     dst = Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(dst)
     if dst.exists() and not overwrite:
         raise FileExistsError(f"{dst} exists; pass overwrite=True (--overwrite) to replace it")
     if dst.exists() and not dst.is_dir():
         raise FileExistsError(f"{dst} exists and is not a folder")
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent))
+    tmp = _temp_sibling(dst)
+    tmp.mkdir()
     try:
         yield tmp
-        for f in tmp.rglob("*"):
-            if f.is_file():
-                with open(f, "rb") as fh:
-                    os.fsync(fh.fileno())
-        old = None
-        if dst.exists():
-            old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
-            os.replace(dst, old)
-        os.replace(tmp, dst)
-        _fsync_dir(dst.parent)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        for entry in sorted(tmp.rglob("*"), reverse=True):  # files before the folders holding them
+            _fsync(entry)
+        _fsync(tmp)
+        if not dst.exists():
+            os.rename(tmp, dst)
+        elif not _exchange(tmp, dst):
+            _swap_in_slowly(tmp, dst)
+        _fsync(dst.parent)
     finally:
-        if tmp.exists():
+        if tmp.exists():  # the unfinished folder, or after the swap the previous version
             shutil.rmtree(tmp, ignore_errors=True)

@@ -23,7 +23,7 @@ from .cache import CachedUNet, load_calibrated, make_schedule
 from .checkpoint import (CheckpointError, atomic_folder, check_finite, load_weights, read_state_dict, save_json,
                          save_safetensors)
 from .samplers import SAMPLERS, num_model_calls
-from .schedules import SchedulerConfig
+from .schedules import NoiseSchedule, SchedulerConfig, make_timesteps
 from .unet import UNet, UNetConfig
 
 FORMAT = "minidiff"
@@ -91,11 +91,19 @@ class Pipeline:
         if cfg.num_classes is None:
             if class_labels is not None:
                 raise ValueError("this model is not class-conditional; drop class_labels")
+            if guidance_scale is not None and guidance_scale != 1.0 and cfg.context_dim is None:
+                raise ValueError("this model is unconditional, so guidance_scale has nothing to guide; leave it unset")
             return None, None
         if class_labels is None:
             raise ValueError(f"this model is class-conditional: pass class_labels (ints in [0, "
                              f"{self._num_real_classes() - 1}])")
-        labels = torch.as_tensor(class_labels, dtype=torch.long).reshape(-1)
+        try:
+            labels = torch.as_tensor(class_labels)
+        except (TypeError, ValueError, RuntimeError, OverflowError):
+            raise ValueError(f"class_labels must be integers, got {class_labels!r}") from None
+        if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+            raise ValueError(f"class_labels must be integers, got dtype {labels.dtype}")
+        labels = labels.long().reshape(-1)
         if labels.numel() == 1:
             labels = labels.expand(batch_size)
         if labels.numel() != batch_size:
@@ -165,19 +173,30 @@ class Pipeline:
                  guidance_scale: Optional[float] = None, prompt=None, negative_prompt=None,
                  height: Optional[int] = None, width: Optional[int] = None, output: str = "image",
                  center: Optional[int] = None, power: float = 1.4, generator: Optional[torch.Generator] = None,
-                 progress: bool = True, callback=None) -> torch.Tensor:
-        """Sample images (in [0, 1], (B, C, H, W)) or, with output="latent", the final sample."""
+                 progress: bool = True, callback=None, init_image: Optional[torch.Tensor] = None,
+                 strength: float = 0.75) -> torch.Tensor:
+        """Sample images (in [0, 1], (B, C, H, W)) or, with output="latent", the final sample.
+
+        img2img: `init_image` ((B or 1, 3, H, W) in [0, 1]) is encoded, noised to the step where
+        `strength` of the `steps` remain, and denoised from there; `noise` is then the noise added.
+        """
         _check_args(steps=steps, sampler=sampler, eta=eta, cache_interval=cache_interval,
-                    batch_size=batch_size, guidance_scale=guidance_scale, output=output, seed=seed)
-        if not isinstance(cache_branch, int) or not 0 <= cache_branch < self.unet.num_branches:
+                    batch_size=batch_size, guidance_scale=guidance_scale, output=output, seed=seed, power=power)
+        if isinstance(cache_branch, bool) or not isinstance(cache_branch, int) \
+                or not 0 <= cache_branch < self.unet.num_branches:
             raise ValueError(f"cache_branch must be an int in [0, {self.unet.num_branches - 1}], got {cache_branch!r}")
+        if noise is not None and (not torch.is_tensor(noise) or noise.ndim != 4 or noise.shape[0] < 1):
+            raise ValueError(f"noise must be a tensor of shape (B >= 1, {self.unet.config.in_channels}, H, W), got "
+                             f"{tuple(noise.shape) if torch.is_tensor(noise) else type(noise).__name__}")
         if batch_size == 1:  # the batch follows the noise, labels or prompts when they are given
-            if noise is not None and noise.ndim == 4:
+            if noise is not None and torch.is_tensor(noise) and noise.ndim == 4:
                 batch_size = noise.shape[0]
             elif class_labels is not None and torch.as_tensor(class_labels).numel() > 1:
                 batch_size = torch.as_tensor(class_labels).numel()
             elif isinstance(prompt, (list, tuple)):
                 batch_size = len(prompt)
+            elif init_image is not None and getattr(init_image, "ndim", 0) == 4:
+                batch_size = init_image.shape[0]
         class_cond, class_uncond = self._class_cond(class_labels, batch_size, guidance_scale)
         text_cond, text_uncond = self._text_cond(prompt, negative_prompt, batch_size, guidance_scale)
         cond = class_cond if class_cond is not None else text_cond
@@ -186,9 +205,13 @@ class Pipeline:
         if generator is None:
             generator = torch.Generator("cpu")
             generator.manual_seed(seed if seed is not None else torch.seed())
-        x = self._initial_noise(noise, batch_size, height, width, generator)
+        if init_image is not None:
+            x, start_step = self._img2img_start(init_image, strength, steps, noise, batch_size, height, width,
+                                                generator)
+        else:
+            x, start_step = self._initial_noise(noise, batch_size, height, width, generator), 0
 
-        calls = num_model_calls(sampler, steps)
+        calls = num_model_calls(sampler, steps - start_step)
         calibrated = self.calibration if cache_schedule == "calibrated" else None
         full_steps = make_schedule(cache_schedule, calls, cache_interval, center=center, power=power,
                                    calibrated=calibrated)
@@ -207,7 +230,7 @@ class Pipeline:
             if callback is not None:
                 callback(i, t, x)
 
-        kwargs = dict(generator=generator, progress=progress, callback=checked)
+        kwargs = dict(generator=generator, progress=progress, callback=checked, start_step=start_step)
         if sampler == "ddim":
             kwargs["eta"] = eta
         elif eta:
@@ -225,17 +248,56 @@ class Pipeline:
     def _initial_noise(self, noise, batch_size, height, width, generator):
         cfg = self.unet.config
         if noise is not None:
-            if noise.ndim != 4 or noise.shape[1] != cfg.in_channels:
+            if not torch.is_tensor(noise):
+                raise ValueError(f"noise must be a tensor of shape (B, {cfg.in_channels}, H, W), got "
+                                 f"{type(noise).__name__}")
+            if noise.ndim != 4 or noise.shape[1] != cfg.in_channels or noise.shape[0] < 1:
                 raise ValueError(f"noise must have shape (B, {cfg.in_channels}, H, W), got {tuple(noise.shape)}")
             return noise.to(self.device, self.dtype)
-        height, width = height or self.default_size, width or self.default_size
-        multiple = self.latent_scale * cfg.downsample_factor
+        height = self.default_size if height is None else height
+        width = self.default_size if width is None else width
+        self._check_size(height, width)
+        shape = (batch_size, cfg.in_channels, height // self.latent_scale, width // self.latent_scale)
+        return torch.randn(shape, generator=generator, dtype=torch.float32).to(self.device, self.dtype)
+
+    def _check_size(self, height, width):
+        multiple = self.latent_scale * self.unet.config.downsample_factor
         for name, size in (("height", height), ("width", width)):
             if not isinstance(size, int) or size < multiple or size % multiple or size > 16384:
                 raise ValueError(f"{name} must be a multiple of {multiple} (the model's total downsampling) "
                                  f"between {multiple} and 16384, got {size!r}")
-        shape = (batch_size, cfg.in_channels, height // self.latent_scale, width // self.latent_scale)
-        return torch.randn(shape, generator=generator, dtype=torch.float32).to(self.device, self.dtype)
+
+    def _img2img_start(self, image, strength, steps, noise, batch_size, height, width, generator):
+        """(noised latents, first step) for img2img, as diffusers' StableDiffusionImg2ImgPipeline:
+        the image's mean latents noised to timesteps[t_start], t_start = steps - int(steps * strength)."""
+        if self.autoencoder is None:
+            raise ValueError("init_image needs a latent model (one with an autoencoder)")
+        if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0 < strength <= 1:
+            raise ValueError(f"strength must be a number in (0, 1] (the share of the steps that re-noise the "
+                             f"image; 1 ignores it), got {strength!r}")
+        remaining = min(int(steps * strength), steps)
+        if remaining < 1:
+            raise ValueError(f"strength {strength} of {steps} steps leaves no step to run; raise strength or steps")
+        if not torch.is_tensor(image) or image.ndim != 4 or image.shape[1] != 3 or image.shape[0] not in (1, batch_size):
+            raise ValueError(f"init_image must be a tensor of shape ({batch_size} or 1, 3, H, W), got "
+                             f"{tuple(getattr(image, 'shape', ()))}")
+        if image.min() < 0 or image.max() > 1:
+            raise ValueError("init_image must hold values in [0, 1] (it is mapped to [-1, 1] for the encoder)")
+        size = tuple(image.shape[2:])
+        self._check_size(*size)
+        if (height or size[0], width or size[1]) != size:
+            raise ValueError(f"height/width {height}x{width} differ from init_image's {size[0]}x{size[1]}; drop them")
+        latents = self.autoencoder.encode(2 * image.to(self.device, torch.float32) - 1)  # mean, scaled
+        latents = latents.expand(batch_size, -1, -1, -1)
+        if noise is None:
+            noise = torch.randn(latents.shape, generator=generator, dtype=torch.float32)
+        elif noise.shape != latents.shape:
+            raise ValueError(f"noise must have the latents' shape {tuple(latents.shape)}, got {tuple(noise.shape)}")
+        start_step = steps - remaining
+        t = make_timesteps(self.scheduler, steps)[start_step]
+        alpha = NoiseSchedule.from_config(self.scheduler, latents.device).alphas_cumprod[t]
+        x = alpha ** 0.5 * latents + (1 - alpha) ** 0.5 * noise.to(latents.device, latents.dtype)
+        return x.to(self.dtype), start_step
 
     def decode(self, x: torch.Tensor) -> torch.Tensor:
         """Final sample -> images in [0, 1]; latent models decode in float32."""
@@ -274,14 +336,14 @@ class Pipeline:
                 save_json(self.calibration, tmp / "calibration.json")
 
 
-def _check_args(*, steps, sampler, eta, cache_interval, batch_size, guidance_scale, output, seed):
+def _check_args(*, steps, sampler, eta, cache_interval, batch_size, guidance_scale, output, seed, power):
     if isinstance(steps, bool) or isinstance(cache_interval, bool) or isinstance(batch_size, bool):
         raise ValueError("steps, cache_interval and batch_size must be ints, not True/False")
     if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2 ** 64):
         raise ValueError(f"seed must be None or an int in [0, 2**64 - 1], got {seed!r}")
     if not isinstance(steps, int) or not 1 <= steps <= 10_000:
         raise ValueError(f"steps must be an int in [1, 10000], got {steps!r}")
-    if sampler not in SAMPLERS:
+    if not isinstance(sampler, str) or sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; choose one of {sorted(SAMPLERS)}")
     if not isinstance(eta, (int, float)) or not 0.0 <= eta <= 1.0:
         raise ValueError(f"eta must be a number in [0, 1], got {eta!r}")
@@ -294,6 +356,8 @@ def _check_args(*, steps, sampler, eta, cache_interval, batch_size, guidance_sca
         raise ValueError(f"guidance_scale must be a number in [0, 100], got {guidance_scale!r}")
     if output not in ("image", "latent"):
         raise ValueError(f"output must be 'image' or 'latent', got {output!r}")
+    if not isinstance(power, (int, float)) or not 1.0 < power <= 10.0:  # the non-uniform search steps power by 0.02
+        raise ValueError(f"power (of the non-uniform cache schedule) must be a number in (1, 10], got {power!r}")
 
 
 def _read_json(path: Path, what: str) -> dict:
@@ -301,9 +365,14 @@ def _read_json(path: Path, what: str) -> dict:
         raise CheckpointError(f"{path.parent} is not a minidiff model folder: {path.name} ({what}) is missing. "
                               "Convert public checkpoints with the scripts in convert/ first")
     try:
-        return json.loads(path.read_text())
+        data = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path} is not valid JSON: {e}") from None
+    except OSError as e:
+        raise CheckpointError(f"cannot read {path} ({what}): {e.strerror or e}") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path} ({what}) must hold a JSON object, got a {type(data).__name__}")
+    return data
 
 
 def split_state_dict(sd: dict) -> dict:
@@ -327,6 +396,9 @@ def load(path, *, device="cpu", dtype: Optional[torch.dtype] = None, allow_nan: 
     if config.get("format") != FORMAT:
         raise CheckpointError(f"{path / 'config.json'} is not a minidiff config (format={config.get('format')!r}); "
                               "convert the model with the scripts in convert/ first")
+    if not isinstance(config.get("unet"), dict):
+        raise CheckpointError(f"{path / 'config.json'} has no \"unet\" section; the folder is damaged or not a "
+                              "minidiff model")
     scheduler = SchedulerConfig.from_dict(_read_json(path / "scheduler.json", "noise schedule"))
     weights = path / "model.safetensors"
     if not weights.exists():

@@ -30,6 +30,13 @@ def _noise_like(x, generator):
     return torch.randn(x.shape, generator=generator, dtype=x.dtype, device=device).to(x.device)
 
 
+def _timesteps_from(config, steps, start_step):
+    """The timesteps of a `steps`-step schedule from index `start_step` on (img2img starts part-way)."""
+    if isinstance(start_step, bool) or not isinstance(start_step, int) or not 0 <= start_step < steps:
+        raise ValueError(f"start_step must be an int in [0, {steps - 1}], got {start_step!r}")
+    return make_timesteps(config, steps).tolist()[start_step:]
+
+
 def _x0_and_eps(prediction_type, out, x, alpha_t):
     """Predicted clean sample and noise, whatever the model predicts."""
     beta_t = 1 - alpha_t
@@ -40,10 +47,10 @@ def _x0_and_eps(prediction_type, out, x, alpha_t):
     return out, (x - alpha_t ** 0.5 * out) / beta_t ** 0.5
 
 
-def sample_ddpm(model, x, config, steps, *, generator=None, progress=True, callback=None):
+def sample_ddpm(model, x, config, steps, *, generator=None, progress=True, callback=None, start_step=0):
     """Ancestral DDPM sampling: posterior mean (Ho et al. 2020, eq. 7) plus fixed-variance noise."""
     alphas_cumprod = NoiseSchedule.from_config(config, x.device).alphas_cumprod
-    timesteps = make_timesteps(config, steps).tolist()
+    timesteps = _timesteps_from(config, steps, start_step)
     for i, t in enumerate(tqdm(timesteps, disable=not progress)):
         out = _call(model, x, t)
         alpha_t = alphas_cumprod[t]
@@ -73,11 +80,11 @@ def sample_ddpm(model, x, config, steps, *, generator=None, progress=True, callb
     return x
 
 
-def sample_ddim(model, x, config, steps, *, eta=0.0, generator=None, progress=True, callback=None):
+def sample_ddim(model, x, config, steps, *, eta=0.0, generator=None, progress=True, callback=None, start_step=0):
     """DDIM (Song et al. 2021, eq. 12): deterministic at eta=0, as noisy as DDPM at eta=1."""
     _check_eta(eta)
     schedule = NoiseSchedule.from_config(config, x.device)
-    timesteps = make_timesteps(config, steps).tolist()
+    timesteps = _timesteps_from(config, steps, start_step)
     stride = config.num_train_timesteps // steps  # diffusers steps back by this for every spacing
     for i, t in enumerate(tqdm(timesteps, disable=not progress)):
         out = _call(model, x, t)
@@ -114,7 +121,7 @@ def _adams_bashforth(outs):
     return (1 / 24) * (55 * outs[-1] - 59 * outs[-2] + 37 * outs[-3] - 9 * outs[-4])
 
 
-def sample_plms(model, x, config, steps, *, progress=True, callback=None):
+def sample_plms(model, x, config, steps, *, progress=True, callback=None, start_step=0):
     """Pseudo linear multistep sampling (PNDM without Runge-Kutta warm-up); `steps + 1` model calls."""
     if config.prediction_type == "sample":
         raise ValueError("PLMS needs an epsilon or v_prediction model; use sample_ddim for prediction_type='sample'")
@@ -123,7 +130,9 @@ def sample_plms(model, x, config, steps, *, progress=True, callback=None):
     def alpha(t):
         return schedule.alphas_cumprod[t] if t >= 0 else schedule.final_alpha_cumprod
 
-    timesteps = make_timesteps(config, steps).tolist()
+    # From start_step > 0 (img2img) the warm-up below starts at timesteps[start_step]. diffusers'
+    # img2img slices PNDM's list, whose second entry repeats, so it starts one stride noisier.
+    timesteps = _timesteps_from(config, steps, start_step)
     stride = config.num_train_timesteps // steps
     # The second timestep is visited twice: first reached by an Euler step, then re-taken from
     # the start with the average of both slopes (improved Euler) before multistep begins.

@@ -55,7 +55,8 @@ class SchedulerConfig:
                 raise ValueError(f"SchedulerConfig: {message}")
 
         T = self.num_train_timesteps
-        need(isinstance(T, int) and T >= 1, f"num_train_timesteps must be an integer >= 1, got {T!r}")
+        need(isinstance(T, int) and not isinstance(T, bool) and 1 <= T <= 100_000,
+             f"num_train_timesteps must be an integer in [1, 100000], got {T!r}")
         need(self.beta_schedule in BETA_SCHEDULES,
              f"beta_schedule must be one of {BETA_SCHEDULES}, got {self.beta_schedule!r}")
         need(0 < self.beta_start < self.beta_end < 1,

@@ -13,7 +13,7 @@ last full step. That state is the deep ("main branch") feature DeepCache found t
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from typing import Callable, Optional
 
 import torch
@@ -57,10 +57,12 @@ class UNetConfig:
             if not ok:
                 raise ValueError(f"UNetConfig: {msg}")
 
-        for name in ("in_channels", "out_channels", "model_channels", "num_res_blocks", "norm_groups",
-                     "transformer_depth"):
+        limits = {"in_channels": 1024, "out_channels": 1024, "model_channels": 65_536, "num_res_blocks": 64,
+                  "norm_groups": 1024, "transformer_depth": 64}
+        for name, top in limits.items():
             value = getattr(self, name)
-            need(isinstance(value, int) and 1 <= value <= 1_000_000, f"{name} must be a positive int, got {value!r}")
+            need(isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= top,
+                 f"{name} must be an int in [1, {top}], got {value!r}")
         need(len(self.channel_mult) >= 1 and all(isinstance(m, int) and 1 <= m <= 1024 for m in self.channel_mult),
              f"channel_mult must be a non-empty list of positive ints, got {list(self.channel_mult)}")
         need(len(self.channel_mult) <= 12, f"channel_mult has {len(self.channel_mult)} levels; at most 12 are supported")
@@ -84,6 +86,12 @@ class UNetConfig:
         need(0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}")
         need(0.0 < self.norm_eps < 1.0, f"norm_eps must be in (0, 1), got {self.norm_eps}")
         need(self.downsample_padding in (0, 1), f"downsample_padding must be 0 or 1, got {self.downsample_padding}")
+        need(not (self.num_classes and self.class_cond == "add" and self.context_dim is not None),
+             "class_cond 'add' with context_dim would need a text context besides the labels, which minidiff does "
+             "not support; use class_cond 'context' (the class token is the context) or drop context_dim")
+        widest = self.model_channels * max(self.channel_mult)
+        need(widest <= 65_536, f"the widest level has {widest} channels (model_channels x max(channel_mult)); at "
+                               "most 65536 are supported")
         for ch in self.level_channels:
             need(ch % self.norm_groups == 0, f"channels {ch} are not divisible by norm_groups {self.norm_groups}")
             heads = self.heads_for(ch)
@@ -267,7 +275,7 @@ class SpatialTransformer(nn.Module):
         if self.linear_projection:
             h = rearrange(self.proj_out(h), "b (h w) c -> b c h w", h=hgt, w=wid)
         else:
-            h = self.proj_out(rearrange(h, "b (h w) c -> b c h w", h=hgt, w=wid).contiguous())
+            h = self.proj_out(rearrange(h, "b (h w) c -> b c h w", h=hgt, w=wid))  # a channels-last view
         return x + h
 
 
@@ -370,6 +378,10 @@ class UNet(nn.Module):
 
         self.out_norm = GroupNorm32(groups, ch, eps)
         self.out_conv = nn.Conv2d(ch, cfg.out_channels, 3, padding=1)
+        # Activations run channels-last (NHWC): oneDNN and cuDNN convolutions skip their layout
+        # reorders, and a transformer's (B, C, H, W) -> (B, HW, C) becomes a view. Weights keep
+        # this layout through load_state_dict; files are written contiguous as usual.
+        self.to(memory_format=torch.channels_last)
         # Called as recorder(name, tensor) for every layer output when set (see minidiff.analysis).
         self.recorder: Optional[Callable[[str, torch.Tensor], None]] = None
 
@@ -444,7 +456,7 @@ class UNet(nn.Module):
                              f"total downsampling; use a multiple of {f}")
 
     def _check_branch(self, branch: int):
-        if not isinstance(branch, int) or not 0 <= branch < self.num_branches:
+        if isinstance(branch, bool) or not isinstance(branch, int) or not 0 <= branch < self.num_branches:
             raise ValueError(f"cache branch must be an int in [0, {self.num_branches - 1}], got {branch!r}")
 
     def _encode(self, h, c: _Cond, layers):
@@ -465,10 +477,10 @@ class UNet(nn.Module):
             h = self.output_blocks[i](torch.cat([h, skips.pop()], dim=1), c.emb, c.context)
             if self.recorder is not None:
                 self.recorder(f"dec.{i}", h)
-        return self.out_conv(F.silu(self.out_norm(h))), cached
+        return self.out_conv(F.silu(self.out_norm(h))).contiguous(), cached
 
     def _full(self, x, t, cond, cache_at):
-        self._check_input(x)
+        x = x.contiguous(memory_format=torch.channels_last)
         c = self.embed(x, t, cond)
         h, skips = self._encode(x, c, self.input_blocks)
         h = self.middle_block(h, c.emb, c.context)
@@ -478,11 +490,13 @@ class UNet(nn.Module):
 
     def forward(self, x, t, cond=None):
         """The whole network, nothing kept."""
+        self._check_input(x)
         return self._full(x, t, cond, None)[0]
 
     def forward_full(self, x, t, cond=None, *, branch: int = 0):
         """The whole network; also returns the cache a later shallow step at `branch` reuses."""
         self._check_branch(branch)
+        self._check_input(x)
         out, hidden = self._full(x, t, cond, len(self.output_blocks) - 1 - branch)
         return out, FeatureCache(branch, hidden)
 
@@ -490,14 +504,23 @@ class UNet(nn.Module):
         """Only the skip branch: input_blocks[:b+1] and output_blocks[-1-b:], reusing the cached state."""
         if not isinstance(cache, FeatureCache):
             raise TypeError(f"cache must be the FeatureCache returned by forward_full, got {type(cache).__name__}")
-        b = cache.branch
-        self._check_branch(b)
+        self._check_branch(cache.branch)
         self._check_input(x)
         if cache.hidden.shape[0] != x.shape[0]:
             raise ValueError(f"the cache was made for batch {cache.hidden.shape[0]}, this step has batch {x.shape[0]}")
+        return self._shallow(x, t, cond, cache.hidden, cache.branch)
+
+    def _shallow(self, x, t, cond, hidden, branch):
+        x = x.contiguous(memory_format=torch.channels_last)
         c = self.embed(x, t, cond)
-        _, skips = self._encode(x, c, self.input_blocks[: b + 1])
-        return self._decode(cache.hidden, skips, c, len(self.output_blocks) - 1 - b)[0]
+        _, skips = self._encode(x, c, self.input_blocks[: branch + 1])
+        return self._decode(hidden, skips, c, len(self.output_blocks) - 1 - branch)[0]
+
+    def compile(self, **kwargs) -> "UNet":
+        """torch.compile the full and the shallow path (each branch compiles once, on first use)."""
+        self._full = torch.compile(self._full, **kwargs)
+        self._shallow = torch.compile(self._shallow, **kwargs)
+        return self
 
     # -- cost -----------------------------------------------------------------------------------
 

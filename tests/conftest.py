@@ -10,7 +10,7 @@ SHARED = REPO.parent / "shared" / "reference-configs"
 
 warnings.filterwarnings("ignore", category=FutureWarning)
 warnings.filterwarnings("ignore", category=DeprecationWarning)
-torch.set_num_threads(2)
+torch.set_num_threads(1)  # tiny test models run fastest single-threaded
 
 
 def shared_path(*parts) -> Path:

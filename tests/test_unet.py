@@ -192,3 +192,19 @@ def test_bad_inputs_give_clear_errors(tmp_path):
     assert "missing key(s): out_conv.weight" in msg and "unexpected key(s): extra.weight" in msg
     assert "input_blocks.0.0.weight: file (1, 1, 3, 3)" in msg
     assert all(torch.equal(before[k], v) for k, v in fresh.state_dict().items())  # nothing assigned
+
+
+def test_compiled_paths_give_the_same_numbers():
+    """UNet.compile wraps both paths; the 'eager' backend checks the wiring without slow codegen."""
+    pytest.importorskip("torch._dynamo")
+    unet = _tiny_unet(channel_mult=(1, 2), num_res_blocks=1)
+    x, y = torch.randn(2, 3, 8, 8), torch.tensor([0, 3])
+    with torch.no_grad():
+        ref = unet(x, 10, y)
+        _, cache = unet.forward_full(x, 10, y, branch=2)
+        ref_shallow = unet.forward_shallow(x, 10, y, cache=cache)
+        unet.compile(backend="eager")
+        assert torch.equal(unet(x, 10, y), ref)
+        out, cache = unet.forward_full(x, 10, y, branch=2)
+        assert torch.equal(out, ref)
+        assert torch.equal(unet.forward_shallow(x, 10, y, cache=cache), ref_shallow)

@@ -1,0 +1,446 @@
+"""Train a pixel-space U-Net with the DDPM epsilon objective: one file, one config, one loop.
+
+    python -m minidiff.train --dataset digits --image-size 32 --steps 4000 --out-dir runs/digits
+    torchrun --standalone --nproc_per_node=2 -m minidiff.train ...   # DDP: each rank takes a shard
+    python -m minidiff.train --resume runs/digits --steps 8000          # continue, bit for bit
+
+Everything random comes from generators that are saved in the checkpoint (data order, noise,
+timesteps, label dropout, torch/numpy/python global state), so k steps + resume + k steps equals
+2k steps exactly on CPU. Every rank draws the whole global batch and keeps its slice, so the union
+over ranks is the single-process batch and averaged DDP gradients equal the full-batch gradient.
+
+out_dir/checkpoint/ is replaced as a whole, in one rename (a kill mid-write keeps the previous one):
+    model/                    the EMA weights as a native pipeline folder (minidiff.pipeline.load)
+    train_state.safetensors   raw weights, optimizer moments, generator states
+    train_state.json          step, config, optimizer hyper-parameters, scalar RNG state
+    loss.csv                  the loss curve so far
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import io
+import json
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .checkpoint import CheckpointError, atomic_folder, atomic_path, load_weights, read_state_dict, save_json, \
+    save_safetensors
+from .data import ImageSet, load_dataset, save_grid
+from .pipeline import Pipeline, load
+from .schedules import NoiseSchedule, SchedulerConfig
+from .unet import UNet, UNetConfig
+
+
+@dataclass
+class TrainConfig:
+    # data
+    dataset: str = "digits"          # "digits", "shapes" or a folder of images (sub-folders = classes)
+    image_size: int = 32
+    channels: Optional[int] = None   # None: the dataset's own (1 for digits, 3 otherwise)
+    # model (UNetConfig fields)
+    model_channels: int = 32
+    channel_mult: tuple = (1, 2, 2)
+    num_res_blocks: int = 2
+    attention_levels: tuple = (2,)
+    mid_attention: bool = True
+    norm_groups: int = 8
+    dropout: float = 0.0
+    # conditioning: labels are replaced by the null class K with this probability (classifier-free guidance)
+    class_cond: bool = True
+    label_dropout: float = 0.1
+    # noise schedule
+    num_train_timesteps: int = 1000
+    beta_schedule: str = "linear"
+    # optimisation
+    batch_size: int = 64             # the global batch; each of P ranks takes batch_size / P
+    lr: float = 5e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 200          # linear warm-up, then constant (so `steps` can grow on resume)
+    steps: int = 4000
+    ema_decay: float = 0.999
+    grad_clip: float = 1.0
+    seed: int = 0
+    # output
+    out_dir: str = "runs/digits"
+    log_every: int = 50
+    sample_every: int = 500          # sample grid + loss plot every this many steps (0: never)
+    ckpt_every: int = 500
+    sample_steps: int = 25           # DDIM steps for the periodic sample grids
+    progress: bool = True
+
+    def __post_init__(self):
+        self.channel_mult = tuple(self.channel_mult)
+        self.attention_levels = tuple(self.attention_levels)
+        for name in ("image_size", "batch_size", "steps", "log_every", "ckpt_every", "sample_steps",
+                     "num_train_timesteps"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"TrainConfig: {name} must be a positive int, got {value!r}")
+        if not isinstance(self.sample_every, int) or self.sample_every < 0:
+            raise ValueError(f"TrainConfig: sample_every must be an int >= 0 (0: never), got {self.sample_every!r}")
+        if not 0.0 <= self.label_dropout < 1.0:
+            raise ValueError(f"TrainConfig: label_dropout must be in [0, 1), got {self.label_dropout}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"TrainConfig: ema_decay must be in [0, 1), got {self.ema_decay}")
+        if not self.lr > 0 or not self.grad_clip > 0:
+            raise ValueError(f"TrainConfig: lr and grad_clip must be > 0, got {self.lr}, {self.grad_clip}")
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["channel_mult"], d["attention_levels"] = list(self.channel_mult), list(self.attention_levels)
+        return d
+
+
+# Fields that may change when resuming: they do not change what the next step computes.
+RESUMABLE = frozenset({"steps", "out_dir", "log_every", "sample_every", "ckpt_every", "sample_steps", "progress"})
+
+PRESETS = {
+    "tiny": dict(model_channels=16, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(), norm_groups=8),
+    "small": dict(model_channels=32, channel_mult=(1, 2, 2), num_res_blocks=2, attention_levels=(2,), norm_groups=8),
+    "base": dict(model_channels=64, channel_mult=(1, 2, 2, 2), num_res_blocks=2, attention_levels=(2,),
+                 norm_groups=16),
+}
+
+
+def unet_config(cfg: TrainConfig, data: ImageSet) -> UNetConfig:
+    """The U-Net for this data; a class-conditional one has K + 1 classes, the last being "no class"."""
+    return UNetConfig(in_channels=data.channels, out_channels=data.channels, model_channels=cfg.model_channels,
+                      channel_mult=cfg.channel_mult, num_res_blocks=cfg.num_res_blocks,
+                      attention_levels=cfg.attention_levels, mid_attention=cfg.mid_attention,
+                      num_classes=data.num_classes + 1 if cfg.class_cond else None, class_cond="add",
+                      dropout=cfg.dropout, norm_groups=cfg.norm_groups, sample_size=cfg.image_size)
+
+
+def scheduler_config(cfg: TrainConfig) -> SchedulerConfig:
+    # Clipping the predicted x0 to the data range is the DDPM convention for pixel-space models.
+    return SchedulerConfig(num_train_timesteps=cfg.num_train_timesteps, beta_schedule=cfg.beta_schedule,
+                           clip_sample=True)
+
+
+class BatchOrder:
+    """Shuffled epochs of dataset indices drawn from one generator; its whole state is saveable."""
+
+    def __init__(self, size: int, seed: int):
+        self.size = size
+        self.generator = torch.Generator().manual_seed(seed)
+        self.order = torch.randperm(size, generator=self.generator)
+        self.pos = 0
+
+    def next(self, count: int) -> torch.Tensor:
+        taken = []
+        while count:
+            if self.pos == self.size:
+                self.order, self.pos = torch.randperm(self.size, generator=self.generator), 0
+            part = self.order[self.pos: self.pos + count]
+            taken.append(part)
+            self.pos += len(part)
+            count -= len(part)
+        return torch.cat(taken)
+
+
+@dataclass
+class Trained:
+    """What `train` returns: the EMA pipeline, the raw model and optimizer, and the loss log."""
+
+    pipeline: Pipeline
+    model: UNet
+    optimizer: torch.optim.Optimizer
+    step: int
+    losses: list = field(default_factory=list)  # rows (step, loss, images_per_s, seconds)
+
+
+# -- distributed -------------------------------------------------------------------------------------
+
+def _distributed() -> tuple:
+    """(rank, world size, initialised here); a process group exists only under torchrun with P > 1."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, False
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size(), False
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank(), dist.get_world_size(), True
+
+
+# -- the loop ----------------------------------------------------------------------------------------
+
+def train(config: TrainConfig, resume=None) -> Trained:
+    """Train (or continue training from checkpoint folder `resume`) and return the result."""
+    cfg = config
+    rank, world, own_group = _distributed()
+    if cfg.batch_size % world:
+        raise ValueError(f"batch_size {cfg.batch_size} must be divisible by the number of processes {world}")
+    main = rank == 0
+    device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu")
+    out_dir = Path(cfg.out_dir)
+    try:
+        data = load_dataset(cfg.dataset, cfg.image_size, cfg.channels)
+        torch.manual_seed(cfg.seed)
+        np.random.seed(cfg.seed)
+        random.seed(cfg.seed)
+        model = UNet(unet_config(cfg, data)).to(device)
+        ema = copy.deepcopy(model).eval().requires_grad_(False)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        order = BatchOrder(len(data), cfg.seed)
+        noise_gen = torch.Generator().manual_seed(cfg.seed + 1)
+        step, seconds, losses, loss_sum = 0, 0.0, [], [0.0, 0]
+        if resume is not None:
+            state = _read_checkpoint(resume, cfg)
+            step, seconds, losses, loss_sum = _restore(state, model, ema, optimizer, order, noise_gen)
+        pipeline = Pipeline(ema, scheduler_config(cfg), null_class=data.num_classes if cfg.class_cond else None,
+                            class_names=data.class_names if cfg.class_cond else None)
+        if step >= cfg.steps:
+            return Trained(pipeline, model, optimizer, step, losses)
+
+        net = model if world == 1 else torch.nn.parallel.DistributedDataParallel(model)
+        alphas_cumprod = NoiseSchedule.from_config(pipeline.scheduler).alphas_cumprod
+        shard = slice(rank * cfg.batch_size // world, (rank + 1) * cfg.batch_size // world)
+        if main:
+            n_params = sum(p.numel() for p in model.parameters())
+            print(f"training {n_params / 1e6:.2f}M parameters on {len(data)} images from {data.source} "
+                  f"({data.num_classes} classes, {cfg.image_size}px), {world} process(es), step {step} -> {cfg.steps}")
+        bar = tqdm(total=cfg.steps, initial=step, disable=not (main and cfg.progress), dynamic_ncols=True)
+        model.train()
+        tick = time.perf_counter()
+        tick_step = step
+        while step < cfg.steps:
+            # The whole global batch is drawn on every rank (same generators); each keeps its shard.
+            indices = order.next(cfg.batch_size)
+            x0, labels = data.batch(indices)
+            noise = torch.randn(x0.shape, generator=noise_gen)
+            t = torch.randint(0, cfg.num_train_timesteps, (cfg.batch_size,), generator=noise_gen)
+            drop = torch.rand(cfg.batch_size, generator=noise_gen) < cfg.label_dropout
+            labels = torch.where(drop, data.num_classes, labels) if cfg.class_cond else None
+            x0, noise, t = x0[shard].to(device), noise[shard].to(device), t[shard].to(device)
+            a = alphas_cumprod.to(device)[t][:, None, None, None]
+            xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
+            cond = None if labels is None else labels[shard].to(device)
+
+            for group in optimizer.param_groups:
+                group["lr"] = cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup_steps))
+            loss = F.mse_loss(net(xt, t, cond), noise)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            optimizer.step()
+            _update_ema(ema, model, min(cfg.ema_decay, (1 + step) / (10 + step)))
+            step += 1
+            loss_sum[0] += loss.item()
+            loss_sum[1] += 1
+
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                mean_loss = torch.tensor(loss_sum[0] / loss_sum[1])
+                if world > 1:
+                    dist.all_reduce(mean_loss)
+                    mean_loss /= world
+                now = time.perf_counter()
+                rate = (step - tick_step) * cfg.batch_size / (now - tick)
+                seconds += now - tick
+                tick, tick_step = now, step
+                losses.append((step, float(mean_loss), rate, seconds))
+                loss_sum = [0.0, 0]
+                bar.set_postfix(loss=f"{float(mean_loss):.4f}", img_s=f"{rate:.0f}")
+            bar.update(1)
+            if main and cfg.sample_every and (step % cfg.sample_every == 0 or step == cfg.steps):
+                _sample_grid(pipeline, out_dir / "samples" / f"step_{step:06d}.png", cfg.sample_steps)
+                plot_loss(losses, out_dir / "loss.png", missing_ok=True)
+            if step % cfg.ckpt_every == 0 or step == cfg.steps:
+                now = time.perf_counter()
+                seconds += now - tick
+                tick = now
+                if main:
+                    _write_checkpoint(out_dir, cfg, pipeline, model, optimizer, order, noise_gen, step, seconds,
+                                      losses, loss_sum)
+                model.train()
+        bar.close()
+        return Trained(pipeline, model, optimizer, step, losses)
+    finally:
+        if own_group:
+            dist.destroy_process_group()
+
+
+@torch.no_grad()
+def _update_ema(ema: UNet, model: UNet, decay: float):
+    for e, p in zip(ema.parameters(), model.parameters()):
+        e.lerp_(p, 1 - decay)
+
+
+def _sample_grid(pipeline: Pipeline, path: Path, steps: int):
+    """40 samples from the EMA model, 4 per class (classes as columns), fixed seed."""
+    classes = pipeline.null_class
+    labels = torch.arange(classes).repeat(max(1, 40 // classes)) if classes else None
+    count = 40 if labels is None else len(labels)
+    images = pipeline.generate(steps=steps, seed=1234, batch_size=count, class_labels=labels, progress=False)
+    save_grid(images, path, nrow=classes if classes and classes <= 16 else 8)
+
+
+# -- checkpoints --------------------------------------------------------------------------------------
+
+def _write_checkpoint(out_dir, cfg, pipeline, model, optimizer, order, noise_gen, step, seconds, losses, loss_sum):
+    """Replace out_dir/checkpoint in one rename; also refresh out_dir/loss.csv and loss.png."""
+    opt_state = optimizer.state_dict()
+    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
+    for index, slots in opt_state["state"].items():
+        tensors.update({f"optim.{index}.{name}": v for name, v in slots.items()})
+    numpy_state = np.random.get_state()
+    python_state = random.getstate()
+    tensors.update({
+        "rng.torch": torch.get_rng_state(),
+        "rng.numpy_keys": torch.from_numpy(numpy_state[1].astype(np.int64)),
+        "rng.python": torch.tensor(python_state[1], dtype=torch.int64),
+        "rng.data_order": order.generator.get_state(),
+        "rng.noise": noise_gen.get_state(),
+        "data.order": order.order,
+    })
+    meta = {
+        "step": step, "seconds": seconds, "config": cfg.to_dict(), "loss_sum": loss_sum,
+        "param_groups": opt_state["param_groups"], "data_pos": order.pos,
+        "rng_numpy": [numpy_state[0], int(numpy_state[2]), int(numpy_state[3]), float(numpy_state[4])],
+        "rng_python": [python_state[0], python_state[2]],
+    }
+    pipeline.meta = {"training": {"step": step, "seconds": round(seconds, 1), "config": cfg.to_dict()}}
+    csv_text = _loss_csv(losses)
+    with atomic_folder(out_dir / "checkpoint", overwrite=True) as tmp:
+        pipeline.save(tmp / "model")
+        save_safetensors(tensors, tmp / "train_state.safetensors")
+        save_json(meta, tmp / "train_state.json")
+        (tmp / "loss.csv").write_text(csv_text)
+    with atomic_path(out_dir / "loss.csv") as tmp:
+        tmp.write_text(csv_text)
+
+
+def _loss_csv(losses) -> str:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["step", "loss", "images_per_s", "seconds"])
+    writer.writerows([s, repr(float(l)), f"{r:.1f}", f"{sec:.1f}"] for s, l, r, sec in losses)
+    return buffer.getvalue()
+
+
+def _read_checkpoint(path, cfg: TrainConfig) -> dict:
+    """The saved state, after checking it was made by the same config (up to RESUMABLE fields)."""
+    path = Path(path)
+    if (path / "checkpoint").is_dir():
+        path = path / "checkpoint"
+    meta_file = path / "train_state.json"
+    if not meta_file.exists():
+        raise CheckpointError(f"{path} is not a training checkpoint (no train_state.json); pass the run's out_dir "
+                              "or its checkpoint/ folder to --resume")
+    meta = json.loads(meta_file.read_text())
+    saved, now = meta["config"], cfg.to_dict()
+    differing = [f"{k}: checkpoint {saved.get(k)!r}, now {now.get(k)!r}" for k in sorted(set(saved) | set(now))
+                 if k not in RESUMABLE and saved.get(k) != now.get(k)]
+    if differing:
+        raise ValueError(f"cannot resume from {path}: it was trained with a different config ({'; '.join(differing)})."
+                         " Resume with the original settings (see its train_state.json), or start a new run")
+    meta["tensors"] = read_state_dict(path / "train_state.safetensors")
+    meta["ema"] = load(path / "model").unet.state_dict()
+    meta["losses"] = [(int(r["step"]), float(r["loss"]), float(r["images_per_s"]), float(r["seconds"]))
+                      for r in csv.DictReader(io.StringIO((path / "loss.csv").read_text()))]
+    return meta
+
+
+def _restore(state, model, ema, optimizer, order, noise_gen):
+    tensors = state["tensors"]
+    load_weights(model, {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}, "model in train_state")
+    load_weights(ema, state["ema"], "EMA model")
+    slots: dict = {}
+    for key, value in tensors.items():
+        if key.startswith("optim."):
+            _, index, name = key.split(".", 2)
+            slots.setdefault(int(index), {})[name] = value
+    optimizer.load_state_dict({"state": slots, "param_groups": state["param_groups"]})
+    torch.set_rng_state(tensors["rng.torch"])
+    kind, pos, has_gauss, gauss = state["rng_numpy"]
+    np.random.set_state((kind, tensors["rng.numpy_keys"].numpy().astype(np.uint32), pos, has_gauss, gauss))
+    version, gauss_next = state["rng_python"]
+    random.setstate((version, tuple(tensors["rng.python"].tolist()), gauss_next))
+    order.generator.set_state(tensors["rng.data_order"])
+    order.order, order.pos = tensors["data.order"].clone(), state["data_pos"]
+    noise_gen.set_state(tensors["rng.noise"])
+    return state["step"], state["seconds"], state["losses"], list(state["loss_sum"])
+
+
+def plot_loss(losses, png_path, *, missing_ok: bool = False):
+    """Draw the loss curve from rows (step, loss, ...) or a loss.csv path (needs matplotlib, the `plot` extra)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        if missing_ok:
+            return
+        raise ImportError("plotting the loss needs matplotlib: pip install 'minidiff[plot]'") from None
+    if isinstance(losses, (str, Path)):
+        losses = [(int(r["step"]), float(r["loss"])) for r in csv.DictReader(io.StringIO(Path(losses).read_text()))]
+    if not losses:
+        return
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    ax.plot([row[0] for row in losses], [row[1] for row in losses])
+    ax.set(xlabel="step", ylabel="MSE of predicted noise", yscale="log", title="training loss")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    with atomic_path(png_path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+
+
+# -- command line --------------------------------------------------------------------------------------
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="minidiff train", description="Train a small diffusion U-Net (DDPM epsilon loss).",
+                                argument_default=argparse.SUPPRESS)
+    p.add_argument("--preset", choices=sorted(PRESETS), help="model size; explicit model flags override it")
+    p.add_argument("--resume", metavar="DIR", help="continue from DIR (a run's out_dir or its checkpoint/)")
+    for f in fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        if isinstance(f.default, bool):
+            p.add_argument(flag, action=argparse.BooleanOptionalAction)
+        elif isinstance(f.default, tuple):
+            p.add_argument(flag, type=_int_tuple, metavar="N,N,...")
+        elif f.name == "channels":
+            p.add_argument(flag, type=int, choices=(1, 3))
+        else:
+            p.add_argument(flag, type=type(f.default))
+    return p
+
+
+def _int_tuple(text: str) -> tuple:
+    try:
+        return tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers like 1,2,2, got {text!r}") from None
+
+
+def main(argv=None) -> Trained:
+    """`minidiff train`: flags mirror TrainConfig; with --resume, unspecified flags come from the checkpoint."""
+    args = vars(_parser().parse_args(argv))
+    resume = args.pop("resume", None)
+    settings: dict = {}
+    if resume is not None:
+        path = Path(resume) / "checkpoint" if (Path(resume) / "checkpoint").is_dir() else Path(resume)
+        meta_file = path / "train_state.json"
+        if not meta_file.exists():
+            sys.exit(f"minidiff train: {path} is not a training checkpoint (no train_state.json)")
+        settings = json.loads(meta_file.read_text())["config"]
+    settings.update(PRESETS.get(args.pop("preset", None), {}))
+    settings.update(args)
+    return train(TrainConfig(**settings), resume=resume)
+
+
+if __name__ == "__main__":
+    main()
