@@ -11,7 +11,7 @@ The decoder runs its levels from the lowest resolution up, but stores them by re
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +19,7 @@ from einops import rearrange
 from torch import nn
 
 from .checkpoint import check_state_dict
+from .config import config_from_dict, config_to_dict
 
 NORM_GROUPS = 32  # every LDM / diffusers VAE uses GroupNorm(32, C, eps=1e-6)
 SD_SCALE_FACTOR = 0.18215  # Stable Diffusion's KL-f8 latents; LDM's VQ-f4 models use 1.0
@@ -88,18 +89,11 @@ class AutoencoderConfig:
     @classmethod
     def from_dict(cls, data: dict) -> AutoencoderConfig:
         """Build from a plain dict (e.g. JSON); unknown fields are an error, not silently dropped."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"AutoencoderConfig has no field(s) {unknown}; known fields: {sorted(known)}.")
-        return cls(**data)
+        return config_from_dict(cls, data)
 
     def to_dict(self) -> dict:
         """Plain, JSON-ready dict (tuples become lists) that `from_dict` reads back."""
-        data = asdict(self)
-        data["channel_mult"] = list(self.channel_mult)
-        data["attn_resolutions"] = list(self.attn_resolutions)
-        return data
+        return config_to_dict(self)
 
     @classmethod
     def from_ldm_yaml_params(cls, ddconfig: dict, embed_dim: int, n_embed: int | None = None,

@@ -13,13 +13,15 @@ last full step. That state is the deep ("main branch") feature DeepCache found t
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
+
+from .config import config_from_dict, config_to_dict
 
 
 @dataclass
@@ -117,18 +119,11 @@ class UNetConfig:
         return 1
 
     def to_dict(self) -> dict:
-        d = asdict(self)
-        d["channel_mult"] = list(self.channel_mult)
-        d["attention_levels"] = list(self.attention_levels)
-        return d
+        return config_to_dict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> "UNetConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"UNetConfig: unknown field(s) {unknown}; known fields are {sorted(known)}")
-        return cls(**d)
+        return config_from_dict(cls, d)
 
 
 class GroupNorm32(nn.GroupNorm):
