@@ -278,7 +278,8 @@ class Pipeline:
         remaining = min(int(steps * strength), steps)
         if remaining < 1:
             raise ValueError(f"strength {strength} of {steps} steps leaves no step to run; raise strength or steps")
-        if not torch.is_tensor(image) or image.ndim != 4 or image.shape[1] != 3 or image.shape[0] not in (1, batch_size):
+        if not torch.is_tensor(image) or image.ndim != 4 or image.shape[1] != 3 \
+                or image.shape[0] not in (1, batch_size):
             raise ValueError(f"init_image must be a tensor of shape ({batch_size} or 1, 3, H, W), got "
                              f"{tuple(getattr(image, 'shape', ()))}")
         if image.min() < 0 or image.max() > 1:
