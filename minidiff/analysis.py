@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import dataclasses
 import io
 import math
 import sys
@@ -34,8 +33,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .cache import make_schedule
-from .checkpoint import atomic_path, save_json
+from .cache import make_schedule, save_calibrated
+from .checkpoint import CheckpointError, atomic_path
 from .samplers import SAMPLERS, num_model_calls
 from .unet import FeatureCache, UNet
 
@@ -448,17 +447,25 @@ def toy_classifier(pipe, model_dir=None, classifier_dir=None):
 
 # -- switch experiment ----------------------------------------------------------------------------
 
+@dataclass
+class SwitchResult:
+    """One row of measurements per switch step k (`rows`) and the final images of every run."""
+
+    rows: list
+    images: dict  # k -> (B, C, H, W) in [0, 1]; k = 0 is the new label throughout, k = calls the old
+
+
 def switch_experiment(pipe, *, old, new, steps: int = 50, sampler: str = "ddim", at_steps=None, batch_size: int = 8,
                       seed: int = 0, layers=None, guidance_scale=None, classifier=None, project: Optional[int] = 4096,
-                      settle_tolerance: float = 0.01):
+                      settle_factor: float = 2.0) -> SwitchResult:
     """Condition on `old`, switch to `new` at step k for each k in `at_steps`; measure what follows.
 
-    `old`/`new` are class labels (ints) or prompts. Returns rows (one per k, plus the two runs that
-    never switch) with the PSNR of the final images against the old-label and new-label runs, the
-    share of images the toy classifier reads as each class, and per deep layer the similarity of the
-    final features to both runs, the feature jump at the switch (1 - cos between steps k-1 and k) and
-    the steps until the features change from step to step no more than in the unswitched run (within
-    `settle_tolerance` of its adjacent-step cosine).
+    `old`/`new` are class labels (ints) or prompts. Returns one row per k (k = 0 and k = the number
+    of model calls being the runs that never switch) with the PSNR of the final images against the
+    old-label and new-label runs, the share of images the toy classifier reads as each class, and
+    per deep layer the similarity of the final features to both runs, the feature jump at the switch
+    (1 - cos between steps k-1 and k) and the steps until they have settled: from then on changing
+    from step to step at most `settle_factor` times as much as in the unswitched run (+ 0.001).
     """
     calls = num_model_calls(sampler, steps)
     at_steps = list(range(0, calls, max(1, calls // 10))) if at_steps is None else list(at_steps)
@@ -489,9 +496,10 @@ def switch_experiment(pipe, *, old, new, steps: int = 50, sampler: str = "ddim",
     old_images, old_feats = run(calls)
     new_images, new_feats = run(0)
     old_adjacent = {name: _adjacent(old_feats[name]) for name in layers}
-    rows = []
-    for k in sorted(set(at_steps) | {calls}):
+    rows, finals = [], {}
+    for k in sorted(set(at_steps) | {0, calls}):
         images, feats = (old_images, old_feats) if k == calls else (new_images, new_feats) if k == 0 else run(k)
+        finals[k] = images
         row = {"switch_at": k, "psnr_vs_old": psnr(images, old_images), "psnr_vs_new": psnr(images, new_images)}
         if classifier is not None and key == "class_labels":
             predicted = classifier(images)
@@ -504,11 +512,11 @@ def switch_experiment(pipe, *, old, new, steps: int = 50, sampler: str = "ddim",
             if 0 < k < calls:
                 adjacent = _adjacent(f)  # adjacent[s]: cos(step s, step s + 1)
                 row[f"{name}_jump"] = float(1 - adjacent[k - 1])
-                # settled: from here on, changing step to step no more than the unswitched run does
-                unsettled = np.nonzero(adjacent[k - 1:] < old_adjacent[name][k - 1:] - settle_tolerance)[0]
+                change, usual = 1 - adjacent[k - 1:], 1 - old_adjacent[name][k - 1:]
+                unsettled = np.nonzero(change > settle_factor * usual + 1e-3)[0]
                 row[f"{name}_settle_steps"] = int(unsettled[-1] + 1) if len(unsettled) else 0
         rows.append(row)
-    return rows
+    return SwitchResult(rows, finals)
 
 
 def _mean_cos(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -520,22 +528,28 @@ def _adjacent(features: torch.Tensor) -> np.ndarray:
     return F.cosine_similarity(features[:-1].double(), features[1:].double(), dim=-1).mean(-1).numpy()
 
 
-def plot_switch(rows: list, path, layers: Sequence[str], title: str = "") -> Path:
-    """Final-image agreement and deep-feature agreement with both runs, against the switch step."""
-    fig = _figure(10, 3.6)
-    left, right = fig.subplots(1, 2)
+def plot_switch(result: SwitchResult, path, layers: Sequence[str], title: str = "", samples: int = 3) -> Path:
+    """Final-image and deep-feature agreement with both unswitched runs against the switch step k,
+    above the final images of every run (one column per k, one row per sample)."""
+    rows = result.rows
+    shown = min(samples, next(iter(result.images.values())).shape[0])
+    height = 10 / len(rows) * shown + 0.3  # square image cells across the full width
+    fig = _figure(10, 3.8 + height)
+    top, bottom = fig.subfigures(2, 1, height_ratios=[3.8, height])
+    left, right = top.subplots(1, 2)
     k = [r["switch_at"] for r in rows]
     left.plot(k, [r["psnr_vs_old"] for r in rows], "o-", label="PSNR vs old label throughout")
     left.plot(k, [r["psnr_vs_new"] for r in rows], "s-", label="PSNR vs new label throughout")
     left.set_xlabel("switch step k")
     left.set_ylabel("PSNR of the final images (dB)")
+    legend_on = left
     if "reads_as_new" in rows[0]:
-        share = left.twinx()
-        share.plot(k, [r["reads_as_new"] for r in rows], "k^:", label="classifier reads new class")
-        share.set_ylim(-0.05, 1.05)
-        share.set_ylabel("share read as the new class")
-        share.legend(fontsize=7, loc="center right")
-    left.legend(fontsize=7, loc="upper center")
+        legend_on = left.twinx()
+        legend_on.plot(k, [r["reads_as_new"] for r in rows], "k^:", label="toy classifier reads the new class")
+        legend_on.set_ylim(-0.05, 1.05)
+        legend_on.set_ylabel("share read as the new class")
+    handles = [h for ax in dict.fromkeys([left, legend_on]) for h in ax.get_legend_handles_labels()[0]]
+    legend_on.legend(handles=handles, fontsize=7, loc="center")
     for name in layers:
         right.plot(k, [r[f"{name}_final_cos_new"] for r in rows], "o-", label=f"{name}: final features vs new run")
         right.plot(k, [r[f"{name}_final_cos_old"] for r in rows], "s--", label=f"{name}: vs old run")
@@ -543,46 +557,44 @@ def plot_switch(rows: list, path, layers: Sequence[str], title: str = "") -> Pat
     right.set_ylabel("cosine similarity at the last step")
     right.legend(fontsize=7)
     if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
+        top.suptitle(title, fontsize=10)
+    top.subplots_adjust(left=0.07, right=0.98, bottom=0.14, top=0.9, wspace=0.42)
+    cells = bottom.subplots(shown, len(rows), squeeze=False)
+    bottom.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=0.93, wspace=0.04, hspace=0.04)
+    for column, (k, images) in enumerate(sorted(result.images.items())):
+        cells[0, column].set_title(f"k={k}", fontsize=8)
+        for ax, image in zip(cells[:, column], images[:shown]):
+            ax.imshow(image.float().permute(1, 2, 0).squeeze(-1).clamp(0, 1).numpy(), cmap="gray", vmin=0, vmax=1)
+            ax.set_xticks([])
+            ax.set_yticks([])
     return _save_figure(fig, path)
 
 
 # -- calibrated schedules ---------------------------------------------------------------------------
 
-def segment_costs(cost: np.ndarray, coherent: bool = True) -> np.ndarray:
-    """segment[a, e]: the cost of full step a's cache serving steps a .. e-1 (shape (S, S + 1)).
+# A schedule is judged segment by segment: full step s followed by the next full step e means
+# steps s+1 .. e-1 reuse the deep feature cached at s. segments[s, e] (e > s) is what that costs;
+# entries with e <= s are 0 (an empty segment costs nothing).
 
-    Coherent: the errors of one stale feature point the same way, so their amplitudes add,
-    (sum_j sqrt(cost[a, j]))^2; incoherent: sum_j cost[a, j]. Entries below the diagonal are ignored.
+def optimal_full_steps(segments: np.ndarray, count: int) -> list:
+    """The `count` full steps (step 0 among them) whose segments cost least in total.
+
+    `segments` is (S, S + 1): segments[s, e] is the cost of full step s serving steps s .. e-1.
+    A dynamic programme over (segments used, steps covered) finds the exact minimum in O(count S^2).
     """
-    upper = np.triu(np.asarray(cost, dtype=np.float64))
-    if coherent:
-        return np.concatenate([np.zeros((len(upper), 1)), np.cumsum(np.sqrt(np.maximum(upper, 0)), axis=1)], 1) ** 2
-    return np.concatenate([np.zeros((len(upper), 1)), np.cumsum(upper, axis=1)], axis=1)
-
-
-def optimal_full_steps(cost: np.ndarray, count: int, *, coherent: bool = True) -> list:
-    """The `count` full steps (step 0 among them) minimising the summed cost of their segments.
-
-    cost[s, j] (j >= s) is what reusing the cache of full step s at step j costs. A full step s
-    followed by the next full step e serves steps s .. e-1 (see `segment_costs`); a dynamic
-    programme over (segments used, steps covered) finds the exact minimum in O(count * S^2).
-    """
-    cost = np.asarray(cost, dtype=np.float64)
-    s = cost.shape[0]
-    if cost.shape != (s, s):
-        raise ValueError(f"the cost must be a square (steps, steps) matrix, got shape {cost.shape}")
+    segments = np.asarray(segments, dtype=np.float64)
+    s = segments.shape[0]
+    if segments.shape != (s, s + 1):
+        raise ValueError(f"segment costs must have shape (steps, steps + 1), got {segments.shape}")
     if not isinstance(count, int) or not 1 <= count <= s:
         raise ValueError(f"the number of full steps must be an int in [1, {s}], got {count!r}")
-    segment = segment_costs(cost, coherent)
     best = np.full((count + 1, s + 1), np.inf)  # best[k, e]: steps 0 .. e-1 served by k segments
     choice = np.zeros((count + 1, s + 1), dtype=np.int64)
-    best[1, 1:] = segment[0, 1:]
+    best[1, 1:] = segments[0, 1:]
     for k in range(2, count + 1):
         for e in range(k, s + 1):
             starts = np.arange(k - 1, e)
-            totals = best[k - 1, starts] + segment[starts, e]
+            totals = best[k - 1, starts] + segments[starts, e]
             i = int(np.argmin(totals))
             best[k, e], choice[k, e] = totals[i], starts[i]
     steps, e = [], s
@@ -592,22 +604,20 @@ def optimal_full_steps(cost: np.ndarray, count: int, *, coherent: bool = True) -
     return [0] + sorted(steps)
 
 
-def schedule_cost(cost: np.ndarray, full_steps: Sequence[int], *, coherent: bool = True) -> float:
-    """The cost `optimal_full_steps` minimises, for a given schedule."""
-    segment = segment_costs(cost, coherent)
-    bounds = list(full_steps) + [len(cost)]
-    return float(sum(segment[a, e] for a, e in zip(bounds, bounds[1:])))
+def schedule_cost(segments: np.ndarray, full_steps: Sequence[int]) -> float:
+    """The total `optimal_full_steps` minimises, for a given schedule."""
+    bounds = list(full_steps) + [len(segments)]
+    return float(sum(segments[a, e] for a, e in zip(bounds, bounds[1:])))
 
 
 @dataclass
 class Trajectory:
-    """One uncached sampling run, kept for calibration: each model call's input and output, and the
-    state every requested branch would cache (unreduced, on the pipeline's device)."""
+    """One uncached sampling run, kept for calibration: the denoiser's output at every model call
+    and the state every requested branch would cache there (unreduced, on the pipeline's device)."""
 
     noise: torch.Tensor
-    inputs: list  # (x, t) of every model call
-    outputs: list  # the denoiser's output (guided, if guidance is on) at every call
-    hidden: dict  # branch -> the cached state at every call
+    outputs: list
+    hidden: dict  # branch -> [cached state at every call]
     cond: Optional[torch.Tensor]
     uncond: Optional[torch.Tensor]
 
@@ -617,7 +627,7 @@ def trace(pipe, noise, *, steps, sampler, branches, cond=None, uncond=None, guid
     """Run the uncached network once, keeping what calibration needs."""
     layer_of = {b: cached_layer(pipe.unet, b) for b in branches}
     hidden: dict = {b: [] for b in branches}
-    inputs, outputs = [], []
+    outputs = []
     denoiser = pipe.make_denoiser(pipe.unet, cond, uncond, guidance_scale)
 
     def recorder(name, h):
@@ -626,17 +636,16 @@ def trace(pipe, noise, *, steps, sampler, branches, cond=None, uncond=None, guid
                 hidden[b].append(h)
 
     def tapped(x, t):
-        inputs.append((x, t))
         outputs.append(denoiser(x, t))
         return outputs[-1]
 
     with recording(pipe.unet, recorder):
         SAMPLERS[sampler](tapped, noise.clone(), pipe.scheduler, steps, **_sampler_kwargs(sampler, seed))
-    return Trajectory(noise, inputs, outputs, hidden, cond, uncond)
+    return Trajectory(noise, outputs, hidden, cond, uncond)
 
 
 class _Reuse:
-    """`(x, t, cond)` running the shallow path on given caches (one per group of rows of x)."""
+    """`(x, t, cond)` running the shallow path on a given cache (one per group of rows of x)."""
 
     def __init__(self, unet, branch, hidden):
         self.unet, self.cache = unet, FeatureCache(branch, hidden)
@@ -645,109 +654,91 @@ class _Reuse:
         return self.unet.forward_shallow(x, t, cond, cache=self.cache)
 
 
-@torch.inference_mode()
-def reuse_errors(pipe, trajectory: Trajectory, branch: int, guidance_scale=None, max_batch: int = 256) -> np.ndarray:
-    """error[s, j]: mean squared error of the denoiser output at step j when it reuses the cached
-    feature of step s instead of running in full, along the uncached trajectory.
+def _tile(z: Optional[torch.Tensor], n: int) -> Optional[torch.Tensor]:
+    """n copies of a batch stacked along the batch dimension (None stays None)."""
+    return None if z is None else z.repeat(n, *[1] * (z.ndim - 1))
 
-    For one j the reuses of all earlier s run as one batch (the input repeated, one cache per copy).
+
+class _Rollouts:
+    """The denoiser for S sampling runs side by side, run s being the uncached run up to its full
+    step s and reusing the cache of step s from then on (run S - 1 never reuses: the reference).
+
+    Rows s*B .. (s+1)*B of x belong to run s. Up to step s a run's output is the recorded uncached
+    one (its x is the uncached x, so nothing needs computing); after it, the runs that reuse run
+    the shallow path together, `max_batch` rows at a time.
     """
-    calls = len(trajectory.inputs)
-    error = np.zeros((calls, calls))
-    hidden = trajectory.hidden[branch]
-    halves = 2 if trajectory.uncond is not None else 1  # guidance: the U-Net sees [uncond; cond] rows
-    batch = trajectory.inputs[0][0].shape[0]
-    group = max(1, max_batch // (batch * halves))
 
-    def tile(z, n):
-        return None if z is None else z.repeat(n, *[1] * (z.ndim - 1))
-
-    for j, (x, t) in enumerate(trajectory.inputs):
-        full = trajectory.outputs[j].double()
-        for first in range(0, j, group):
-            sources = range(first, min(j, first + group))
-            n = len(sources)
-            # (halves * B, ...) per source -> (halves * n * B, ...) ordered as the denoiser concatenates
-            parts = [hidden[s].chunk(halves) for s in sources]
-            stacked = torch.cat([p[h] for h in range(halves) for p in parts])
-            reused = pipe.make_denoiser(_Reuse(pipe.unet, branch, stacked), tile(trajectory.cond, n),
-                                        tile(trajectory.uncond, n), guidance_scale)(tile(x, n), t)
-            diff = (reused.double().unflatten(0, (n, batch)) - full) ** 2
-            error[list(sources), j] = diff.flatten(1).mean(1).numpy()
-    return error
-
-
-class _Replay:
-    """A model that replays recorded outputs, with `delta` added at call `at` (None: no change)."""
-
-    def __init__(self, outputs, at, delta):
-        self.outputs, self.at, self.delta, self.calls = outputs, at, delta, 0
+    def __init__(self, pipe, trajectory: Trajectory, branch: int, guidance_scale, max_batch: int):
+        self.pipe, self.trajectory, self.branch, self.guidance_scale = pipe, trajectory, branch, guidance_scale
+        self.halves = 1 if trajectory.uncond is None else 2  # guidance: the U-Net sees [uncond; cond] rows
+        self.batch = trajectory.noise.shape[0]
+        self.group = max(1, max_batch // (self.batch * self.halves))
+        self.calls = 0
 
     def __call__(self, x, t):
-        out = self.outputs[self.calls]
-        if self.calls == self.at and self.delta is not None:
-            out = out + self.delta
+        j, b = self.calls, self.batch
         self.calls += 1
+        runs = len(self.trajectory.outputs)
+        out = _tile(self.trajectory.outputs[j], runs)
+        hidden = self.trajectory.hidden[self.branch]
+        for first in range(0, j, self.group):
+            sources = range(first, min(j, first + self.group))
+            n = len(sources)
+            parts = [hidden[s].chunk(self.halves) for s in sources]
+            cache = torch.cat([p[h] for h in range(self.halves) for p in parts])  # as the denoiser stacks rows
+            reuse = _Reuse(self.pipe.unet, self.branch, cache)
+            cond, uncond = _tile(self.trajectory.cond, n), _tile(self.trajectory.uncond, n)
+            denoiser = self.pipe.make_denoiser(reuse, cond, uncond, self.guidance_scale)
+            out[first * b:(first + n) * b] = denoiser(x[first * b:(first + n) * b], t)
         return out
 
 
-class _Stop(Exception):
-    pass
-
-
 @torch.inference_mode()
-def step_gains(pipe, trajectory: Trajectory, *, steps, sampler, seed=0, scale=1e-2) -> np.ndarray:
-    """gain[j]: how much of a small change in the model output at call j reaches the sample the
-    sampler produces from it (mean squared change of x per mean squared change of the output).
+def rollout_costs(pipe, trajectory: Trajectory, branch: int, *, steps: int, sampler: str, guidance_scale=None,
+                  max_batch: int = 256) -> np.ndarray:
+    """segments[s, e]: mean squared distance of the sample after model call e-1 from the uncached
+    sample, when full step s is followed by shallow steps reusing its cache (and nothing else changed).
 
-    Read off the sampler itself by replaying the recorded outputs (no U-Net runs), so it holds for
-    any sampler; for DDIM it is the squared coefficient of eps in the update. x0 clipping is left
-    out: it saturates at high noise, where it would make the sample look sensitive to errors that
-    later steps correct (schedules chosen with it were measurably worse, see docs/analysis.md).
+    Every start s is rolled out at once as one batched sampling run, so a segment's cost includes
+    how its errors add up and carry through the sampler's own updates. Needs a deterministic sampler.
     """
-    scheduler = dataclasses.replace(pipe.scheduler, clip_sample=False)
-    calls = len(trajectory.outputs)
-    generator = torch.Generator().manual_seed(seed)
-    gains = np.zeros(calls)
-    for j in range(calls):
-        delta = torch.randn(trajectory.outputs[j].shape, generator=generator).to(trajectory.outputs[j]) * scale
-        reached = []
+    if sampler == "ddpm":
+        raise ValueError("the 'output' calibration cost compares deterministic runs; calibrate with "
+                         "--sampler ddim (the schedule is over model calls and carries over) or --cost feature")
+    runs, b = len(trajectory.outputs), trajectory.noise.shape[0]
+    segments = np.zeros((runs, runs + 1))
 
-        def stop(i, t, x):
-            if i == j:
-                reached.append(x.double())
-                raise _Stop
+    def measure(i, t, x):
+        reference = x[(runs - 1) * b:].double()
+        distance = ((x.double().unflatten(0, (runs, b)) - reference) ** 2).flatten(1).mean(1)  # (runs,)
+        segments[: i + 1, i + 1] = distance[: i + 1].numpy()
 
-        for change in (None, delta):
-            try:
-                SAMPLERS[sampler](_Replay(trajectory.outputs, j, change), trajectory.noise.clone(), scheduler, steps,
-                                  **_sampler_kwargs(sampler, seed, callback=stop))
-            except _Stop:
-                pass
-        gains[j] = float(((reached[1] - reached[0]) ** 2).mean() / (delta.double() ** 2).mean())
-    return gains
+    model = _Rollouts(pipe, trajectory, branch, guidance_scale, max_batch)
+    SAMPLERS[sampler](model, _tile(trajectory.noise, runs), pipe.scheduler, steps,
+                      **_sampler_kwargs(sampler, 0, callback=measure))
+    return segments
 
 
 def drift_costs(trajectory: Trajectory, branch: int) -> np.ndarray:
-    """cost[s, j] = 1 - cos(h_s, h_j) of the cached feature itself (mean over the batch)."""
+    """segments[s, e] = sum over j in s .. e-1 of 1 - cos(h_s, h_j), the drift of the cached feature
+    itself (mean over the batch)."""
     hidden = torch.stack([h.flatten(1) for h in trajectory.hidden[branch]]).cpu()  # (S, B, D)
-    return 1.0 - cosine_matrix(hidden)
+    drift = np.triu(1.0 - cosine_matrix(hidden))
+    return np.concatenate([np.zeros((len(drift), 1)), np.cumsum(drift, axis=1)], axis=1)
 
 
-COSTS = {"output": "squared error that reusing step s's cache at step j adds to the sample step j produces "
-                   "(denoiser output error x the sampler's gain at j)",
-         "feature": "1 - cosine similarity of the cached feature between steps s and j"}
+COSTS = {"output": "mean squared distance from the uncached sample after step e-1 when steps s+1 .. e-1 reuse "
+                   "the cache of full step s (batched rollouts along the uncached run)",
+         "feature": "sum over steps j in s .. e-1 of 1 - cos(cached feature at s, at j)"}
 
 
 def calibrate(pipe, *, steps: int = 50, sampler: str = "ddim", branch: int = 0, branches=None, cost: str = "output",
-              coherent: bool = True, batch_size: int = 8, seed: int = 0, class_labels=None, prompt=None,
-              guidance_scale=None) -> dict:
-    """Measure, for each branch, what reusing step s's cached feature at step j costs; return the
-    calibration dict `calibrated_full_steps` (and cache_schedule="calibrated") reads.
+              batch_size: int = 8, seed: int = 0, class_labels=None, prompt=None, guidance_scale=None) -> dict:
+    """Measure, for each branch, the cost of every segment (a full step s whose cache serves steps up
+    to e-1); return the calibration dict `calibrated_full_steps` (cache_schedule="calibrated") reads.
 
     `branch` is the default branch the schedule is chosen for; `branches` (default: just `branch`)
-    are all branches measured. `coherent` says how a segment's costs add up (see `segment_costs`).
-    Calibrate on other noise (seed) than you evaluate on.
+    are all branches measured. Calibrate on other noise (seed) than you evaluate on.
     """
     if cost not in COSTS:
         raise ValueError(f"unknown calibration cost {cost!r}; choose one of {sorted(COSTS)}")
@@ -759,42 +750,34 @@ def calibrate(pipe, *, steps: int = 50, sampler: str = "ddim", branch: int = 0, 
     start = time.perf_counter()
     trajectory = trace(pipe, noise_for(pipe, batch_size, seed), steps=steps, sampler=sampler, branches=branches,
                        cond=cond, uncond=uncond, guidance_scale=guidance_scale, seed=seed)
-    matrices, gains = {}, None
-    if cost == "output":
-        gains = step_gains(pipe, trajectory, steps=steps, sampler=sampler, seed=seed)
-        for b in branches:
-            matrices[b] = reuse_errors(pipe, trajectory, b, guidance_scale) * gains[None, :]
-    else:
-        for b in branches:
-            matrices[b] = drift_costs(trajectory, b)
+    segments = {b: rollout_costs(pipe, trajectory, b, steps=steps, sampler=sampler, guidance_scale=guidance_scale)
+                if cost == "output" else drift_costs(trajectory, b) for b in branches}
     return {"format": CALIBRATION_FORMAT, "version": CALIBRATION_VERSION, "cost": cost, "cost_meaning": COSTS[cost],
-            "coherent": coherent,
-            "steps": steps, "model_calls": len(trajectory.inputs), "sampler": sampler, "branch": branch,
+            "steps": steps, "model_calls": len(trajectory.outputs), "sampler": sampler, "branch": branch,
             "batch_size": batch_size, "seed": seed,
             "class_labels": None if cond is None or prompt is not None else cond.tolist(),
             "prompt": prompt, "guidance_scale": guidance_scale, "seconds": round(time.perf_counter() - start, 2),
-            "gains": None if gains is None else [float(f"{g:.4g}") for g in gains],
-            "costs": {str(b): _pack(m) for b, m in matrices.items()}}
+            "segments": {str(b): _pack(m) for b, m in segments.items()}}
 
 
-def _pack(matrix: np.ndarray) -> list:
-    """The upper triangle, row s holding columns s .. S-1, at 4 significant digits."""
-    return [[float(f"{v:.4g}") for v in matrix[s, s:]] for s in range(matrix.shape[0])]
+def _pack(segments: np.ndarray) -> list:
+    """Row s holds segments[s, s+1 .. S], at 4 significant digits."""
+    return [[float(f"{v:.4g}") for v in segments[s, s + 1:]] for s in range(segments.shape[0])]
 
 
 def _unpack(rows: list) -> np.ndarray:
     size = len(rows)
-    matrix = np.zeros((size, size))
+    segments = np.zeros((size, size + 1))
     for s, row in enumerate(rows):
         if len(row) != size - s:
-            raise ValueError(f"calibration cost row {s} has {len(row)} entries, expected {size - s}; the file is "
+            raise ValueError(f"calibration row {s} has {len(row)} segment costs, expected {size - s}; the file is "
                              "damaged: run `minidiff analyze calibrate --overwrite` again")
-        matrix[s, s:] = row
-    return matrix
+        segments[s, s + 1:] = row
+    return segments
 
 
-def cost_matrix(calibration: dict, branch: Optional[int] = None, num_steps: Optional[int] = None) -> np.ndarray:
-    """The calibrated (steps, steps) cost for `branch`, resampled to `num_steps` model calls if given."""
+def segment_matrix(calibration: dict, branch: Optional[int] = None, num_steps: Optional[int] = None) -> np.ndarray:
+    """The calibrated (S, S + 1) segment costs for `branch`, resampled to `num_steps` model calls if given."""
     if not isinstance(calibration, dict) or calibration.get("format") != CALIBRATION_FORMAT:
         raise ValueError("this is not a minidiff calibration (calibration.json); make one with "
                          "`minidiff analyze calibrate --model DIR`")
@@ -802,30 +785,25 @@ def cost_matrix(calibration: dict, branch: Optional[int] = None, num_steps: Opti
         raise ValueError(f"calibration version {calibration.get('version')!r} is not supported (expected "
                          f"{CALIBRATION_VERSION}); run `minidiff analyze calibrate --overwrite` again")
     branch = calibration["branch"] if branch is None else branch
-    costs = calibration["costs"]
-    if str(branch) not in costs:
-        raise ValueError(f"the calibration covers branches {sorted(int(b) for b in costs)}, not {branch}; run "
+    measured = calibration["segments"]
+    if str(branch) not in measured:
+        raise ValueError(f"the calibration covers branches {sorted(int(b) for b in measured)}, not {branch}; run "
                          f"`minidiff analyze calibrate --branches {branch} ...` to add it")
-    matrix = _unpack(costs[str(branch)])
-    return matrix if num_steps is None or num_steps == len(matrix) else resample_costs(matrix, num_steps)
+    segments = _unpack(measured[str(branch)])
+    return segments if num_steps is None or num_steps == len(segments) else resample_segments(segments, num_steps)
 
 
-def resample_costs(matrix: np.ndarray, num_steps: int) -> np.ndarray:
-    """Bilinear resampling of a cost matrix to another number of steps over the same time span.
+def resample_segments(segments: np.ndarray, num_steps: int) -> np.ndarray:
+    """Bilinear resampling of segment costs to another number of steps over the same time span.
 
-    Step i of the new run sits at fraction i / (num_steps - 1) of the way through sampling; the cost
-    of a pair is read off the calibrated matrix there (mirrored, so both corners are defined).
+    Segment boundaries b = 0 .. S sit at fraction b / S of the way through sampling; a segment of the
+    new run is read off the calibrated costs between the same fractions.
     """
-    size = len(matrix)
-    if size == 1 or num_steps == 1:
-        return np.zeros((num_steps, num_steps))
-    full = np.triu(matrix) + np.triu(matrix, 1).T
-    u = np.linspace(0, size - 1, num_steps)
-    lo = np.minimum(np.floor(u).astype(int), size - 2)
-    w = u - lo
-    rows = full[lo] * (1 - w)[:, None] + full[lo + 1] * w[:, None]  # (num_steps, size)
-    out = rows[:, lo] * (1 - w)[None] + rows[:, lo + 1] * w[None]
-    return np.triu(out)
+    size = len(segments)
+    starts, ends = np.arange(num_steps) * size / num_steps, np.arange(num_steps + 1) * size / num_steps
+    by_start = np.stack([np.interp(starts, np.arange(size), column) for column in segments.T], axis=1)
+    out = np.stack([np.interp(ends, np.arange(size + 1), row) for row in by_start])  # (num_steps, num_steps + 1)
+    return np.triu(out, 1)
 
 
 def calibrated_full_steps(calibration: dict, num_steps: int, interval: int, branch: Optional[int] = None) -> list:
@@ -833,10 +811,8 @@ def calibrated_full_steps(calibration: dict, num_steps: int, interval: int, bran
     if not isinstance(interval, int) or interval < 1:
         raise ValueError(f"cache interval must be an int >= 1, got {interval!r}")
     count = math.ceil(num_steps / interval)
-    if count >= num_steps:
-        return list(range(num_steps))
-    return optimal_full_steps(cost_matrix(calibration, branch, num_steps), count,
-                              coherent=calibration.get("coherent", True))
+    segments = segment_matrix(calibration, branch, num_steps)
+    return list(range(num_steps)) if count >= num_steps else optimal_full_steps(segments, count)
 
 
 # -- the speed/quality frontier -------------------------------------------------------------------
@@ -848,12 +824,12 @@ def frontier(pipe, *, steps: int = 50, sampler: str = "ddim", intervals=(2, 3, 5
              schedules=SCHEDULES, batch_size: int = 8, seed: int = 1, class_labels=None, prompt=None,
              guidance_scale=None, classifier=None, calibration: Optional[dict] = None, repeats: int = 2,
              log=print) -> list:
-    """One row per (schedule, branch, interval): measured speedup against the uncached run timed in
-    the same process, the MAC bound of that schedule, and the PSNR of the final images against the
-    uncached run from the same noise (plus the toy classifier's accuracy where there is one).
+    """One row per (schedule, branch, interval): measured speedup against the uncached run, the MAC
+    bound of that schedule, and the PSNR of the final images against the uncached run from the same
+    noise (plus the toy classifier's accuracy where there is one).
 
-    Times are the best of `repeats` runs; the uncached run is timed again before every branch and
-    at the end, and its best time is the reference, so a busy machine slows both sides alike.
+    Every cached run is timed alternately with an uncached run, `repeats` times each, and the
+    speedup is the ratio of the best times: on a shared machine both sides then see the same load.
     """
     unet = pipe.unet
     calls = num_model_calls(sampler, steps)
@@ -865,43 +841,39 @@ def frontier(pipe, *, steps: int = 50, sampler: str = "ddim", intervals=(2, 3, 5
         else class_labels
     common = dict(steps=steps, sampler=sampler, noise=noise, class_labels=labels, prompt=prompt,
                   guidance_scale=guidance_scale, batch_size=batch_size, progress=False)
-    reference_times = []
 
-    def timed(**kwargs):
-        seconds = []
+    def paired(**kwargs):
+        uncached, cached = [], []
         for _ in range(repeats):
+            pipe.generate(**common)
+            uncached.append(pipe.last_run.seconds)
             images = pipe.generate(**common, **kwargs)
-            seconds.append(pipe.last_run.seconds)
-        return images, min(seconds)
+            cached.append(pipe.last_run.seconds)
+        return images, min(uncached), min(cached)
 
     pipe.generate(**common)  # warm-up: first calls pay for allocation
-    reference, _ = timed()
+    reference = pipe.generate(**common)
     cond = condition(pipe, 1, class_labels=None if labels is None else labels[:1], prompt=prompt)
-    rows = [{"schedule": "none", "branch": "-", "interval": 1, "full_steps": calls, "seconds": None, "speedup": 1.0,
-             "mac_speedup": 1.0, "psnr": float("inf"), "accuracy": _accuracy(classifier, reference, labels)}]
+    rows = [{"schedule": "none", "branch": "-", "interval": 1, "full_steps": calls, "seconds": None,
+             "uncached_seconds": None, "speedup": 1.0, "mac_speedup": 1.0, "psnr": float("inf"),
+             "accuracy": _accuracy(classifier, reference, labels)}]
     for b in kept:
-        reference_times.append(timed()[1])
         macs = unet.macs(noise[:1], 500, cond, branch=b)
         ratio = macs["shallow"] / macs["full"]
         for kind in schedules:
-            if kind == "calibrated" and (calibration is None or str(b) not in calibration["costs"]):
+            if kind == "calibrated" and (calibration is None or str(b) not in calibration["segments"]):
                 log(f"no calibration for branch {b}: skipping the calibrated schedule there")
                 continue
             for n in intervals:
                 full = (calibrated_full_steps(calibration, calls, n, b) if kind == "calibrated"
                         else make_schedule(kind, calls, n))
-                images, seconds = timed(cache_interval=n, cache_branch=b, cache_schedule=full)
+                images, base, seconds = paired(cache_interval=n, cache_branch=b, cache_schedule=full)
                 count = len(full)
                 rows.append({"schedule": kind, "branch": b, "interval": n, "full_steps": count, "seconds": seconds,
-                             "speedup": None, "mac_speedup": calls / (count + (calls - count) * ratio),
+                             "uncached_seconds": base, "speedup": base / seconds,
+                             "mac_speedup": calls / (count + (calls - count) * ratio),
                              "psnr": psnr(images, reference), "accuracy": _accuracy(classifier, images, labels)})
-    reference_times.append(timed()[1])
-    best = min(reference_times)
-    log(f"uncached run: best {best:.3f}s, worst {max(reference_times):.3f}s over {len(reference_times)} timings "
-        f"(best of {repeats} each)")
-    rows[0]["seconds"] = best
-    for row in rows[1:]:
-        row["speedup"] = best / row["seconds"]
+    rows[0]["seconds"] = rows[0]["uncached_seconds"] = min([r["uncached_seconds"] for r in rows[1:]], default=None)
     return rows
 
 
@@ -924,23 +896,32 @@ def format_rows(rows: list, columns: Sequence[str]) -> str:
 
 
 def plot_frontier(rows: list, path, title: str = "") -> Path:
-    """PSNR against measured speedup; one colour per schedule, one marker per branch."""
-    fig = _figure(7, 4.5)
-    ax = fig.subplots()
+    """Left: PSNR against the schedule's MAC bound; right: measured speedup against that bound.
+    One colour per schedule, one marker per branch."""
+    fig = _figure(11, 4.2)
+    quality, timing = fig.subplots(1, 2)
     colours = {"uniform": "tab:blue", "nonuniform": "tab:orange", "calibrated": "tab:green"}
     markers = "osD^v<>p*h"
     branches = sorted({r["branch"] for r in rows if r["schedule"] != "none"})
     for kind, colour in colours.items():
         for i, b in enumerate(branches):
-            sel = sorted((r for r in rows if r["schedule"] == kind and r["branch"] == b), key=lambda r: r["speedup"])
+            sel = sorted((r for r in rows if r["schedule"] == kind and r["branch"] == b), key=lambda r: r["interval"])
             if sel:
-                ax.plot([r["speedup"] for r in sel], [r["psnr"] for r in sel], marker=markers[i % len(markers)],
-                        color=colour, label=f"{kind}, branch {b}", alpha=0.85)
-    ax.set_xlabel("measured speedup vs uncached (wall time)")
-    ax.set_ylabel("PSNR vs uncached images (dB)")
-    ax.set_title(title or "quality vs speed of cache schedules", fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
+                style = dict(marker=markers[i % len(markers)], color=colour, alpha=0.85)
+                quality.plot([r["mac_speedup"] for r in sel], [r["psnr"] for r in sel], label=f"{kind}, branch {b}",
+                             **style)
+                timing.plot([r["mac_speedup"] for r in sel], [r["speedup"] for r in sel], ls="none", **style)
+    top = max(r["mac_speedup"] for r in rows)
+    timing.plot([1, top], [1, top], color="grey", lw=0.8, ls=":", label="measured = MAC bound")
+    quality.set_xlabel("MAC bound of the schedule (full-step MACs / schedule MACs)")
+    quality.set_ylabel("PSNR vs uncached images (dB)")
+    quality.legend(fontsize=7, ncol=2)
+    timing.set_xlabel("MAC bound of the schedule")
+    timing.set_ylabel("measured speedup (wall time vs uncached)")
+    timing.legend(fontsize=7)
+    for ax in (quality, timing):
+        ax.grid(alpha=0.3)
+    fig.suptitle(title or "quality and speed of cache schedules", fontsize=10)
     fig.tight_layout()
     return _save_figure(fig, path)
 
@@ -957,6 +938,9 @@ def _model_args(p: argparse.ArgumentParser, batch: int = 8):
     p.add_argument("--prompt", help="prompt for text-conditioned models")
     p.add_argument("--guidance-scale", type=float)
     p.add_argument("--threads", type=int, help="torch CPU threads")
+
+
+def _classifier_arg(p: argparse.ArgumentParser):
     p.add_argument("--classifier", help="toy-metric classifier folder (default: DATASET-classifier beside the model)")
 
 
@@ -975,6 +959,7 @@ def _parser() -> argparse.ArgumentParser:
         q.add_argument("--out", default=f"out/{name}")
     q = sub.add_parser("switch", help="change the class/prompt at step k and measure what follows")
     _model_args(q)
+    _classifier_arg(q)
     q.add_argument("--from", dest="old", required=True, help="class label (int) or prompt before the switch")
     q.add_argument("--to", dest="new", required=True, help="class label (int) or prompt after the switch")
     q.add_argument("--at", type=int, nargs="+", help="switch steps (default 0, S/10, 2S/10, ...)")
@@ -993,18 +978,22 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     """`minidiff analyze similarity|depth|switch|calibrate ...`"""
     args = _parser().parse_args(argv)
-    from .checkpoint import CheckpointError
-    from .pipeline import load
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
     try:
-        pipe = load(args.model)
+        pipe = _load(args)
         return {"similarity": _similarity_cmd, "depth": _depth_cmd, "switch": _switch_cmd,
                 "calibrate": _calibrate_cmd}[args.command](pipe, args)
     except (CheckpointError, ValueError, FileExistsError, ImportError) as e:
         print(f"minidiff analyze {args.command}: {e}", file=sys.stderr)
         return 2
+
+
+def _load(args):
+    """The model named on the command line, after setting the thread count asked for."""
+    from .pipeline import load
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return load(args.model)
 
 
 def _labels_from(args, pipe):
@@ -1057,16 +1046,15 @@ def _switch_cmd(pipe, args) -> int:
     classifier = None if text else toy_classifier(pipe, args.model, args.classifier)
     start = time.perf_counter()
     layers = args.layers or ["mid", cached_layer(pipe.unet, pipe.unet.num_branches // 2)]
-    rows = switch_experiment(pipe, old=old, new=new, steps=args.steps, sampler=args.sampler, at_steps=args.at,
-                             batch_size=args.batch, seed=args.seed, layers=layers,
-                             guidance_scale=args.guidance_scale, classifier=classifier)
-    columns = [c for c in rows[0] if not c.endswith("_final_cos_old")] + \
-        [c for r in rows[1:2] for c in r if c.endswith(("_jump", "_settle_steps")) and c not in rows[0]]
-    print(format_rows(rows, columns))
+    result = switch_experiment(pipe, old=old, new=new, steps=args.steps, sampler=args.sampler, at_steps=args.at,
+                               batch_size=args.batch, seed=args.seed, layers=layers,
+                               guidance_scale=args.guidance_scale, classifier=classifier)
+    rows = result.rows
+    columns = sorted({c for r in rows for c in r}, key=_column_order)
+    print(format_rows(rows, [c for c in columns if not c.endswith("_final_cos_old")]))
     print(f"{len(rows)} runs in {time.perf_counter() - start:.1f}s")
-    write_csv([{c: r.get(c) for c in sorted({c for r in rows for c in r}, key=_column_order)} for r in rows],
-              out / "switch.csv")
-    plot_switch(rows, out / "switch.png", layers, title=f"{args.model}: switch {old} -> {new} at step k")
+    write_csv([{c: r.get(c) for c in columns} for r in rows], out / "switch.csv")
+    plot_switch(result, out / "switch.png", layers, title=f"{args.model}: switch {old} -> {new} at step k")
     print(f"wrote {out / 'switch.csv'}, {out / 'switch.png'}")
     return 0
 
@@ -1085,7 +1073,7 @@ def _calibrate_cmd(pipe, args) -> int:
                             cost=args.cost, batch_size=args.batch, seed=args.seed,
                             class_labels=_labels_from(args, pipe), prompt=args.prompt,
                             guidance_scale=args.guidance_scale)
-    save_json(calibration, target)
+    save_calibrated(target, calibration)
     calls = calibration["model_calls"]
     print(f"measured {args.cost} costs of branches {branches} over {calls} model calls in "
           f"{calibration['seconds']:.1f}s; wrote {target}")
@@ -1101,11 +1089,13 @@ def _bench_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     q = sub.add_parser("frontier", help="speedup, MAC bound and quality of cache schedules at several budgets")
     _model_args(q)
+    _classifier_arg(q)
     q.set_defaults(seed=1)
     q.add_argument("--intervals", type=int, nargs="+", default=[2, 3, 5, 10], help="N: ceil(steps/N) full steps")
     q.add_argument("--branches", type=int, nargs="+", default=[0, 1, 3])
     q.add_argument("--schedules", nargs="+", default=list(SCHEDULES), choices=SCHEDULES)
-    q.add_argument("--repeats", type=int, default=2, help="time every run this many times, keep the best")
+    q.add_argument("--repeats", type=int, default=2,
+                   help="time every run this many times, alternating with the uncached run; keep the best")
     q.add_argument("--calibration-seed", type=int, default=0,
                    help="noise for calibrating when the model has no calibration.json for a branch")
     q.add_argument("--out", default="out/frontier")
@@ -1115,18 +1105,16 @@ def _bench_parser() -> argparse.ArgumentParser:
 def bench_main(argv=None) -> int:
     """`minidiff bench frontier --model DIR ...`"""
     args = _bench_parser().parse_args(argv)
-    from .checkpoint import CheckpointError
-    from .pipeline import load
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
     try:
-        pipe = load(args.model)
+        pipe = _load(args)
         labels = _labels_from(args, pipe)
         calibration = pipe.calibration
-        branches = [b for b in args.branches if b < pipe.unet.num_branches]
+        branches = [b for b in args.branches if 0 <= b < pipe.unet.num_branches]
+        if not branches:
+            raise ValueError(f"none of the branches {args.branches} exists; this U-Net has branches "
+                             f"0-{pipe.unet.num_branches - 1}")
         if "calibrated" in args.schedules and (calibration is None or
-                                               any(str(b) not in calibration.get("costs", {}) for b in branches)):
+                                               any(str(b) not in calibration.get("segments", {}) for b in branches)):
             print(f"the model's calibration does not cover branches {branches}: calibrating them on seed "
                   f"{args.calibration_seed} (the bench uses seed {args.seed})")
             calibration = calibrate(pipe, steps=args.steps, sampler=args.sampler, branch=branches[0], branches=branches,
@@ -1140,14 +1128,14 @@ def bench_main(argv=None) -> int:
                         class_labels=labels, prompt=args.prompt, guidance_scale=args.guidance_scale,
                         classifier=toy_classifier(pipe, args.model, args.classifier),
                         calibration=calibration, repeats=args.repeats)
+        out = Path(args.out)
+        print(format_rows(rows, ["schedule", "branch", "interval", "full_steps", "seconds", "uncached_seconds",
+                                 "speedup", "mac_speedup", "psnr", "accuracy"]))
+        write_csv(rows, out / "frontier.csv")
+        plot_frontier(rows, out / "frontier.png", title=f"{args.model}: {args.sampler}, {args.steps} steps, "
+                      f"batch {args.batch}")
     except (CheckpointError, ValueError, ImportError) as e:
         print(f"minidiff bench {args.command}: {e}", file=sys.stderr)
         return 2
-    out = Path(args.out)
-    print(format_rows(rows, ["schedule", "branch", "interval", "full_steps", "seconds", "speedup", "mac_speedup",
-                             "psnr", "accuracy"]))
-    write_csv(rows, out / "frontier.csv")
-    plot_frontier(rows, out / "frontier.png", title=f"{args.model}: {args.sampler}, {args.steps} steps, "
-                  f"batch {args.batch}")
     print(f"wrote {out / 'frontier.csv'}, {out / 'frontier.png'}")
     return 0

@@ -73,7 +73,7 @@ def _check_steps(num_steps):
 
 
 def make_schedule(kind, num_steps: int, interval: int = 1, *, center=None, power: float = 1.4,
-                  calibrated: Optional[dict] = None) -> list:
+                  calibrated: Optional[dict] = None, branch: Optional[int] = None) -> list:
     """Full steps for a named schedule ("uniform", "nonuniform", "calibrated") or an explicit list."""
     if not isinstance(kind, str):
         return explicit_schedule(num_steps, kind)
@@ -86,7 +86,7 @@ def make_schedule(kind, num_steps: int, interval: int = 1, *, center=None, power
             raise ValueError("this model has no calibrated cache schedule; run `minidiff analyze calibrate` first")
         from .analysis import calibrated_full_steps
 
-        return calibrated_full_steps(calibrated, num_steps, interval)
+        return calibrated_full_steps(calibrated, num_steps, interval, branch)
     raise ValueError(f"unknown cache schedule {kind!r}; use 'uniform', 'nonuniform', 'calibrated' or a list of "
                      "full steps")
 

@@ -214,7 +214,7 @@ class Pipeline:
         calls = num_model_calls(sampler, steps - start_step)
         calibrated = self.calibration if cache_schedule == "calibrated" else None
         full_steps = make_schedule(cache_schedule, calls, cache_interval, center=center, power=power,
-                                   calibrated=calibrated)
+                                   calibrated=calibrated, branch=cache_branch)
         cached = CachedUNet(self.unet, calls, full_steps, cache_branch)
         denoiser = self.make_denoiser(cached, cond, uncond, guidance_scale)
         causes = ["U-Net weights that are not finite or overflow", "noise that is not finite"]
