@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 DELEGATED = {
     "demo": ("minidiff.demo", "main", "the main job: sample the shipped model with and without caching"),
@@ -15,33 +14,6 @@ DELEGATED = {
     "analyze": ("minidiff.analysis", "main", "feature similarity, depth profile, switch experiment, calibration"),
     "bench": ("minidiff.analysis", "bench_main", "quality-vs-speed frontier of cache schedules"),
 }
-
-
-def save_grid(images, path, nrow: int | None = None):
-    """Write (B, C, H, W) images in [0, 1] as one PNG grid (needs pillow: pip install 'minidiff[image]')."""
-    import math
-
-    import torch
-
-    try:
-        from PIL import Image
-    except ImportError:
-        raise SystemExit("writing PNG files needs pillow: pip install 'minidiff[image]'") from None
-    b, c, h, w = images.shape
-    nrow = nrow or math.ceil(math.sqrt(b))
-    rows = math.ceil(b / nrow)
-    grid = torch.ones(c, rows * (h + 2) + 2, nrow * (w + 2) + 2)
-    for i, img in enumerate(images.float().cpu()):
-        r, col = divmod(i, nrow)
-        grid[:, 2 + r * (h + 2): 2 + r * (h + 2) + h, 2 + col * (w + 2): 2 + col * (w + 2) + w] = img
-    array = (grid.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    from .checkpoint import atomic_path
-
-    with atomic_path(path) as tmp:
-        Image.fromarray(array[:, :, 0] if c == 1 else array).save(tmp, format="PNG")
-    return path
 
 
 def sample_main(argv=None) -> int:
@@ -88,7 +60,11 @@ def sample_main(argv=None) -> int:
     except (CheckpointError, ValueError, FloatingPointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    save_grid(images, args.out)
+    import math
+
+    from .data import save_grid
+
+    save_grid(images, args.out, nrow=math.ceil(math.sqrt(images.shape[0])))
     run = pipe.last_run
     x = torch.zeros(1, pipe.unet.config.in_channels, images.shape[2] // pipe.latent_scale,
                     images.shape[3] // pipe.latent_scale, device=pipe.device, dtype=pipe.dtype)

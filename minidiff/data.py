@@ -179,6 +179,17 @@ def shapes(size: int = 32, channels: int = 3, count: int = 3000, seed: int = 0) 
     bg = torch.rand(count, 3, generator=g)
     bg = torch.where((fg - bg).abs().sum(1, keepdim=True) < 0.6, 1 - fg, bg)  # keep the shape visible
 
+    mask = torch.cat([_shape_masks(labels[i: i + 256], radius[i: i + 256], centre[i: i + 256], angle[i: i + 256],
+                                   size) for i in range(0, count, 256)])  # (N, 1, size, size) coverage
+    rgb = fg[:, :, None, None] * mask + bg[:, :, None, None] * (1 - mask)
+    if channels == 1:
+        rgb = (rgb * torch.tensor([0.299, 0.587, 0.114])[None, :, None, None]).sum(1, keepdim=True)
+    images = (rgb * 255).round().clamp(0, 255).to(torch.uint8)
+    return ImageSet(images, labels, list(SHAPE_NAMES), f"procedural shapes (seed {seed})")
+
+
+def _shape_masks(labels, radius, centre, angle, size: int) -> torch.Tensor:
+    """Coverage in [0, 1] of each shape, drawn at 4x resolution and averaged down: (n, 1, size, size)."""
     hi = size * 4
     coords = (torch.arange(hi, dtype=torch.float32) + 0.5) / hi
     y, x = coords[None, :, None], coords[None, None, :]               # (1, hi, 1), (1, 1, hi)
@@ -190,13 +201,8 @@ def shapes(size: int = 32, channels: int = 3, count: int = 3000, seed: int = 0) 
     for k in range(3):  # inside all three edges of an equilateral triangle of circumradius r
         a = angle[:, None, None] + 2 * math.pi * k / 3
         triangle &= dx * torch.cos(a) + dy * torch.sin(a) <= r / 2
-    mask = torch.stack([circle, square, triangle], 1)[torch.arange(count), labels].float()  # (N, hi, hi)
-    mask = F.avg_pool2d(mask[:, None], 4)                              # (N, 1, size, size)
-    rgb = fg[:, :, None, None] * mask + bg[:, :, None, None] * (1 - mask)
-    if channels == 1:
-        rgb = (rgb * torch.tensor([0.299, 0.587, 0.114])[None, :, None, None]).sum(1, keepdim=True)
-    images = (rgb * 255).round().clamp(0, 255).to(torch.uint8)
-    return ImageSet(images, labels, list(SHAPE_NAMES), f"procedural shapes (seed {seed})")
+    mask = torch.stack([circle, square, triangle], 1)[torch.arange(len(labels)), labels].float()  # (n, hi, hi)
+    return F.avg_pool2d(mask[:, None], 4)
 
 
 def load_dataset(name: str, size: int = 32, channels: Optional[int] = None) -> ImageSet:
