@@ -8,7 +8,8 @@ For each model (random full-size weights: speed does not depend on them):
   (c) the same run without caching.
 Runs alternate (minidiff, reference, minidiff, ...) so machine noise hits both alike; medians and
 ratios (minidiff / reference, < 1 means minidiff is faster) are printed. Outputs are compared too.
-Peak memory is the peak RSS of a child process that runs one configuration alone (--child).
+Peak memory is the peak RSS of a child process that builds one implementation and runs one
+configuration alone (--child), polled during the run.
 SD1.5 runs with classifier-free guidance (batch 2, a 77-token context), as a pipeline would.
 """
 import argparse
@@ -35,24 +36,32 @@ CHURCH_UNET = dict(block_out_channels=(128, 128, 256, 256, 512, 512), layers_per
                    flip_sin_to_cos=False, freq_shift=1, norm_eps=1e-6, sample_size=256)
 
 
-def build(model: str, latent: int):
-    """(diffusers U-Net, minidiff U-Net with the same weights, x, cond) for one model."""
+def inputs(model: str, latent: int):
+    torch.manual_seed(1)
+    if model == "sd15":
+        return torch.randn(2, 4, latent, latent), torch.randn(2, 77, 768)
+    return torch.randn(1, 3, 256, 256), None
+
+
+def reference_unet(model: str):
     import diffusers
 
+    torch.manual_seed(0)
+    if model == "sd15":
+        return diffusers.UNet2DConditionModel(**SD15_UNET).eval()
+    return diffusers.UNet2DModel(**CHURCH_UNET).eval()
+
+
+def build(model: str, latent: int):
+    """(diffusers U-Net, minidiff U-Net with the same weights, x, cond) for one model."""
     from minidiff.checkpoint import load_weights
     from minidiff.unet import UNet
     from minidiff.unet_keys import config_from_diffusers, diffusers_to_native
 
-    torch.manual_seed(0)
-    if model == "sd15":
-        ref = diffusers.UNet2DConditionModel(**SD15_UNET).eval()
-        x, cond = torch.randn(2, 4, latent, latent), torch.randn(2, 77, 768)
-    else:
-        ref = diffusers.UNet2DModel(**CHURCH_UNET).eval()
-        x, cond = torch.randn(1, 3, 256, 256), None
+    ref = reference_unet(model)
     config = config_from_diffusers(dict(ref.config, _class_name=type(ref).__name__))
     ours = load_weights(UNet(config), diffusers_to_native(ref.state_dict(), config)).eval()
-    return ref, ours, x, cond
+    return ref, ours, *inputs(model, latent)
 
 
 def ref_call(ref, x, t, cond):
@@ -66,7 +75,7 @@ def ref_sampling(ref, x, cond, steps, interval, branch=0):
     from diffusers import DDIMScheduler
     from DeepCache import DeepCacheSDHelper
 
-    sched = DDIMScheduler()
+    sched = DDIMScheduler(clip_sample=False)  # = minidiff's SchedulerConfig() below
     sched.set_timesteps(steps)
     helper = None
     if interval > 1:
@@ -99,18 +108,43 @@ def timed(fn):
     return time.perf_counter() - start, out
 
 
+def _rss_mib() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
+
+
 def child(args):
-    """Run one configuration alone and report the process's peak RSS (MiB)."""
-    ref, ours, x, cond = build(args.models[0], args.latent)
+    """Build one implementation alone, run one configuration, report its peak RSS (MiB) during the run.
+
+    Weights are random and not shared: memory does not depend on their values."""
+    import threading
+
+    from minidiff.unet import UNet
+    from minidiff.unet_keys import config_from_diffusers
+
+    model = args.models[0]
+    x, cond = inputs(model, args.latent)
     if args.child == "ours":
+        ref = reference_unet(model)
+        config = config_from_diffusers(dict(ref.config, _class_name=type(ref).__name__))
         del ref
+        ours = UNet(config).eval()
         fn = lambda: our_sampling(ours, x, cond, args.steps, args.interval)
     else:
-        del ours
+        ref = reference_unet(model)
         fn = lambda: ref_sampling(ref, x, cond, args.steps, args.interval)
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak, done = [_rss_mib()], threading.Event()
+
+    def poll():
+        while not done.wait(0.005):
+            peak.append(_rss_mib())
+
+    watcher = threading.Thread(target=poll, daemon=True)
+    watcher.start()
     timed(fn)
-    print(json.dumps({"peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "before_mib": base}))
+    done.set()
+    watcher.join()
+    print(json.dumps({"peak_mib": max(peak), "before_mib": peak[0]}))
 
 
 def peak_memory(model, impl, interval, args):
@@ -161,7 +195,6 @@ def main():
             if not args.no_memory and n is not None:
                 line += f" {peak_memory(model, 'ours', n, args):>13.0f} {peak_memory(model, 'ref', n, args):>12.0f}"
             print(line, flush=True)
-        del ref, ours
 
 
 if __name__ == "__main__":

@@ -32,9 +32,10 @@ def _noise_like(x, generator):
 
 def _timesteps_from(config, steps, start_step):
     """The timesteps of a `steps`-step schedule from index `start_step` on (img2img starts part-way)."""
+    timesteps = make_timesteps(config, steps).tolist()  # validates steps first
     if isinstance(start_step, bool) or not isinstance(start_step, int) or not 0 <= start_step < steps:
         raise ValueError(f"start_step must be an int in [0, {steps - 1}], got {start_step!r}")
-    return make_timesteps(config, steps).tolist()[start_step:]
+    return timesteps[start_step:]
 
 
 def _x0_and_eps(prediction_type, out, x, alpha_t):
