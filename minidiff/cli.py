@@ -105,7 +105,8 @@ def main(argv=None) -> int:
     module_name, func, _ = DELEGATED[command]
     import importlib
 
-    return importlib.import_module(module_name).__dict__[func](rest) or 0
+    status = getattr(importlib.import_module(module_name), func)(rest)
+    return status if isinstance(status, int) else 0  # some mains return their results for callers
 
 
 if __name__ == "__main__":
