@@ -208,3 +208,34 @@ def test_compiled_paths_give_the_same_numbers():
         out, cache = unet.forward_full(x, 10, y, branch=2)
         assert torch.equal(out, ref)
         assert torch.equal(unet.forward_shallow(x, 10, y, cache=cache), ref_shallow)
+
+
+def test_recording_off_adds_no_tensor_work():
+    """The recorder hook is one attribute check per layer: with it off, forward dispatches the same
+    tensor ops as with a do-nothing recorder; a recorder that copies adds visible work."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class OpLog(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    unet = _tiny_unet()
+    x, y = torch.randn(1, 3, 16, 16), torch.tensor([2])
+
+    def ops_with(recorder):
+        unet.recorder = recorder
+        try:
+            with torch.no_grad(), OpLog() as log:
+                unet(x, 7, y)
+        finally:
+            unet.recorder = None
+        return log.ops
+
+    off = ops_with(None)
+    assert ops_with(lambda name, h: None) == off
+    assert len(ops_with(lambda name, h: h.detach().clone())) > len(off)
