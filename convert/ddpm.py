@@ -18,11 +18,10 @@ import re
 import sys
 from pathlib import Path
 
-from minidiff.checkpoint import CheckpointError, read_state_dict
+from minidiff.checkpoint import CheckpointError, check_conversion_paths, load_weights, read_state_dict
 from minidiff.pipeline import Pipeline
 from minidiff.schedules import SchedulerConfig
 from minidiff.unet import UNet
-from minidiff.checkpoint import load_weights
 from minidiff.unet_keys import config_from_diffusers, config_from_pesser, diffusers_to_native, pesser_to_native
 
 WEIGHT_NAMES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin", "model.safetensors")
@@ -95,11 +94,7 @@ def from_pesser_file(src: Path, variance: str | None = None) -> Pipeline:
 
 def convert(src, dst, *, overwrite: bool = False, variance: str | None = None) -> Pipeline:
     """Read SRC (folder or original file), write the native folder DST atomically."""
-    src, dst = Path(src), Path(dst)
-    if not src.exists():
-        raise CheckpointError(f"{src} does not exist")
-    if dst.exists() and not overwrite:
-        raise FileExistsError(f"{dst} exists; pass --overwrite to replace it")
+    src, dst = check_conversion_paths(src, dst, overwrite)
     pipe = from_diffusers_folder(src) if src.is_dir() else from_pesser_file(src, variance)
     if variance and src.is_dir():
         pipe.scheduler.variance_type = variance

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from minidiff.autoencoder import Autoencoder, AutoencoderConfig
-from minidiff.checkpoint import CheckpointError, load_weights, read_state_dict
+from minidiff.checkpoint import CheckpointError, check_conversion_paths, load_weights, read_state_dict
 from minidiff.pipeline import Pipeline
 from minidiff.schedules import SchedulerConfig
 from minidiff.unet import UNet, UNetConfig
@@ -349,11 +349,7 @@ def from_checkpoint(src, config: LDMConfig, *, use_ema: bool = True) -> Pipeline
 
 def convert(src, dst, *, config=None, overwrite: bool = False, use_ema: bool = True) -> Pipeline:
     """Read SRC (CompVis .ckpt / .safetensors) and write the native folder DST atomically."""
-    src, dst = Path(src), Path(dst)
-    if not src.exists():
-        raise CheckpointError(f"{src} does not exist")
-    if dst.exists() and not overwrite:
-        raise FileExistsError(f"{dst} exists; pass --overwrite to replace it")
+    src, dst = check_conversion_paths(src, dst, overwrite)
     pipe = from_checkpoint(src, load_config(config), use_ema=use_ema)
     pipe.save(dst, overwrite=overwrite)
     return pipe

@@ -34,7 +34,8 @@ import torch
 
 from minidiff import unet_keys, vae_keys
 from minidiff.autoencoder import Autoencoder, AutoencoderConfig
-from minidiff.checkpoint import CheckpointError, check_finite, check_state_dict, read_state_dict
+from minidiff.checkpoint import (CheckpointError, check_conversion_paths, check_finite, check_state_dict,
+                                 read_state_dict)
 from minidiff.pipeline import Pipeline
 from minidiff.schedules import SchedulerConfig
 from minidiff.text import CLIPTextConfig, CLIPTextEncoder, CLIPTokenizer, text_keys_to_native
@@ -393,11 +394,7 @@ def from_diffusers_folder(src, *, allow_nan: bool = False) -> Pipeline:
 def convert(src, dst, *, overwrite: bool = False, config=None, tokenizer_dir=None, bpe=None, text_config=None,
             ema: bool = True, allow_nan: bool = False) -> Pipeline:
     """Read SRC (single file or diffusers folder) and write the native folder DST atomically."""
-    src, dst = Path(src), Path(dst)
-    if not src.exists():
-        raise CheckpointError(f"{src} does not exist")
-    if dst.exists() and not overwrite:
-        raise FileExistsError(f"{dst} exists; pass --overwrite to replace it")
+    src, dst = check_conversion_paths(src, dst, overwrite)
     if src.is_dir():
         if config is not None or text_config is not None:
             raise ValueError("--config and --text-config are for single files; a diffusers folder has its configs")

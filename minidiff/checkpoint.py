@@ -212,6 +212,16 @@ def load_weights(module: nn.Module, state_dict: dict, what: str = "model"):
     return module
 
 
+def check_conversion_paths(src, dst, overwrite: bool):
+    """A converter's preconditions, checked before any work: SRC exists, DST is free or may go."""
+    src, dst = Path(src), Path(dst)
+    if not src.exists():
+        raise CheckpointError(f"{src} does not exist")
+    if dst.exists() and not overwrite:
+        raise FileExistsError(f"{dst} exists; pass --overwrite to replace it")
+    return src, dst
+
+
 # -- writing ----------------------------------------------------------------------------------------
 
 def _fsync(path: Path):
