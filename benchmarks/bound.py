@@ -13,6 +13,8 @@ import time
 
 import torch
 
+from minidiff.allocator import retain_freed_memory
+
 from minidiff.unet import UNet, UNetConfig
 
 MODELS = {
@@ -33,6 +35,7 @@ MODELS = {
 
 
 def main():
+    retain_freed_memory()  # as minidiff's CLI does; in vs_reference.py both implementations share it
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["cifar10", "church", "sd15"], choices=sorted(MODELS))
     parser.add_argument("--branches", type=int, nargs="+", default=[0, 1, 3])

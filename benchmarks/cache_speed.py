@@ -13,6 +13,8 @@ import time
 
 import torch
 
+from minidiff.allocator import retain_freed_memory
+
 from minidiff.pipeline import Pipeline
 from minidiff.schedules import SchedulerConfig
 from minidiff.unet import UNet, UNetConfig, mac_bound
@@ -34,6 +36,7 @@ def run(pipe, steps, interval, branch, noise):
 
 
 def main():
+    retain_freed_memory()  # as minidiff's CLI does; in vs_reference.py both implementations share it
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", nargs="+", default=["cifar10", "church"], choices=sorted(ARCHS))
     parser.add_argument("--steps", type=int, default=20)

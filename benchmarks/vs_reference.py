@@ -24,6 +24,8 @@ import warnings
 
 import torch
 
+from minidiff.allocator import retain_freed_memory
+
 warnings.filterwarnings("ignore")
 
 SD15_UNET = dict(block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, cross_attention_dim=768,
@@ -155,6 +157,7 @@ def peak_memory(model, impl, interval, args):
 
 
 def main():
+    retain_freed_memory()  # as minidiff's CLI does; in vs_reference.py both implementations share it
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["sd15", "church"], choices=["sd15", "church"])
     parser.add_argument("--latent", type=int, default=32, help="SD1.5 latent size (64 = 512 px images)")

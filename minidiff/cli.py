@@ -100,6 +100,9 @@ def main(argv=None) -> int:
             print(f"  {name:<8} {text}")
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     command, rest = argv[0], argv[1:]
+    from .allocator import retain_freed_memory
+
+    retain_freed_memory()  # an application may tune its own process: large activations stay mapped
     if command == "sample":
         return sample_main(rest)
     module_name, func, _ = DELEGATED[command]

@@ -167,10 +167,15 @@ class ResBlock(nn.Module):
         self.shortcut = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else None
 
     def forward(self, x, emb, context=None):
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = h + self.emb_proj(emb)[:, :, None, None]  # emb arrives already through SiLU
-        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
-        return h + (x if self.shortcut is None else self.shortcut(x))
+        # In place where it is free: at high resolution a shallow step is memory-bound, and every
+        # fresh activation costs page faults. Residual adds are always safe under autograd; SiLU
+        # only without it (its backward needs its input).
+        fresh = not torch.is_grad_enabled()
+        h = self.conv1(F.silu(self.norm1(x), inplace=fresh))
+        h += self.emb_proj(emb)[:, :, None, None]  # emb arrives already through SiLU
+        h = self.conv2(self.dropout(F.silu(self.norm2(h), inplace=fresh)))
+        h += x if self.shortcut is None else self.shortcut(x)
+        return h
 
 
 def attention(q, k, v, heads: int):
@@ -472,7 +477,7 @@ class UNet(nn.Module):
             h = self.output_blocks[i](torch.cat([h, skips.pop()], dim=1), c.emb, c.context)
             if self.recorder is not None:
                 self.recorder(f"dec.{i}", h)
-        return self.out_conv(F.silu(self.out_norm(h))).contiguous(), cached
+        return self.out_conv(F.silu(self.out_norm(h), inplace=not torch.is_grad_enabled())).contiguous(), cached
 
     def _full(self, x, t, cond, cache_at):
         x = x.contiguous(memory_format=torch.channels_last)
@@ -524,11 +529,13 @@ class UNet(nn.Module):
         """Multiply-accumulates of one full and one shallow step at `branch`, counted by running them."""
         from torch.utils.flop_counter import FlopCounterMode
 
+        # torch's counter knows the GPU attention kernels but not the CPU one, which it counts as 0
+        cpu_attention = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _attention_flops}
         counts = {}
-        with FlopCounterMode(display=False) as counter:
+        with FlopCounterMode(display=False, custom_mapping=cpu_attention) as counter:
             _, cache = self.forward_full(x, t, cond, branch=branch)
         counts["full"] = counter.get_total_flops() // 2
-        with FlopCounterMode(display=False) as counter:
+        with FlopCounterMode(display=False, custom_mapping=cpu_attention) as counter:
             self.forward_shallow(x, t, cond, cache=cache)
         counts["shallow"] = counter.get_total_flops() // 2
         return counts
@@ -544,6 +551,12 @@ def _channels_of(block: nn.Module) -> int:
     if isinstance(block, SpatialTransformer):
         return block.norm.num_channels
     raise TypeError(f"unexpected block {type(block).__name__}")
+
+
+def _attention_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    """FLOPs of softmax(QK^T)V: two matrix products, 2 FLOPs per multiply-accumulate."""
+    *batch, queries, dim = query_shape
+    return 2 * math.prod(batch) * queries * key_shape[-2] * (dim + value_shape[-1])
 
 
 def mac_bound(interval: int, shallow_over_full: float) -> float:

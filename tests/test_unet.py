@@ -239,3 +239,15 @@ def test_recording_off_adds_no_tensor_work():
     off = ops_with(None)
     assert ops_with(lambda name, h: None) == off
     assert len(ops_with(lambda name, h: h.detach().clone())) > len(off)
+
+
+def test_macs_count_attention():
+    """Attention MACs are counted on CPU too (torch's counter alone scores its CPU kernel as 0)."""
+    with_attn = _tiny_unet(attention_levels=(0,), mid_attention=False)
+    without = _tiny_unet(attention_levels=(), mid_attention=False)
+    x, y = torch.randn(1, 3, 16, 16), torch.tensor([1])
+    extra = with_attn.macs(x, 5, y)["full"] - without.macs(x, 5, y)["full"]
+    # 5 full-resolution blocks (2 encoder, 3 decoder) of 256 tokens x 32 channels: q, k, v, out
+    # projections (4 C^2 per token) and the QK^T and AV products (2 L C per token)
+    tokens, ch = 256, 32
+    assert extra == 5 * (4 * ch * ch * tokens + 2 * tokens * tokens * ch)
