@@ -85,9 +85,21 @@ class UNetConfig:
              "context_dim needs attention_type 'transformer' (cross-attention lives in spatial transformers)")
         need(not (self.class_cond == "context" and self.num_classes and self.context_dim is None),
              "class_cond 'context' needs context_dim (the width of the class token)")
-        need(0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}")
-        need(0.0 < self.norm_eps < 1.0, f"norm_eps must be in (0, 1), got {self.norm_eps}")
-        need(self.downsample_padding in (0, 1), f"downsample_padding must be 0 or 1, got {self.downsample_padding}")
+        number = (int, float)
+        need(isinstance(self.dropout, number) and 0.0 <= self.dropout < 1.0,
+             f"dropout must be a number in [0, 1), got {self.dropout!r}")
+        need(isinstance(self.norm_eps, number) and 0.0 < self.norm_eps < 1.0,
+             f"norm_eps must be a number in (0, 1), got {self.norm_eps!r}")
+        need(not isinstance(self.downsample_padding, bool) and self.downsample_padding in (0, 1),
+             f"downsample_padding must be 0 or 1, got {self.downsample_padding!r}")
+        for name in ("mid_attention", "flip_sin_to_cos", "use_linear_projection"):
+            need(isinstance(getattr(self, name), bool), f"{name} must be true or false, got {getattr(self, name)!r}")
+        need(isinstance(self.freq_shift, (int, float)) and not isinstance(self.freq_shift, bool)
+             and math.isfinite(self.freq_shift) and 0 <= self.freq_shift < self.model_channels // 2,
+             f"freq_shift must be a number in [0, {self.model_channels // 2}), got {self.freq_shift!r}")
+        need(self.sample_size is None or (isinstance(self.sample_size, int) and not isinstance(self.sample_size, bool)
+                                          and 1 <= self.sample_size <= 16384),
+             f"sample_size must be None or an int in [1, 16384], got {self.sample_size!r}")
         need(not (self.num_classes and self.class_cond == "add" and self.context_dim is not None),
              "class_cond 'add' with context_dim would need a text context besides the labels, which minidiff does "
              "not support; use class_cond 'context' (the class token is the context) or drop context_dim")
