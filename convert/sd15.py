@@ -36,6 +36,7 @@ from minidiff import unet_keys, vae_keys
 from minidiff.autoencoder import Autoencoder, AutoencoderConfig
 from minidiff.checkpoint import (CheckpointError, check_conversion_paths, check_finite, check_state_dict,
                                  read_state_dict)
+from minidiff.compvis import YamlError, ema_key, read_yaml
 from minidiff.pipeline import Pipeline
 from minidiff.schedules import SchedulerConfig
 from minidiff.text import CLIPTextConfig, CLIPTextEncoder, CLIPTokenizer, text_keys_to_native
@@ -104,11 +105,9 @@ def config_from_yaml(source=None) -> SD1Config:
     elif isinstance(source, Mapping):
         data = dict(source)
     else:
-        import yaml
-
         try:
-            data = yaml.safe_load(Path(source).read_text())
-        except (OSError, yaml.YAMLError) as e:
+            data = read_yaml(Path(source).read_text(), str(source))
+        except (OSError, UnicodeDecodeError, YamlError) as e:
             raise CheckpointError(f"cannot read the model config {source}: {e}") from None
     try:
         params = data["model"]["params"]
@@ -164,11 +163,6 @@ def reject_other_families(shapes: Mapping, source: str = "the checkpoint", *, li
 
 
 # -- key mapping ---------------------------------------------------------------------------------
-
-def ema_key(unet_key: str) -> str:
-    """LitEma's buffer name for `model.diffusion_model.<...>`: `model.` dropped, every dot removed."""
-    return "model_ema." + "".join(unet_key.split(".")[1:])
-
 
 def _take(source, prefix: str, rename=None) -> dict:
     """Remove the tensors under `prefix` from `source` and return them with the prefix stripped."""

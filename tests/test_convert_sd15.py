@@ -13,6 +13,7 @@ import minidiff
 from convert import sd15
 from minidiff.autoencoder import Autoencoder
 from minidiff.checkpoint import CheckpointError, check_state_dict
+from minidiff.compvis import ema_key
 from minidiff.text import CLIPTextConfig, CLIPTextEncoder
 from minidiff.unet import UNet
 
@@ -274,7 +275,7 @@ def single_file_state(parts, *, ema=False):
     """The parts under the prefixes of v1-5-pruned-emaonly (or, with ema, of v1-5-pruned)."""
     state = {f"model.diffusion_model.{k}": v for k, v in parts["unet"].state_dict().items()}
     if ema:  # v1-5-pruned: training weights under model., the EMA copy under model_ema.<dotless>
-        state.update({sd15.ema_key(f"model.diffusion_model.{k}"): v for k, v in parts["ema_unet"].state_dict().items()})
+        state.update({ema_key(f"model.diffusion_model.{k}"): v for k, v in parts["ema_unet"].state_dict().items()})
         state["model_ema.decay"], state["model_ema.num_updates"] = torch.tensor(0.9999), torch.tensor(1000)
     state.update({f"first_stage_model.{k}": v for k, v in parts["vae"].state_dict().items()})
     state.update({f"cond_stage_model.transformer.text_model.{k}": v for k, v in parts["clip"].state_dict().items()})
