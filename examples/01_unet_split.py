@@ -12,7 +12,7 @@ import argparse
 import torch
 
 from minidiff import UNet, UNetConfig, load
-from minidiff.unet import mac_bound
+from minidiff.cache import mac_bound
 
 # The architecture of google/ddpm-cifar10-32 (Ho et al. 2020), random weights: MACs do not depend on them.
 CIFAR10 = UNetConfig(model_channels=128, channel_mult=(1, 2, 2, 2), num_res_blocks=2, attention_levels=(1,),
@@ -50,7 +50,7 @@ def main():
             ratio = macs["shallow"] / full
             print(f"{b:>4}  {str(shape):<16} {f'input_blocks[{b}] ' + describe(unet.input_blocks[b]):<42} "
                   f"{f'output_blocks[{n - 1 - b}] ' + describe(unet.output_blocks[n - 1 - b]):<52} "
-                  f"{macs['shallow'] / 1e6:>11.1f} M {ratio:>6.3f} {mac_bound(args.interval, ratio):>9.2f}x")
+                  f"{macs['shallow'] / 1e6:>11.1f} M {ratio:>6.3f} {mac_bound(1, args.interval - 1, ratio):>9.2f}x")
     print(f"\nA full step costs {full / 1e9:.2f} GMACs. The middle block and everything between the deepest "
           "skips is the main branch: a shallow step at branch b never runs it.")
 

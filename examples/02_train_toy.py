@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 
 from minidiff.data import save_grid
-from minidiff.demo import find_weights
-from minidiff.toy_metric import load_metric
+from minidiff.data import find_weights
+from minidiff.metrics import load_metric
 from minidiff.train import PRESETS, TrainConfig, train
 
 out = Path("out/02_train_toy")

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 import minidiff
-from minidiff import analysis
+from minidiff import analysis, plots
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--model", default=str(Path(__file__).resolve().parents[1] / "weights" / "digits-cond"))
@@ -27,7 +27,7 @@ pipe = minidiff.load(args.model)
 start = time.perf_counter()
 # One image of each class in turn; every layer's output at every step, kept on the CPU.
 record = analysis.record_features(pipe, steps=args.steps, sampler="ddim", batch_size=args.batch, seed=0,
-                                  class_labels=analysis.default_labels(pipe, args.batch))
+                                  class_labels=pipe.default_labels(args.batch))
 matrices = analysis.similarity_matrices(record)  # {layer: (steps, steps) cosine similarity, batch mean}
 print(f"recorded {len(matrices)} layers x {record.num_steps} steps in {time.perf_counter() - start:.1f}s\n")
 
@@ -39,6 +39,6 @@ n = len(pipe.unet.output_blocks)
 shown = ["enc.0", "enc.1", f"enc.{n - 1}", "mid", "dec.0", f"dec.{n // 2}", f"dec.{n - 2}", f"dec.{n - 1}"]
 out = Path(args.out)
 analysis.save_matrices(matrices, out / "similarity.npz")
-path = analysis.plot_heatmaps(matrices, out / "heatmaps.png", shown,
+path = plots.plot_heatmaps(matrices, out / "heatmaps.png", shown,
                               title=f"step x step cosine similarity, {args.steps} DDIM steps")
 print(f"\nsaved {path} and {out / 'similarity.npz'}")

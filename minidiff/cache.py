@@ -1,8 +1,12 @@
-"""Which denoising steps run the whole U-Net, and the wrapper that runs a U-Net by that plan.
+"""Which model calls run the whole U-Net, and the wrapper that runs a U-Net by that plan.
 
-A schedule is the sorted list of step indices (model calls) that run in full; every other step
-runs the shallow path and reuses the deep feature of the last full step. Samplers never see any
-of this: `CachedUNet` is a plain `(x, t, cond) -> output` callable.
+A schedule is the sorted list of model-call indices that run in full; every other call runs the
+shallow path and reuses the deep feature of the last full call. Here a "call" is one U-Net
+evaluation: a sampler's step, except that PLMS makes one call more than it has steps
+(`samplers.num_model_calls`). The schedules are uniform, non-uniform, explicit, or calibrated from
+a measurement (`calibration.calibrate` writes the file this module reads). Samplers never see any
+of this: `CachedUNet` is a plain `(x, t, cond) -> output` callable. "Full step s" below means
+"full call s", the name `RunStats.full_steps` and `cache_schedule` lists already use.
 """
 from __future__ import annotations
 
@@ -14,18 +18,22 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
+from .checkpoint import save_json
 from .unet import FeatureCache, UNet
 
+CALIBRATION_FORMAT = "minidiff-calibration"
+CALIBRATION_VERSION = 1
 
-def uniform_schedule(num_steps: int, interval: int) -> list:
-    """Full steps 0, N, 2N, ...: ceil(num_steps / N) of them."""
-    _check_steps(num_steps)
+
+def uniform_schedule(num_calls: int, interval: int) -> list:
+    """Full steps 0, N, 2N, ...: ceil(num_calls / N) of them."""
+    _check_calls(num_calls)
     if not isinstance(interval, int) or interval < 1:
         raise ValueError(f"cache interval must be an int >= 1, got {interval!r}")
-    return list(range(0, num_steps, interval))
+    return list(range(0, num_calls, interval))
 
 
-def nonuniform_schedule(num_steps: int, interval: int, center: Optional[int] = None, power: float = 1.4) -> list:
+def nonuniform_schedule(num_calls: int, interval: int, center: Optional[int] = None, power: float = 1.4) -> list:
     """DeepCache's non-uniform schedule: as many full steps as uniform 1:N, packed around `center`.
 
     Reproduces the reference `sample_from_quad_center` number for number. Its start point is
@@ -33,75 +41,170 @@ def nonuniform_schedule(num_steps: int, interval: int, center: Optional[int] = N
     what concentrates steps near the centre. If the power gives repeated indices it is lowered by
     0.02 until the count fits, as the reference does.
     """
-    _check_steps(num_steps)
+    _check_calls(num_calls)
     if not isinstance(interval, int) or interval < 1:
         raise ValueError(f"cache interval must be an int >= 1, got {interval!r}")
-    count = math.ceil(num_steps / interval)
-    if count >= num_steps:
-        return list(range(num_steps))
-    center = num_steps * 3 // 10 if center is None else center
-    if not 0 < center < num_steps:
-        raise ValueError(f"non-uniform center must lie in (0, {num_steps}), got {center}")
+    count = math.ceil(num_calls / interval)
+    if count >= num_calls:
+        return list(range(num_calls))
+    center = num_calls * 3 // 10 if center is None else center
+    if not 0 < center < num_calls:
+        raise ValueError(f"non-uniform center must lie in (0, {num_calls}), got {center}")
     if not math.isfinite(power) or not 1 < power <= 10:
         raise ValueError(f"non-uniform power must be a number in (1, 10], got {power}")
     while power > 1:
-        start, stop = complex(-center) ** (1 / power), complex(num_steps - center) ** (1 / power)
+        start, stop = complex(-center) ** (1 / power), complex(num_calls - center) ** (1 / power)
         points = start + (stop - start) * np.arange(count + 1) / count  # linspace, endpoint included
         offsets = np.unique(np.trunc((points ** power).real).astype(np.int64))[1:-1]
         steps = [0] + [int(o) + center for o in offsets]
         if len(steps) == count:
             return sorted(steps)
         power -= 0.02
-    raise ValueError(f"no non-uniform schedule of {count} full steps in {num_steps} steps around center "
+    raise ValueError(f"no non-uniform schedule of {count} full steps in {num_calls} calls around center "
                      f"{center}; try another center or power")
 
 
-def explicit_schedule(num_steps: int, full_steps: Sequence[int]) -> list:
+def explicit_schedule(num_calls: int, full_steps: Sequence[int]) -> list:
     """A given set of full steps; step 0 is always full (there is nothing to reuse before it)."""
-    _check_steps(num_steps)
+    _check_calls(num_calls)
     steps = sorted({int(s) for s in full_steps})
-    if any(s < 0 or s >= num_steps for s in steps):
-        raise ValueError(f"full steps must lie in [0, {num_steps - 1}], got {steps}")
+    if any(s < 0 or s >= num_calls for s in steps):
+        raise ValueError(f"full steps must lie in [0, {num_calls - 1}], got {steps}")
     if not steps or steps[0] != 0:
         steps = [0] + steps
     return steps
 
 
-def _check_steps(num_steps):
-    if not isinstance(num_steps, int) or num_steps < 1:
-        raise ValueError(f"the number of steps must be an int >= 1, got {num_steps!r}")
+def _check_calls(num_calls):
+    if not isinstance(num_calls, int) or num_calls < 1:
+        raise ValueError(f"the number of steps (model calls) must be an int >= 1, got {num_calls!r}")
 
 
-def make_schedule(kind, num_steps: int, interval: int = 1, *, center=None, power: float = 1.4,
+def make_schedule(kind, num_calls: int, interval: int = 1, *, center=None, power: float = 1.4,
                   calibrated: Optional[dict] = None, branch: Optional[int] = None) -> list:
     """Full steps for a named schedule ("uniform", "nonuniform", "calibrated") or an explicit list."""
     if not isinstance(kind, str):
-        return explicit_schedule(num_steps, kind)
+        return explicit_schedule(num_calls, kind)
     if kind == "uniform":
-        return uniform_schedule(num_steps, interval)
+        return uniform_schedule(num_calls, interval)
     if kind in ("nonuniform", "non-uniform"):
-        return nonuniform_schedule(num_steps, interval, center, power)
+        return nonuniform_schedule(num_calls, interval, center, power)
     if kind == "calibrated":
         if calibrated is None:
             raise ValueError("this model has no calibrated cache schedule; run `minidiff analyze calibrate` first")
-        from .analysis import calibrated_full_steps
-
-        return calibrated_full_steps(calibrated, num_steps, interval, branch)
+        return calibrated_full_steps(calibrated, num_calls, interval, branch)
     raise ValueError(f"unknown cache schedule {kind!r}; use 'uniform', 'nonuniform', 'calibrated' or a list of "
                      "full steps")
 
 
+# -- calibrated schedules ------------------------------------------------------------------------
+
+# A schedule is judged segment by segment: full step s followed by the next full step e means
+# steps s+1 .. e-1 reuse the deep feature cached at s. segments[s, e] (e > s) is what that costs;
+# entries with e <= s are 0 (an empty segment costs nothing).
+
+def optimal_full_steps(segments: np.ndarray, count: int) -> list:
+    """The `count` full steps (step 0 among them) whose segments cost least in total.
+
+    `segments` is (S, S + 1): segments[s, e] is the cost of full step s serving steps s .. e-1.
+    A dynamic programme over (segments used, steps covered) finds the exact minimum in O(count S^2).
+    """
+    segments = np.asarray(segments, dtype=np.float64)
+    s = segments.shape[0]
+    if segments.shape != (s, s + 1):
+        raise ValueError(f"segment costs must have shape (steps, steps + 1), got {segments.shape}")
+    if not isinstance(count, int) or not 1 <= count <= s:
+        raise ValueError(f"the number of full steps must be an int in [1, {s}], got {count!r}")
+    best = np.full((count + 1, s + 1), np.inf)  # best[k, e]: steps 0 .. e-1 served by k segments
+    choice = np.zeros((count + 1, s + 1), dtype=np.int64)
+    best[1, 1:] = segments[0, 1:]
+    for k in range(2, count + 1):
+        for e in range(k, s + 1):
+            starts = np.arange(k - 1, e)
+            totals = best[k - 1, starts] + segments[starts, e]
+            i = int(np.argmin(totals))
+            best[k, e], choice[k, e] = totals[i], starts[i]
+    steps, e = [], s
+    for k in range(count, 1, -1):
+        e = int(choice[k, e])
+        steps.append(e)
+    return [0] + sorted(steps)
+
+
+def schedule_cost(segments: np.ndarray, full_steps: Sequence[int]) -> float:
+    """The total `optimal_full_steps` minimises, for a given schedule."""
+    bounds = list(full_steps) + [len(segments)]
+    return float(sum(segments[a, e] for a, e in zip(bounds, bounds[1:])))
+
+
+def pack_segments(segments: np.ndarray) -> list:
+    """Row s holds segments[s, s+1 .. S], at 4 significant digits."""
+    return [[float(f"{v:.4g}") for v in segments[s, s + 1:]] for s in range(segments.shape[0])]
+
+
+def unpack_segments(rows: list) -> np.ndarray:
+    size = len(rows)
+    segments = np.zeros((size, size + 1))
+    for s, row in enumerate(rows):
+        if len(row) != size - s:
+            raise ValueError(f"calibration row {s} has {len(row)} segment costs, expected {size - s}; the file is "
+                             "damaged: run `minidiff analyze calibrate --overwrite` again")
+        segments[s, s + 1:] = row
+    return segments
+
+
+def segment_matrix(calibration: dict, branch: Optional[int] = None, num_calls: Optional[int] = None) -> np.ndarray:
+    """The calibrated (S, S + 1) segment costs for `branch`, resampled to `num_calls` model calls if given."""
+    if not isinstance(calibration, dict) or calibration.get("format") != CALIBRATION_FORMAT:
+        raise ValueError("this is not a minidiff calibration (calibration.json); make one with "
+                         "`minidiff analyze calibrate --model DIR`")
+    if calibration.get("version") != CALIBRATION_VERSION:
+        raise ValueError(f"calibration version {calibration.get('version')!r} is not supported (expected "
+                         f"{CALIBRATION_VERSION}); run `minidiff analyze calibrate --overwrite` again")
+    branch = calibration["branch"] if branch is None else branch
+    measured = calibration["segments"]
+    if str(branch) not in measured:
+        raise ValueError(f"the calibration covers branches {sorted(int(b) for b in measured)}, not {branch}; run "
+                         f"`minidiff analyze calibrate --branches {branch} ...` to add it")
+    segments = unpack_segments(measured[str(branch)])
+    return segments if num_calls is None or num_calls == len(segments) else resample_segments(segments, num_calls)
+
+
+def resample_segments(segments: np.ndarray, num_calls: int) -> np.ndarray:
+    """Bilinear resampling of segment costs to another number of steps over the same time span.
+
+    Segment boundaries b = 0 .. S sit at fraction b / S of the way through sampling; a segment of the
+    new run is read off the calibrated costs between the same fractions.
+    """
+    size = len(segments)
+    starts, ends = np.arange(num_calls) * size / num_calls, np.arange(num_calls + 1) * size / num_calls
+    by_start = np.stack([np.interp(starts, np.arange(size), column) for column in segments.T], axis=1)
+    out = np.stack([np.interp(ends, np.arange(size + 1), row) for row in by_start])  # (num_calls, num_calls + 1)
+    return np.triu(out, 1)
+
+
+def calibrated_full_steps(calibration: dict, num_calls: int, interval: int, branch: Optional[int] = None) -> list:
+    """ceil(num_calls / interval) full steps (as many as uniform) chosen to minimise the calibrated cost."""
+    if not isinstance(interval, int) or interval < 1:
+        raise ValueError(f"cache interval must be an int >= 1, got {interval!r}")
+    count = math.ceil(num_calls / interval)
+    segments = segment_matrix(calibration, branch, num_calls)
+    return list(range(num_calls)) if count >= num_calls else optimal_full_steps(segments, count)
+
+
+# -- running a schedule ---------------------------------------------------------------------------
+
 class CachedUNet:
     """`unet` as an `(x, t, cond)` callable that runs full or shallow steps by a schedule.
 
-    The call counter is the step index; one instance serves one sampling run of `num_steps` calls.
+    The call counter is the step index; one instance serves one sampling run of `num_calls` calls.
     """
 
-    def __init__(self, unet: UNet, num_steps: int, full_steps: Sequence[int], branch: int = 0):
+    def __init__(self, unet: UNet, num_calls: int, full_steps: Sequence[int], branch: int = 0):
         unet._check_branch(branch)
         self.unet, self.branch = unet, branch
-        self.full_steps = frozenset(explicit_schedule(num_steps, full_steps))
-        self.every_step_full = len(self.full_steps) == num_steps
+        self.full_steps = frozenset(explicit_schedule(num_calls, full_steps))
+        self.every_step_full = len(self.full_steps) == num_calls
         self.cache: Optional[FeatureCache] = None
         self.calls = self.full_calls = 0
 
@@ -123,8 +226,6 @@ class CachedUNet:
 
 
 def save_calibrated(path, schedule: dict):
-    from .checkpoint import save_json
-
     save_json(schedule, path)
 
 
@@ -140,3 +241,9 @@ def load_calibrated(path) -> Optional[dict]:
     if not isinstance(data, dict):
         raise ValueError(f"{path} must hold a JSON object")
     return data
+
+
+def mac_bound(full_calls: int, shallow_calls: int, shallow_over_full: float) -> float:
+    """Best speedup of a schedule over running every call in full, counting compute only:
+    calls / (full + shallow * r), r = shallow MACs / full MACs. Uniform 1:N is mac_bound(1, N - 1, r)."""
+    return (full_calls + shallow_calls) / (full_calls + shallow_calls * shallow_over_full)

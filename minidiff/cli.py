@@ -1,26 +1,30 @@
-"""The `minidiff` command: sample, demo, train, analyze, bench.
+"""The `minidiff` command line: every front end (sample, demo, train, analyze, bench, toy-metric).
 
-`sample` lives here; the other subcommands belong to the modules that implement them and receive
-the rest of the command line.
+Library modules do not parse arguments; each command here parses its flags and calls them.
 """
 from __future__ import annotations
 
 import argparse
+import json
+import math
 import sys
+import time
+from pathlib import Path
 
-DELEGATED = {
-    "demo": ("minidiff.demo", "main", "the main job: sample the shipped model with and without caching"),
-    "train": ("minidiff.train", "main", "train a toy model (also under torchrun)"),
-    "analyze": ("minidiff.analysis", "main", "feature similarity, depth profile, switch experiment, calibration"),
-    "bench": ("minidiff.analysis", "bench_main", "quality-vs-speed frontier of cache schedules"),
-}
+from .calibration import COSTS, calibrate
+from . import analysis, cache, metrics, plots
+from .checkpoint import CheckpointError
+from .frontier import SCHEDULES, format_rows, frontier
+from .samplers import SAMPLERS
 
+
+# -- sample ----------------------------------------------------------------------------------------
 
 def sample_main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="minidiff sample", description="Sample a model, optionally with caching.")
     parser.add_argument("--model", required=True, help="minidiff model folder (see convert/ for public checkpoints)")
     parser.add_argument("--steps", type=int, default=50)
-    parser.add_argument("--sampler", default="ddim", choices=["ddim", "ddpm", "plms"])
+    parser.add_argument("--sampler", default="ddim", choices=sorted(SAMPLERS))
     parser.add_argument("--eta", type=float, default=0.0)
     parser.add_argument("--cache-interval", type=int, default=1, help="N: one full U-Net step every N steps")
     parser.add_argument("--cache-branch", type=int, default=0, help="skip connection the shallow path keeps")
@@ -43,7 +47,7 @@ def sample_main(argv=None) -> int:
 
     from .checkpoint import CheckpointError
     from .pipeline import load
-    from .unet import mac_bound
+    from .cache import mac_bound
 
     try:
         pipe = load(args.model, device=args.device, dtype=getattr(torch, args.dtype), allow_nan=args.allow_nan)
@@ -70,11 +74,11 @@ def sample_main(argv=None) -> int:
                     images.shape[3] // pipe.latent_scale, device=pipe.device, dtype=pipe.dtype)
     macs = pipe.unet.macs(x, 500, _example_cond(pipe), branch=args.cache_branch)
     ratio = macs["shallow"] / macs["full"]
-    bound = run.model_calls / (run.full_calls + run.shallow_calls * ratio)
+    bound = mac_bound(run.full_calls, run.shallow_calls, ratio)
     print(f"wrote {args.out}: {run.model_calls} U-Net calls ({run.full_calls} full, {run.shallow_calls} shallow "
           f"at branch {args.cache_branch}), {run.seconds:.2f} s; shallow/full MACs {ratio:.3f}, "
           f"MAC bound on speedup {bound:.2f}x (uniform N={args.cache_interval}: "
-          f"{mac_bound(args.cache_interval, ratio):.2f}x)")
+          f"{mac_bound(1, args.cache_interval - 1, ratio):.2f}x)")
     return 0
 
 
@@ -90,26 +94,367 @@ def _example_cond(pipe):
     return None
 
 
+# -- demo ------------------------------------------------------------------------------------------
+
+def demo_main(argv=None) -> int:
+    from . import demo
+
+    p = argparse.ArgumentParser(prog="minidiff demo", description=demo.__doc__.splitlines()[0])
+    p.add_argument("--model", help=f"native model folder (default: the shipped weights/{demo.DEFAULT_MODEL})")
+    p.add_argument("--classifier", help=f"toy-metric classifier folder (default: weights/{demo.DEFAULT_CLASSIFIER}); "
+                                        "'none' skips the metrics")
+    p.add_argument("--steps", type=int, default=50, help="DDIM steps (default 50)")
+    p.add_argument("--interval", type=int, default=5, help="cache interval N: a full U-Net call every N steps")
+    p.add_argument("--branch", type=int, default=0, help="cache branch (0: shallowest skip, the cheapest)")
+    p.add_argument("--schedule", default="uniform", choices=("uniform", "nonuniform"))
+    p.add_argument("--per-class", type=int, default=4, help="samples per class (default 4: a 40-image grid)")
+    p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (default off)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--repeats", type=int, default=3, help="time each setting this many times (interleaved), keep the "
+                                                            "fastest (default 3: a shared machine is noisy)")
+    p.add_argument("--sweep", action="store_true", help="also run N = 2, 3, 5, 10, uniform and non-uniform "
+                                                         "(N = 1 is the uncached run)")
+    p.add_argument("--out", default="out", help="folder for the PNG grids (default out/)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads (default 1: these small batches gain little from more, and on a busy "
+                        "machine OpenMP threads waiting for each other were measured 50x slower); 0: torch's choice")
+    args = p.parse_args(argv)
+    for name in ("per_class", "repeats", "interval"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.threads < 0:
+        p.error(f"--threads must be 0 (torch's choice) or more, got {args.threads}")
+    demo.demo(**vars(args))
+    return 0
+
+
+# -- train -----------------------------------------------------------------------------------------
+
+TRAIN_FLAG_HELP = {
+    "dataset": "'digits', 'shapes' or a folder of images with one sub-folder per class (default digits)",
+    "image_size": "training resolution in pixels (default 32)",
+    "channels": "1 or 3 (default: the dataset's own)",
+    "batch_size": "global batch, split across torchrun processes (default 64)",
+    "label_dropout": "probability a label becomes the null class, for classifier-free guidance (default 0.1)",
+    "steps": "train until this step; may grow on --resume (default 4000)",
+    "sample_every": "write a sample grid and the loss plot every N steps, 0 for never (default 500)",
+    "out_dir": "run folder: checkpoint/, samples/, loss.csv, loss.png (default runs/digits)",
+}
+
+
+def _train_parser() -> argparse.ArgumentParser:
+    from dataclasses import fields
+
+    from .train import PRESETS, TrainConfig
+
+    p = argparse.ArgumentParser(prog="minidiff train", description="Train a small diffusion U-Net (DDPM epsilon loss).",
+                                argument_default=argparse.SUPPRESS)
+    p.add_argument("--preset", choices=sorted(PRESETS), help="model size; explicit model flags override it")
+    p.add_argument("--resume", metavar="DIR", help="continue from DIR (a run's out_dir or its checkpoint/)")
+    for f in fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        text = TRAIN_FLAG_HELP.get(f.name, f"default {f.default}")
+        if isinstance(f.default, bool):
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, help=text)
+        elif isinstance(f.default, tuple):
+            p.add_argument(flag, type=_int_tuple, metavar="N,N,...", help=f"default {','.join(map(str, f.default))}")
+        elif f.name == "channels":
+            p.add_argument(flag, type=int, choices=(1, 3), help=text)
+        else:
+            p.add_argument(flag, type=type(f.default), help=text)
+    return p
+
+
+def _int_tuple(text: str) -> tuple:
+    try:
+        return tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers like 1,2,2, got {text!r}") from None
+
+
+def train_main(argv=None):
+    """`minidiff train`: flags mirror TrainConfig; with --resume, unspecified flags come from the checkpoint."""
+    from .config import config_from_dict
+    from .train import PRESETS, TrainConfig, checkpoint_dir, train
+
+    args = vars(_train_parser().parse_args(argv))
+    resume = args.pop("resume", None)
+    settings: dict = {}
+    if resume is not None:
+        settings = json.loads((checkpoint_dir(resume) / "train_state.json").read_text())["config"]
+    settings.update(PRESETS.get(args.pop("preset", None), {}))
+    settings.update(args)
+    return train(config_from_dict(TrainConfig, settings), resume=resume)
+
+
+# -- toy metric ------------------------------------------------------------------------------------
+
+def toy_metric_main(argv=None):
+    """Train the toy classifier for a dataset and save it (weights, config, reference statistics)."""
+    from .data import load_dataset
+    from .metrics import train_metric
+
+    p = argparse.ArgumentParser(prog="minidiff toy-metric",
+                                description="Train the toy-metric classifier (not Inception FID) for a dataset.")
+    p.add_argument("--dataset", default="digits", help="'digits', 'shapes' or a folder (default digits)")
+    p.add_argument("--image-size", type=int, default=16)
+    p.add_argument("--channels", type=int, choices=(1, 3), default=None)
+    p.add_argument("--epochs", type=int, default=15)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="folder to write (config.json, model.safetensors, "
+                                                "reference.safetensors)")
+    p.add_argument("--overwrite", action="store_true")
+    args = p.parse_args(argv)
+    data = load_dataset(args.dataset, args.image_size, args.channels)
+    metric, info = train_metric(data, epochs=args.epochs, seed=args.seed)
+    command = "minidiff toy-metric " + " ".join(argv if argv is not None else sys.argv[1:])
+    metric.save(args.out, overwrite=args.overwrite,
+                meta={"dataset": data.source, "trained_by": command, **info})
+    print(f"test accuracy {info['test_accuracy']:.4f}; real-vs-real toy FID (class-balanced sets of n) "
+          f"{info['reference_fd_balanced']}; saved {args.out}")
+    return metric
+
+
+# -- analyze and bench -----------------------------------------------------------------------------
+
+def _model_args(p: argparse.ArgumentParser, batch: int = 8):
+    p.add_argument("--model", required=True, help="minidiff model folder")
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--sampler", default="ddim", choices=sorted(SAMPLERS))
+    p.add_argument("--batch", type=int, default=batch, help="images per run")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--class", dest="class_label", type=int, help="class label (default: one of each class)")
+    p.add_argument("--prompt", help="prompt for text-conditioned models")
+    p.add_argument("--guidance-scale", type=float)
+    p.add_argument("--threads", type=int, help="torch CPU threads")
+
+
+def _classifier_arg(p: argparse.ArgumentParser):
+    p.add_argument("--classifier", help="toy-metric classifier folder (default: DATASET-classifier beside the model)")
+
+
+def _analyze_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="minidiff analyze", description="Measure how a model's features change "
+                                "between denoising steps (DeepCache's premise) and calibrate cache schedules.")
+    sub = p.add_subparsers(dest="command", required=True)
+    for name, text in (("similarity", "step x step cosine similarity of layer outputs (heatmaps, .npz, summary)"),
+                       ("depth", "adjacent-step similarity against depth: skip 0 .. bottleneck .. back up")):
+        q = sub.add_parser(name, help=text, description=text)
+        _model_args(q)
+        q.add_argument("--layers", nargs="+", help="layer names (enc.i, mid, dec.i); default all")
+        q.add_argument("--pool", type=int, help="average-pool each map to POOL x POOL first")
+        q.add_argument("--project", type=int, default=4096, help="hash features to at most this many dims "
+                       "(bounds memory; 0 keeps them whole)")
+        q.add_argument("--out", default=f"out/{name}")
+    q = sub.add_parser("switch", help="change the class/prompt at step k and measure what follows")
+    _model_args(q)
+    _classifier_arg(q)
+    q.add_argument("--from", dest="old", required=True, help="class label (int) or prompt before the switch")
+    q.add_argument("--to", dest="new", required=True, help="class label (int) or prompt after the switch")
+    q.add_argument("--at", type=int, nargs="+", help="switch steps (default 0, S/10, 2S/10, ...)")
+    q.add_argument("--layers", nargs="+", help="deep layers to follow (default mid and a middle cached feature)")
+    q.add_argument("--out", default="out/switch")
+    q = sub.add_parser("calibrate", help="measure cache reuse costs; write calibration.json into the model folder")
+    _model_args(q)
+    q.add_argument("--branch", type=int, default=0, help="the branch cache_schedule='calibrated' uses by default")
+    q.add_argument("--branches", type=int, nargs="+", help="all branches to measure (default 0 1 2 3)")
+    q.add_argument("--cost", default="output", choices=sorted(COSTS))
+    q.add_argument("--out", help="where to write (default: MODEL/calibration.json)")
+    q.add_argument("--overwrite", action="store_true", help="replace an existing calibration")
+    return p
+
+
+def analyze_main(argv=None) -> int:
+    """`minidiff analyze similarity|depth|switch|calibrate ...`"""
+    args = _analyze_parser().parse_args(argv)
+    try:
+        pipe = _load(args)
+        return {"similarity": _similarity_cmd, "depth": _depth_cmd, "switch": _switch_cmd,
+                "calibrate": _calibrate_cmd}[args.command](pipe, args)
+    except (CheckpointError, ValueError, FileExistsError, ImportError) as e:
+        print(f"minidiff analyze {args.command}: {e}", file=sys.stderr)
+        return 2
+
+
+def _load(args):
+    """The model named on the command line, after setting the thread count asked for."""
+    import torch
+
+    from .pipeline import load
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return load(args.model)
+
+
+def _labels_from(args, pipe):
+    if args.class_label is None:
+        return None if pipe.unet.config.num_classes is None else pipe.default_labels(args.batch)
+    return [args.class_label] * args.batch
+
+
+def _record_from(args, pipe):
+    start = time.perf_counter()
+    record = analysis.record_features(pipe, steps=args.steps, sampler=args.sampler, layers=args.layers, pool=args.pool,
+                             project=args.project or None, seed=args.seed, batch_size=args.batch,
+                             class_labels=_labels_from(args, pipe), prompt=args.prompt,
+                             guidance_scale=args.guidance_scale)
+    print(f"recorded {len(record.features)} layers x {record.num_steps} steps x {args.batch} images "
+          f"({record.nbytes / 2 ** 20:.0f} MiB) in {time.perf_counter() - start:.1f}s")
+    return record
+
+
+def _similarity_cmd(pipe, args) -> int:
+    out = Path(args.out)
+    record = _record_from(args, pipe)
+    matrices = analysis.similarity_matrices(record)
+    summary = analysis.summarize(matrices)
+    roles = {name: analysis.layer_role(pipe.unet, name) for name in matrices}
+    print(analysis.format_summary(summary, roles=roles))
+    analysis.save_matrices(matrices, out / "similarity.npz")
+    analysis.write_csv([{"layer": k, **v, "role": roles[k]} for k, v in summary.items()], out / "summary.csv")
+    plots.plot_heatmaps(matrices, out / "heatmaps.png", title=f"{args.model}: {args.sampler}, {args.steps} steps")
+    print(f"wrote {out / 'similarity.npz'}, {out / 'summary.csv'}, {out / 'heatmaps.png'}")
+    return 0
+
+
+def _depth_cmd(pipe, args) -> int:
+    out = Path(args.out)
+    record = _record_from(args, pipe)
+    rows = analysis.depth_profile(analysis.similarity_matrices(record), pipe.unet, record.shapes)
+    print(analysis.format_depth(rows))
+    analysis.write_csv(rows, out / "depth.csv")
+    plots.plot_depth(rows, out / "depth.png", title=f"{args.model}: feature change per step vs depth "
+               f"({args.sampler}, {args.steps} steps)")
+    print(f"wrote {out / 'depth.csv'}, {out / 'depth.png'}")
+    return 0
+
+
+def _switch_cmd(pipe, args) -> int:
+    out = Path(args.out)
+    text = pipe.unet.config.num_classes is None
+    old, new = (args.old, args.new) if text else (int(args.old), int(args.new))
+    classifier = None if text else metrics.toy_classifier(pipe, args.model, args.classifier)
+    start = time.perf_counter()
+    layers = args.layers or ["mid", analysis.cached_layer(pipe.unet, pipe.unet.num_branches // 2)]
+    result = analysis.switch_experiment(pipe, old=old, new=new, steps=args.steps, sampler=args.sampler, at_steps=args.at,
+                               batch_size=args.batch, seed=args.seed, layers=layers,
+                               guidance_scale=args.guidance_scale, classifier=classifier)
+    rows = result.rows
+    columns = sorted({c for r in rows for c in r}, key=_column_order)
+    print(format_rows(rows, [c for c in columns if not c.endswith("_final_cos_old")]))
+    print(f"{len(rows)} runs in {time.perf_counter() - start:.1f}s")
+    analysis.write_csv([{c: r.get(c) for c in columns} for r in rows], out / "switch.csv")
+    plots.plot_switch(result, out / "switch.png", layers, title=f"{args.model}: switch {old} -> {new} at step k")
+    print(f"wrote {out / 'switch.csv'}, {out / 'switch.png'}")
+    return 0
+
+
+def _column_order(column: str):
+    first = ["switch_at", "psnr_vs_old", "psnr_vs_new", "reads_as_old", "reads_as_new"]
+    return (first.index(column), "") if column in first else (len(first), column)
+
+
+def _calibrate_cmd(pipe, args) -> int:
+    target = Path(args.out) if args.out else Path(args.model) / "calibration.json"
+    if target.exists() and not args.overwrite:
+        raise FileExistsError(f"{target} exists; pass --overwrite to replace it")
+    branches = args.branches or [b for b in (0, 1, 2, 3) if b < pipe.unet.num_branches]
+    calibration = calibrate(pipe, steps=args.steps, sampler=args.sampler, branch=args.branch, branches=branches,
+                            cost=args.cost, batch_size=args.batch, seed=args.seed,
+                            class_labels=_labels_from(args, pipe), prompt=args.prompt,
+                            guidance_scale=args.guidance_scale)
+    cache.save_calibrated(target, calibration)
+    calls = calibration["model_calls"]
+    print(f"measured {args.cost} costs of branches {branches} over {calls} model calls in "
+          f"{calibration['seconds']:.1f}s; wrote {target}")
+    for n in (2, 3, 5, 10):
+        if n < calls:
+            print(f"  1:{n:<2} ({math.ceil(calls / n)} full steps): "
+                  f"{cache.calibrated_full_steps(calibration, calls, n)}")
+    return 0
+
+
+def _bench_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="minidiff bench", description="Benchmarks of cached sampling.")
+    sub = p.add_subparsers(dest="command", required=True)
+    q = sub.add_parser("frontier", help="speedup, MAC bound and quality of cache schedules at several budgets")
+    _model_args(q)
+    _classifier_arg(q)
+    q.set_defaults(seed=1)
+    q.add_argument("--intervals", type=int, nargs="+", default=[2, 3, 5, 10], help="N: ceil(steps/N) full steps")
+    q.add_argument("--branches", type=int, nargs="+", default=[0, 1, 3])
+    q.add_argument("--schedules", nargs="+", default=list(SCHEDULES), choices=SCHEDULES)
+    q.add_argument("--repeats", type=int, default=2,
+                   help="time every run this many times, alternating with the uncached run; keep the best")
+    q.add_argument("--calibration-seed", type=int, default=0,
+                   help="noise for calibrating when the model has no calibration.json for a branch")
+    q.add_argument("--out", default="out/frontier")
+    return p
+
+
+def bench_main(argv=None) -> int:
+    """`minidiff bench frontier --model DIR ...`"""
+    args = _bench_parser().parse_args(argv)
+    try:
+        pipe = _load(args)
+        labels = _labels_from(args, pipe)
+        calibration = pipe.calibration
+        branches = [b for b in args.branches if 0 <= b < pipe.unet.num_branches]
+        if not branches:
+            raise ValueError(f"none of the branches {args.branches} exists; this U-Net has branches "
+                             f"0-{pipe.unet.num_branches - 1}")
+        if "calibrated" in args.schedules and (calibration is None or
+                                               any(str(b) not in calibration.get("segments", {}) for b in branches)):
+            print(f"the model's calibration does not cover branches {branches}: calibrating them on seed "
+                  f"{args.calibration_seed} (the bench uses seed {args.seed})")
+            calibration = calibrate(pipe, steps=args.steps, sampler=args.sampler, branch=branches[0], branches=branches,
+                                    batch_size=args.batch, seed=args.calibration_seed, class_labels=labels,
+                                    prompt=args.prompt, guidance_scale=args.guidance_scale)
+        elif calibration is not None and calibration.get("seed") == args.seed:
+            print(f"note: the calibration was measured on seed {args.seed}, the noise this bench uses; pass another "
+                  "--seed for an honest comparison")
+        rows = frontier(pipe, steps=args.steps, sampler=args.sampler, intervals=args.intervals,
+                        branches=args.branches, schedules=args.schedules, batch_size=args.batch, seed=args.seed,
+                        class_labels=labels, prompt=args.prompt, guidance_scale=args.guidance_scale,
+                        classifier=metrics.toy_classifier(pipe, args.model, args.classifier),
+                        calibration=calibration, repeats=args.repeats)
+        out = Path(args.out)
+        print(format_rows(rows, ["schedule", "branch", "interval", "full_steps", "seconds", "uncached_seconds",
+                                 "speedup", "mac_speedup", "psnr", "accuracy"]))
+        analysis.write_csv(rows, out / "frontier.csv")
+        plots.plot_frontier(rows, out / "frontier.png", title=f"{args.model}: {args.sampler}, {args.steps} steps, "
+                      f"batch {args.batch}")
+    except (CheckpointError, ValueError, ImportError) as e:
+        print(f"minidiff bench {args.command}: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {out / 'frontier.csv'}, {out / 'frontier.png'}")
+    return 0
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = ["sample"] + list(DELEGATED)
-    if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
-        print("usage: minidiff {" + ",".join(commands) + "} ...\n")
-        print("  sample   sample a model folder, optionally with caching")
-        for name, (_, _, text) in DELEGATED.items():
-            print(f"  {name:<8} {text}")
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        print("usage: minidiff {" + ",".join(COMMANDS) + "} ...\n")
+        for name, (_, text) in COMMANDS.items():
+            print(f"  {name:<10} {text}")
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     command, rest = argv[0], argv[1:]
     from .allocator import retain_freed_memory
 
     retain_freed_memory()  # an application may tune its own process: large activations stay mapped
-    if command == "sample":
-        return sample_main(rest)
-    module_name, func, _ = DELEGATED[command]
-    import importlib
-
-    status = getattr(importlib.import_module(module_name), func)(rest)
+    status = COMMANDS[command][0](rest)
     return status if isinstance(status, int) else 0  # some mains return their results for callers
+
+
+COMMANDS = {
+    "sample": (sample_main, "sample a model folder, optionally with caching"),
+    "demo": (demo_main, "the main job: sample the shipped model with and without caching"),
+    "train": (train_main, "train a toy model (also under torchrun -m minidiff.train)"),
+    "analyze": (analyze_main, "feature similarity, depth profile, switch experiment, calibration"),
+    "bench": (bench_main, "quality-vs-speed frontier of cache schedules"),
+    "toy-metric": (toy_metric_main, "train the toy-metric classifier for a dataset"),
+}
 
 
 if __name__ == "__main__":

@@ -232,3 +232,15 @@ def save_grid(images: torch.Tensor, path, nrow: int = 8):
     picture = Image.fromarray(array[:, :, 0] if c == 1 else array, "L" if c == 1 else "RGB")
     with atomic_path(path) as tmp:
         picture.save(tmp, format="PNG")
+
+
+def find_weights(name: str) -> Path:
+    """A folder under weights/, looked for beside the installed package, in the repository, then here."""
+    package = Path(__file__).resolve().parent
+    candidates = [package / "weights" / name, package.parent / "weights" / name, Path.cwd() / "weights" / name]
+    for path in candidates:
+        if (path / "config.json").exists():
+            return path
+    tried = ", ".join(str(p) for p in candidates)
+    raise FileNotFoundError(f"cannot find the shipped weights {name!r} (looked in {tried}); run from a minidiff "
+                            "checkout or pass the folder with --model / --classifier")

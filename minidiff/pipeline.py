@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
@@ -22,7 +23,7 @@ import torch
 from .cache import CachedUNet, load_calibrated, make_schedule
 from .checkpoint import (CheckpointError, atomic_folder, check_finite, load_weights, read_state_dict, save_json,
                          save_safetensors)
-from .samplers import SAMPLERS, num_model_calls
+from .samplers import SAMPLER_OPTIONS, SAMPLERS, num_model_calls
 from .schedules import NoiseSchedule, SchedulerConfig, make_timesteps
 from .unet import UNet, UNetConfig
 
@@ -43,6 +44,9 @@ class RunStats:
 
 
 class Pipeline:
+    """A loaded model and its sampling steps: `conditioning`, `initial_noise` and `sample` are the
+    pieces `generate` is built from, public so measurements can run them with their own model callable."""
+
     def __init__(self, unet: UNet, scheduler: SchedulerConfig, *, autoencoder=None, text_encoder=None,
                  tokenizer=None, null_class: Optional[int] = None, class_names: Optional[list] = None,
                  calibration: Optional[dict] = None, meta: Optional[dict] = None):
@@ -96,7 +100,7 @@ class Pipeline:
             return None, None
         if class_labels is None:
             raise ValueError(f"this model is class-conditional: pass class_labels (ints in [0, "
-                             f"{self._num_real_classes() - 1}])")
+                             f"{self.num_real_classes() - 1}])")
         try:
             labels = torch.as_tensor(class_labels)
         except (TypeError, ValueError, RuntimeError, OverflowError):
@@ -117,10 +121,6 @@ class Pipeline:
                                  "leave guidance_scale unset")
             uncond = torch.full_like(labels, self.null_class)
         return labels.to(self.device), None if uncond is None else uncond.to(self.device)
-
-    def _num_real_classes(self) -> int:
-        n = self.unet.config.num_classes
-        return n - 1 if self.null_class == n - 1 else n
 
     @torch.inference_mode()
     def encode_prompt(self, prompts: Sequence[str]) -> torch.Tensor:
@@ -151,6 +151,25 @@ class Pipeline:
             raise ValueError(f"got {len(negatives)} negative prompts for {len(prompts)} prompts")
         return cond, self.encode_prompt(negatives)
 
+    def conditioning(self, batch_size: int, *, class_labels=None, prompt=None, negative_prompt=None,
+                     guidance_scale: Optional[float] = None) -> tuple:
+        """(cond, uncond) the U-Net takes for these labels or prompts: cond is None for an unconditional
+        model, uncond is None without classifier-free guidance."""
+        class_cond, class_uncond = self._class_cond(class_labels, batch_size, guidance_scale)
+        text_cond, text_uncond = self._text_cond(prompt, negative_prompt, batch_size, guidance_scale)
+        cond = class_cond if class_cond is not None else text_cond
+        uncond = class_uncond if class_uncond is not None else text_uncond
+        return cond, uncond
+
+    def default_labels(self, batch_size: int) -> list:
+        """One of each real class in turn (0, 1, 2, ...), for class-conditional models."""
+        return [i % self.num_real_classes() for i in range(batch_size)]
+
+    def num_real_classes(self) -> int:
+        """The number of class labels a user may pass (the null class of guidance excluded)."""
+        n = self.unet.config.num_classes
+        return n - 1 if self.null_class == n - 1 else n
+
     # -- generation ---------------------------------------------------------------------------
 
     def make_denoiser(self, cached, cond, uncond, guidance_scale):
@@ -172,16 +191,24 @@ class Pipeline:
                  noise: Optional[torch.Tensor] = None, batch_size: int = 1, class_labels=None,
                  guidance_scale: Optional[float] = None, prompt=None, negative_prompt=None,
                  height: Optional[int] = None, width: Optional[int] = None, output: str = "image",
-                 center: Optional[int] = None, power: float = 1.4, generator: Optional[torch.Generator] = None,
-                 progress: bool = True, callback=None, init_image: Optional[torch.Tensor] = None,
-                 strength: float = 0.75) -> torch.Tensor:
+                 cache_center: Optional[int] = None, cache_power: float = 1.4,
+                 generator: Optional[torch.Generator] = None, progress: bool = True, callback=None,
+                 init_image: Optional[torch.Tensor] = None, strength: float = 0.75, center: Optional[int] = None,
+                 power: Optional[float] = None) -> torch.Tensor:
         """Sample images (in [0, 1], (B, C, H, W)) or, with output="latent", the final sample.
 
         img2img: `init_image` ((B or 1, 3, H, W) in [0, 1]) is encoded, noised to the step where
         `strength` of the `steps` remain, and denoised from there; `noise` is then the noise added.
+        `center`/`power` are the old names of `cache_center`/`cache_power` (deprecated).
         """
+        if center is not None or power is not None:
+            warnings.warn("generate(center=, power=) are deprecated: use cache_center= and cache_power=",
+                          DeprecationWarning, stacklevel=2)
+            cache_center = center if center is not None else cache_center
+            cache_power = power if power is not None else cache_power
         _check_args(steps=steps, sampler=sampler, eta=eta, cache_interval=cache_interval,
-                    batch_size=batch_size, guidance_scale=guidance_scale, output=output, seed=seed, power=power)
+                    batch_size=batch_size, guidance_scale=guidance_scale, output=output, seed=seed,
+                    cache_power=cache_power)
         if isinstance(cache_branch, bool) or not isinstance(cache_branch, int) \
                 or not 0 <= cache_branch < self.unet.num_branches:
             raise ValueError(f"cache_branch must be an int in [0, {self.unet.num_branches - 1}], got {cache_branch!r}")
@@ -189,7 +216,7 @@ class Pipeline:
             raise ValueError(f"noise must be a tensor of shape (B >= 1, {self.unet.config.in_channels}, H, W), got "
                              f"{tuple(noise.shape) if torch.is_tensor(noise) else type(noise).__name__}")
         if batch_size == 1:  # the batch follows the noise, labels or prompts when they are given
-            if noise is not None and torch.is_tensor(noise) and noise.ndim == 4:
+            if noise is not None:
                 batch_size = noise.shape[0]
             elif class_labels is not None and torch.as_tensor(class_labels).numel() > 1:
                 batch_size = torch.as_tensor(class_labels).numel()
@@ -197,11 +224,8 @@ class Pipeline:
                 batch_size = len(prompt)
             elif init_image is not None and getattr(init_image, "ndim", 0) == 4:
                 batch_size = init_image.shape[0]
-        class_cond, class_uncond = self._class_cond(class_labels, batch_size, guidance_scale)
-        text_cond, text_uncond = self._text_cond(prompt, negative_prompt, batch_size, guidance_scale)
-        cond = class_cond if class_cond is not None else text_cond
-        uncond = class_uncond if class_uncond is not None else text_uncond
-
+        cond, uncond = self.conditioning(batch_size, class_labels=class_labels, prompt=prompt,
+                                         negative_prompt=negative_prompt, guidance_scale=guidance_scale)
         if generator is None:
             generator = torch.Generator("cpu")
             generator.manual_seed(seed if seed is not None else torch.seed())
@@ -209,14 +233,14 @@ class Pipeline:
             x, start_step = self._img2img_start(init_image, strength, steps, noise, batch_size, height, width,
                                                 generator)
         else:
-            x, start_step = self._initial_noise(noise, batch_size, height, width, generator), 0
+            x, start_step = self.initial_noise(batch_size, height=height, width=width, generator=generator,
+                                               noise=noise), 0
 
         calls = num_model_calls(sampler, steps - start_step)
         calibrated = self.calibration if cache_schedule == "calibrated" else None
-        full_steps = make_schedule(cache_schedule, calls, cache_interval, center=center, power=power,
+        full_steps = make_schedule(cache_schedule, calls, cache_interval, center=cache_center, power=cache_power,
                                    calibrated=calibrated, branch=cache_branch)
         cached = CachedUNet(self.unet, calls, full_steps, cache_branch)
-        denoiser = self.make_denoiser(cached, cond, uncond, guidance_scale)
         causes = ["U-Net weights that are not finite or overflow", "noise that is not finite"]
         if uncond is not None:
             causes.insert(0, f"guidance_scale={guidance_scale} too large")
@@ -230,28 +254,35 @@ class Pipeline:
             if callback is not None:
                 callback(i, t, x)
 
-        kwargs = dict(generator=generator, progress=progress, callback=checked, start_step=start_step)
-        if sampler == "ddim":
-            kwargs["eta"] = eta
-        elif eta:
-            raise ValueError(f"eta applies to the ddim sampler only, not {sampler!r}")
-        if sampler == "plms":
-            kwargs.pop("generator")
-
+        options = {name: value for name, value in (("eta", eta),) if name in SAMPLER_OPTIONS[sampler]}
         start = time.perf_counter()
-        x = SAMPLERS[sampler](denoiser, x, self.scheduler, steps, **kwargs)
+        x = self.sample(cached, x, steps=steps, sampler=sampler, cond=cond, uncond=uncond,
+                        guidance_scale=guidance_scale, generator=generator, progress=progress, callback=checked,
+                        start_step=start_step, **options)
         result = x if output == "latent" else self.decode(x)
         self.last_run = RunStats(steps, cached.calls, cached.full_calls, cached.shallow_calls,
                                  time.perf_counter() - start, sorted(cached.full_steps))
         return result
 
-    def _initial_noise(self, noise, batch_size, height, width, generator):
+    @torch.inference_mode()
+    def sample(self, model, x: torch.Tensor, *, steps: int, sampler: str = "ddim", cond=None, uncond=None,
+               guidance_scale: Optional[float] = None, generator: Optional[torch.Generator] = None,
+               progress: bool = True, callback=None, start_step: int = 0, **options) -> torch.Tensor:
+        """Run `sampler` from `x` with any `model(x, t, cond)` callable (the U-Net, a `CachedUNet`, a
+        wrapper) under this model's noise schedule; returns the final sample (latents for latent models).
+        `options` are the sampler's own (`samplers.SAMPLER_OPTIONS`, e.g. eta for ddim)."""
+        denoiser = self.make_denoiser(model, cond, uncond, guidance_scale)
+        return SAMPLERS[sampler](denoiser, x, self.scheduler, steps, generator=generator, progress=progress,
+                                 callback=callback, start_step=start_step, **options)
+
+    def initial_noise(self, batch_size: int = 1, *, height: Optional[int] = None, width: Optional[int] = None,
+                      generator: Optional[torch.Generator] = None, noise: Optional[torch.Tensor] = None
+                      ) -> torch.Tensor:
+        """The starting sample: `noise` moved to the model's device and dtype, or standard normal noise
+        drawn in float32 on the CPU from `generator` at `height` x `width` pixels (default size)."""
         cfg = self.unet.config
         if noise is not None:
-            if not torch.is_tensor(noise):
-                raise ValueError(f"noise must be a tensor of shape (B, {cfg.in_channels}, H, W), got "
-                                 f"{type(noise).__name__}")
-            if noise.ndim != 4 or noise.shape[1] != cfg.in_channels or noise.shape[0] < 1:
+            if noise.shape[1] != cfg.in_channels:
                 raise ValueError(f"noise must have shape (B, {cfg.in_channels}, H, W), got {tuple(noise.shape)}")
             return noise.to(self.device, self.dtype)
         height = self.default_size if height is None else height
@@ -300,6 +331,7 @@ class Pipeline:
         x = alpha ** 0.5 * latents + (1 - alpha) ** 0.5 * noise.to(latents.device, latents.dtype)
         return x.to(self.dtype), start_step
 
+    @torch.inference_mode()
     def decode(self, x: torch.Tensor) -> torch.Tensor:
         """Final sample -> images in [0, 1]; latent models decode in float32."""
         if self.autoencoder is not None:
@@ -337,7 +369,7 @@ class Pipeline:
                 save_json(self.calibration, tmp / "calibration.json")
 
 
-def _check_args(*, steps, sampler, eta, cache_interval, batch_size, guidance_scale, output, seed, power):
+def _check_args(*, steps, sampler, eta, cache_interval, batch_size, guidance_scale, output, seed, cache_power):
     if isinstance(steps, bool) or isinstance(cache_interval, bool) or isinstance(batch_size, bool):
         raise ValueError("steps, cache_interval and batch_size must be ints, not True/False")
     if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2 ** 64):
@@ -348,6 +380,9 @@ def _check_args(*, steps, sampler, eta, cache_interval, batch_size, guidance_sca
         raise ValueError(f"unknown sampler {sampler!r}; choose one of {sorted(SAMPLERS)}")
     if not isinstance(eta, (int, float)) or not 0.0 <= eta <= 1.0:
         raise ValueError(f"eta must be a number in [0, 1], got {eta!r}")
+    if eta and "eta" not in SAMPLER_OPTIONS[sampler]:
+        users = " and ".join(sorted(name for name, options in SAMPLER_OPTIONS.items() if "eta" in options))
+        raise ValueError(f"eta applies to the {users} sampler only, not {sampler!r}")
     if not isinstance(cache_interval, int) or not 1 <= cache_interval <= 10_000:
         raise ValueError(f"cache_interval must be an int in [1, 10000], got {cache_interval!r}")
     if not isinstance(batch_size, int) or not 1 <= batch_size <= 4096:
@@ -357,8 +392,9 @@ def _check_args(*, steps, sampler, eta, cache_interval, batch_size, guidance_sca
         raise ValueError(f"guidance_scale must be a number in [0, 100], got {guidance_scale!r}")
     if output not in ("image", "latent"):
         raise ValueError(f"output must be 'image' or 'latent', got {output!r}")
-    if not isinstance(power, (int, float)) or not 1.0 < power <= 10.0:  # the non-uniform search steps power by 0.02
-        raise ValueError(f"power (of the non-uniform cache schedule) must be a number in (1, 10], got {power!r}")
+    if not isinstance(cache_power, (int, float)) or not 1.0 < cache_power <= 10.0:  # the search steps it by 0.02
+        raise ValueError(f"cache_power (of the non-uniform cache schedule) must be a number in (1, 10], got "
+                         f"{cache_power!r}")
 
 
 def _read_json(path: Path, what: str) -> dict:

@@ -1,5 +1,9 @@
 """Samplers: DDPM, DDIM and PLMS as plain loops over `model(x, t) -> model_output`.
 
+Every sampler takes one keyword set, `sample_x(model, x, config, steps, *, generator=None,
+progress=True, callback=None, start_step=0, **options)`, where `options` are its own, listed in
+`SAMPLER_OPTIONS` (a sampler that draws no noise ignores `generator`), so callers never switch on names.
+
 `t` reaches the model as a 0-dim LongTensor; caching and conditioning live in the callable, not
 here. Update formulas, schedule constants (float32) and the order of random draws follow
 diffusers' DDPM, DDIM and PNDM(skip_prk_steps=True) schedulers, so one seed gives one image.
@@ -8,7 +12,7 @@ diffusers' DDPM, DDIM and PNDM(skip_prk_steps=True) schedulers, so one seed give
 import torch
 from tqdm.auto import tqdm
 
-from minidiff.schedules import NoiseSchedule, make_timesteps
+from .schedules import NoiseSchedule, make_timesteps
 
 
 def _check_eta(eta):
@@ -81,7 +85,7 @@ def sample_ddpm(model, x, config, steps, *, generator=None, progress=True, callb
     return x
 
 
-def sample_ddim(model, x, config, steps, *, eta=0.0, generator=None, progress=True, callback=None, start_step=0):
+def sample_ddim(model, x, config, steps, *, generator=None, progress=True, callback=None, start_step=0, eta=0.0):
     """DDIM (Song et al. 2021, eq. 12): deterministic at eta=0, as noisy as DDPM at eta=1."""
     _check_eta(eta)
     schedule = NoiseSchedule.from_config(config, x.device)
@@ -122,8 +126,9 @@ def _adams_bashforth(outs):
     return (1 / 24) * (55 * outs[-1] - 59 * outs[-2] + 37 * outs[-3] - 9 * outs[-4])
 
 
-def sample_plms(model, x, config, steps, *, progress=True, callback=None, start_step=0):
-    """Pseudo linear multistep sampling (PNDM without Runge-Kutta warm-up); `steps + 1` model calls."""
+def sample_plms(model, x, config, steps, *, generator=None, progress=True, callback=None, start_step=0):
+    """Pseudo linear multistep sampling (PNDM without Runge-Kutta warm-up); `steps + 1` model calls.
+    Deterministic: `generator` is accepted for the shared signature and unused."""
     if config.prediction_type == "sample":
         raise ValueError("PLMS needs an epsilon or v_prediction model; use sample_ddim for prediction_type='sample'")
     schedule = NoiseSchedule.from_config(config, x.device)
@@ -155,6 +160,7 @@ def sample_plms(model, x, config, steps, *, progress=True, callback=None, start_
 
 
 SAMPLERS = {"ddpm": sample_ddpm, "ddim": sample_ddim, "plms": sample_plms}
+SAMPLER_OPTIONS = {"ddpm": set(), "ddim": {"eta"}, "plms": set()}  # keywords beyond the shared set
 
 
 def num_model_calls(sampler_name, steps):

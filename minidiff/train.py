@@ -18,7 +18,6 @@ out_dir/checkpoint/ is replaced as a whole, in one rename (a kill mid-write keep
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import csv
 import io
@@ -26,7 +25,7 @@ import json
 import os
 import random
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -38,9 +37,10 @@ from tqdm.auto import tqdm
 
 from .checkpoint import CheckpointError, atomic_folder, atomic_path, load_weights, read_state_dict, save_json, \
     save_safetensors
-from .config import config_from_dict, config_to_dict
+from .config import config_to_dict
 from .data import ImageSet, load_dataset, save_grid
 from .pipeline import Pipeline, load
+from .plots import plot_loss
 from .schedules import NoiseSchedule, SchedulerConfig
 from .unet import UNet, UNetConfig
 
@@ -380,81 +380,7 @@ def _restore(state, model, ema, optimizer, order, noise_gen):
     return state["step"], state["seconds"], state["losses"], list(state["loss_sum"])
 
 
-def plot_loss(losses, png_path, *, missing_ok: bool = False):
-    """Draw the loss curve from rows (step, loss, ...) or a loss.csv path (needs matplotlib, the `plot` extra)."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        if missing_ok:
-            return
-        raise ImportError("plotting the loss needs matplotlib: pip install 'minidiff[plot]'") from None
-    if isinstance(losses, (str, Path)):
-        losses = [(int(r["step"]), float(r["loss"])) for r in csv.DictReader(io.StringIO(Path(losses).read_text()))]
-    if not losses:
-        return
-    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
-    ax.plot([row[0] for row in losses], [row[1] for row in losses])
-    ax.set(xlabel="step", ylabel="MSE of predicted noise", yscale="log", title="training loss")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    with atomic_path(png_path) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
+if __name__ == "__main__":  # torchrun -m minidiff.train ...: the same flags as `minidiff train`
+    from .cli import train_main
 
-
-# -- command line --------------------------------------------------------------------------------------
-
-FLAG_HELP = {
-    "dataset": "'digits', 'shapes' or a folder of images with one sub-folder per class (default digits)",
-    "image_size": "training resolution in pixels (default 32)",
-    "channels": "1 or 3 (default: the dataset's own)",
-    "batch_size": "global batch, split across torchrun processes (default 64)",
-    "label_dropout": "probability a label becomes the null class, for classifier-free guidance (default 0.1)",
-    "steps": "train until this step; may grow on --resume (default 4000)",
-    "sample_every": "write a sample grid and the loss plot every N steps, 0 for never (default 500)",
-    "out_dir": "run folder: checkpoint/, samples/, loss.csv, loss.png (default runs/digits)",
-}
-
-
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="minidiff train", description="Train a small diffusion U-Net (DDPM epsilon loss).",
-                                argument_default=argparse.SUPPRESS)
-    p.add_argument("--preset", choices=sorted(PRESETS), help="model size; explicit model flags override it")
-    p.add_argument("--resume", metavar="DIR", help="continue from DIR (a run's out_dir or its checkpoint/)")
-    for f in fields(TrainConfig):
-        flag = "--" + f.name.replace("_", "-")
-        text = FLAG_HELP.get(f.name, f"default {f.default}")
-        if isinstance(f.default, bool):
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, help=text)
-        elif isinstance(f.default, tuple):
-            p.add_argument(flag, type=_int_tuple, metavar="N,N,...", help=f"default {','.join(map(str, f.default))}")
-        elif f.name == "channels":
-            p.add_argument(flag, type=int, choices=(1, 3), help=text)
-        else:
-            p.add_argument(flag, type=type(f.default), help=text)
-    return p
-
-
-def _int_tuple(text: str) -> tuple:
-    try:
-        return tuple(int(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers like 1,2,2, got {text!r}") from None
-
-
-def main(argv=None) -> Trained:
-    """`minidiff train`: flags mirror TrainConfig; with --resume, unspecified flags come from the checkpoint."""
-    args = vars(_parser().parse_args(argv))
-    resume = args.pop("resume", None)
-    settings: dict = {}
-    if resume is not None:
-        settings = json.loads((checkpoint_dir(resume) / "train_state.json").read_text())["config"]
-    settings.update(PRESETS.get(args.pop("preset", None), {}))
-    settings.update(args)
-    return train(config_from_dict(TrainConfig, settings), resume=resume)
-
-
-if __name__ == "__main__":
-    main()
+    train_main()

@@ -569,8 +569,3 @@ def _attention_flops(query_shape, key_shape, value_shape, *args, out_shape=None,
     """FLOPs of softmax(QK^T)V: two matrix products, 2 FLOPs per multiply-accumulate."""
     *batch, queries, dim = query_shape
     return 2 * math.prod(batch) * queries * key_shape[-2] * (dim + value_shape[-1])
-
-
-def mac_bound(interval: int, shallow_over_full: float) -> float:
-    """Best speedup of uniform caching with one full step every `interval` steps (compute only)."""
-    return interval / (1 + (interval - 1) * shallow_over_full)

@@ -11,6 +11,9 @@ import torch.nn.functional as F
 from conftest import REPO, randomize
 
 from minidiff import analysis as A
+from minidiff import cache, cli, plots
+from minidiff import calibration as C
+from minidiff.metrics import psnr
 from minidiff import load
 from minidiff.cache import make_schedule
 from minidiff.pipeline import Pipeline
@@ -45,7 +48,7 @@ def record(pipe):
 
 @pytest.fixture(scope="session")
 def calibration(pipe):
-    return A.calibrate(pipe, steps=12, branch=0, branches=[0, 2], batch_size=2, seed=0)
+    return C.calibrate(pipe, steps=12, branch=0, branches=[0, 2], batch_size=2, seed=0)
 
 
 # -- recording ------------------------------------------------------------------------------------
@@ -130,20 +133,20 @@ def test_summary_and_depth_profile(pipe, record, tmp_path):
     pytest.importorskip("matplotlib")
     A.save_matrices(matrices, tmp_path / "m.npz")
     assert set(np.load(tmp_path / "m.npz").files) == set(matrices)
-    assert A.plot_heatmaps(matrices, tmp_path / "h.png").stat().st_size > 1000
-    assert A.plot_depth(rows, tmp_path / "d.png").stat().st_size > 1000
+    assert plots.plot_heatmaps(matrices, tmp_path / "h.png").stat().st_size > 1000
+    assert plots.plot_depth(rows, tmp_path / "d.png").stat().st_size > 1000
 
 
 # -- switch wrapper -------------------------------------------------------------------------------
 
 def test_condition_switch_matches_generate_at_the_ends(pipe):
-    noise = A.noise_for(pipe, 2, seed=4)
+    noise = pipe.initial_noise(2, generator=torch.Generator().manual_seed(4))
     old, new = torch.tensor([2, 2]), torch.tensor([9, 9])
     never = A.ConditionSwitch(pipe.unet, 6, old, new)
     at_start = A.ConditionSwitch(pipe.unet, 0, old, new)
     kwargs = dict(steps=6, noise=noise, progress=False)
-    assert torch.equal(A.sample_with(pipe, never, noise, steps=6, cond=old), pipe.generate(class_labels=old, **kwargs))
-    assert torch.equal(A.sample_with(pipe, at_start, noise, steps=6, cond=old),
+    assert torch.equal(pipe.decode(pipe.sample(never, noise.clone(), steps=6, cond=old, progress=False)), pipe.generate(class_labels=old, **kwargs))
+    assert torch.equal(pipe.decode(pipe.sample(at_start, noise.clone(), steps=6, cond=old, progress=False)),
                        pipe.generate(class_labels=new, **kwargs))
     result = A.switch_experiment(pipe, old=2, new=9, steps=6, at_steps=[3], batch_size=2, seed=4)
     rows = result.rows
@@ -159,22 +162,21 @@ def test_dynamic_programme_is_optimal():
     for trial in range(12):
         segments = np.triu(rng.random((size, size + 1)) ** 3, 1)
         for count in range(1, size + 1):
-            got = A.optimal_full_steps(segments, count)
+            got = cache.optimal_full_steps(segments, count)
             assert got[0] == 0 and len(got) == count == len(set(got)) and got == sorted(got)
-            brute = min(A.schedule_cost(segments, [0, *rest])
+            brute = min(cache.schedule_cost(segments, [0, *rest])
                         for rest in itertools.combinations(range(1, size), count - 1))
-            assert A.schedule_cost(segments, got) == pytest.approx(brute, rel=1e-12, abs=1e-15)
+            assert cache.schedule_cost(segments, got) == pytest.approx(brute, rel=1e-12, abs=1e-15)
 
 
 @pytest.mark.parametrize("guidance_scale", [None, 3.0])
 def test_rollout_costs_match_a_cached_generate_run(pipe, guidance_scale):
     """segments[s, e] is the distance after call e-1 of the run that is full up to s, then reuses s's cache."""
-    labels, noise = [5, 6], A.noise_for(pipe, 2, seed=1)
-    cond = A.condition(pipe, 2, class_labels=labels)
-    uncond = A._guidance(pipe, guidance_scale, cond)
-    trajectory = A.trace(pipe, noise, steps=6, sampler="ddim", branches=[1], cond=cond, uncond=uncond,
+    labels, noise = [5, 6], pipe.initial_noise(2, generator=torch.Generator().manual_seed(1))
+    cond, uncond = pipe.conditioning(2, class_labels=labels, guidance_scale=guidance_scale)
+    trajectory = C.trace(pipe, noise, steps=6, sampler="ddim", branches=[1], cond=cond, uncond=uncond,
                          guidance_scale=guidance_scale)
-    segments = A.rollout_costs(pipe, trajectory, 1, steps=6, sampler="ddim", guidance_scale=guidance_scale,
+    segments = C.rollout_costs(pipe, trajectory, 1, steps=6, sampler="ddim", guidance_scale=guidance_scale,
                                max_batch=8)  # the reusing runs are split over several batches
     assert segments.shape == (6, 7) and np.all(np.tril(segments) == 0)
     assert np.all(np.diagonal(segments, 1) == 0) and np.all(np.triu(segments, 2)[np.triu_indices(6, 2)] > 0)
@@ -193,9 +195,9 @@ def test_rollout_costs_match_a_cached_generate_run(pipe, guidance_scale):
 
 
 def test_feature_drift_costs_add_up_along_a_segment(pipe):
-    cond = A.condition(pipe, 2, class_labels=[1, 2])
-    trajectory = A.trace(pipe, A.noise_for(pipe, 2, 0), steps=6, sampler="ddim", branches=[0], cond=cond)
-    segments = A.drift_costs(trajectory, 0)
+    cond, _ = pipe.conditioning(2, class_labels=[1, 2])
+    trajectory = C.trace(pipe, pipe.initial_noise(2, generator=torch.Generator().manual_seed(0)), steps=6, sampler="ddim", branches=[0], cond=cond)
+    segments = C.drift_costs(trajectory, 0)
     hidden = torch.stack([h.flatten(1) for h in trajectory.hidden[0]]).double()
     expected = sum(1 - float(F.cosine_similarity(hidden[1], hidden[j], dim=-1).mean()) for j in range(1, 5))
     assert segments[1, 5] == pytest.approx(expected, abs=1e-9)
@@ -204,8 +206,8 @@ def test_feature_drift_costs_add_up_along_a_segment(pipe):
 def test_resampling_keeps_the_grid_and_spans_the_same_time():
     rng = np.random.default_rng(1)
     segments = np.triu(rng.random((10, 11)), 1)
-    np.testing.assert_allclose(A.resample_segments(segments, 10), segments)
-    coarse = A.resample_segments(segments, 5)
+    np.testing.assert_allclose(cache.resample_segments(segments, 10), segments)
+    coarse = cache.resample_segments(segments, 5)
     assert coarse.shape == (5, 6) and coarse[1, 3] == pytest.approx(segments[2, 6])
 
 
@@ -213,8 +215,8 @@ def test_resampling_keeps_the_grid_and_spans_the_same_time():
 def test_calibration_follows_the_sampler(pipe, sampler):
     if sampler == "ddpm":
         with pytest.raises(ValueError, match="deterministic"):
-            A.calibrate(pipe, steps=6, sampler=sampler, batch_size=1)
-    calibration = A.calibrate(pipe, steps=6, sampler=sampler, batch_size=1, seed=0,
+            C.calibrate(pipe, steps=6, sampler=sampler, batch_size=1)
+    calibration = C.calibrate(pipe, steps=6, sampler=sampler, batch_size=1, seed=0,
                               cost="feature" if sampler == "ddpm" else "output")
     calls = 7 if sampler == "plms" else 6
     assert calibration["model_calls"] == calls
@@ -224,40 +226,40 @@ def test_calibration_follows_the_sampler(pipe, sampler):
                       cache_schedule="calibrated", progress=False)
     finally:
         pipe.calibration = None
-    assert pipe.last_run.full_steps == A.calibrated_full_steps(calibration, calls, 2)
+    assert pipe.last_run.full_steps == cache.calibrated_full_steps(calibration, calls, 2)
     assert len(pipe.last_run.full_steps) == math.ceil(calls / 2)
 
 
 @pytest.mark.parametrize("num_steps", [12, 7, 20, 50])
 def test_calibrated_schedule_counts(calibration, num_steps):
     for interval in (1, 2, 3, 4, 5, 10, 64):
-        full = A.calibrated_full_steps(calibration, num_steps, interval)
+        full = cache.calibrated_full_steps(calibration, num_steps, interval)
         assert len(full) == math.ceil(num_steps / interval)
         assert full[0] == 0 and full == sorted(set(full)) and full[-1] < num_steps
-    assert len(A.calibrated_full_steps(calibration, num_steps, 3, branch=2)) == math.ceil(num_steps / 3)
+    assert len(cache.calibrated_full_steps(calibration, num_steps, 3, branch=2)) == math.ceil(num_steps / 3)
 
 
 def test_calibration_errors_are_actionable(calibration):
     with pytest.raises(ValueError, match="covers branches \\[0, 2\\], not 1"):
-        A.calibrated_full_steps(calibration, 12, 3, branch=1)
+        cache.calibrated_full_steps(calibration, 12, 3, branch=1)
     with pytest.raises(ValueError, match="analyze calibrate"):
-        A.calibrated_full_steps({"steps": 12}, 12, 3)
+        cache.calibrated_full_steps({"steps": 12}, 12, 3)
     damaged = {**calibration, "segments": {"0": calibration["segments"]["0"][:-1] + [[0.0, 1.0]]}}
     with pytest.raises(ValueError, match="damaged"):
-        A.calibrated_full_steps(damaged, 12, 3)
+        cache.calibrated_full_steps(damaged, 12, 3)
 
 
 def test_calibrated_schedule_through_the_pipeline_and_cli(pipe, tmp_path):
     model = tmp_path / "model"
     pipe.save(model)
-    assert A.main(["calibrate", "--model", str(model), "--steps", "10", "--batch", "2", "--branches", "0", "1"]) == 0
+    assert cli.analyze_main(["calibrate", "--model", str(model), "--steps", "10", "--batch", "2", "--branches", "0", "1"]) == 0
     calibration = json.loads((model / "calibration.json").read_text())
     assert calibration["branch"] == 0 and set(calibration["segments"]) == {"0", "1"}
-    assert A.main(["calibrate", "--model", str(model), "--steps", "10", "--batch", "2"]) == 2  # no --overwrite
+    assert cli.analyze_main(["calibrate", "--model", str(model), "--steps", "10", "--batch", "2"]) == 2  # no --overwrite
     loaded = load(model)
     loaded.generate(steps=10, batch_size=1, class_labels=3, seed=0, cache_interval=3, cache_schedule="calibrated",
                     progress=False)
-    assert loaded.last_run.full_steps == A.calibrated_full_steps(calibration, 10, 3)
+    assert loaded.last_run.full_steps == cache.calibrated_full_steps(calibration, 10, 3)
     assert make_schedule("calibrated", 10, 3, calibrated=calibration) == loaded.last_run.full_steps
 
 
@@ -266,17 +268,17 @@ def test_analyze_and_bench_cli(pipe, tmp_path, capsys):
     model = tmp_path / "model"
     pipe.save(model)
     common = ["--model", str(model), "--steps", "4", "--batch", "2"]
-    assert A.main(["similarity", *common, "--layers", "enc.0", "mid", "--out", str(tmp_path / "s")]) == 0
+    assert cli.analyze_main(["similarity", *common, "--layers", "enc.0", "mid", "--out", str(tmp_path / "s")]) == 0
     assert {p.name for p in (tmp_path / "s").iterdir()} == {"similarity.npz", "summary.csv", "heatmaps.png"}
-    assert A.main(["depth", *common, "--project", "32", "--out", str(tmp_path / "d")]) == 0
+    assert cli.analyze_main(["depth", *common, "--project", "32", "--out", str(tmp_path / "d")]) == 0
     assert (tmp_path / "d" / "depth.png").exists()
-    assert A.main(["switch", *common, "--from", "1", "--to", "2", "--at", "0", "2", "--out", str(tmp_path / "w")]) == 0
+    assert cli.analyze_main(["switch", *common, "--from", "1", "--to", "2", "--at", "0", "2", "--out", str(tmp_path / "w")]) == 0
     assert (tmp_path / "w" / "switch.csv").read_text().startswith("switch_at,psnr_vs_old,psnr_vs_new")
-    assert A.bench_main(["frontier", *common, "--intervals", "2", "--branches", "0", "1",
+    assert cli.bench_main(["frontier", *common, "--intervals", "2", "--branches", "0", "1",
                          "--out", str(tmp_path / "f")]) == 0
     rows = (tmp_path / "f" / "frontier.csv").read_text().splitlines()
     assert len(rows) == 1 + 1 + 3 * 2  # header, uncached, 3 schedules x 2 branches
-    assert A.main(["similarity", *common, "--layers", "nope", "--out", str(tmp_path / "x")]) == 2
+    assert cli.analyze_main(["similarity", *common, "--layers", "nope", "--out", str(tmp_path / "x")]) == 2
     assert "unknown layer" in capsys.readouterr().err
 
 
@@ -287,19 +289,19 @@ def test_calibrated_beats_uniform_and_nonuniform_on_the_shipped_model():
     """Calibrated on seed 0, evaluated on seed 1: PSNR against the uncached images at 20%, 33%, 50%."""
     shipped = load(SHIPPED)
     steps, batch = 50, 8
-    labels = A.default_labels(shipped, batch)
-    calibration = A.calibrate(shipped, steps=steps, branch=0, batch_size=batch, seed=0, class_labels=labels)
-    noise = A.noise_for(shipped, batch, seed=1)
+    labels = shipped.default_labels(batch)
+    calibration = C.calibrate(shipped, steps=steps, branch=0, batch_size=batch, seed=0, class_labels=labels)
+    noise = shipped.initial_noise(batch, generator=torch.Generator().manual_seed(1))
     kwargs = dict(steps=steps, noise=noise, class_labels=labels, batch_size=batch, progress=False)
     reference = shipped.generate(**kwargs)
     report = {}
     for interval in (5, 3, 2):
         scores = {}
         for kind in ("uniform", "nonuniform", "calibrated"):
-            full = (A.calibrated_full_steps(calibration, steps, interval) if kind == "calibrated"
+            full = (cache.calibrated_full_steps(calibration, steps, interval) if kind == "calibrated"
                     else make_schedule(kind, steps, interval))
             images = shipped.generate(cache_interval=interval, cache_branch=0, cache_schedule=full, **kwargs)
-            scores[kind] = A.psnr(images, reference)
+            scores[kind] = psnr(images, reference, per_image=True)
         report[interval] = scores
     print(report)
     for interval, scores in report.items():

@@ -5,9 +5,10 @@ import pytest
 import torch
 
 from minidiff.checkpoint import CheckpointError
-from minidiff.demo import find_weights, mac_speedup, psnr
+from minidiff.cache import mac_bound
+from minidiff.data import find_weights
 from minidiff.pipeline import load
-from minidiff.toy_metric import frechet_distance, load_metric
+from minidiff.metrics import frechet_distance, load_metric, psnr
 
 
 @pytest.fixture(scope="module")
@@ -63,4 +64,4 @@ def test_shipped_model_samples_are_confident_digits(metric):
 def test_demo_helpers():
     x = torch.rand(2, 1, 4, 4)
     assert psnr(x, x) == math.inf and 19 < psnr(x, (x + 0.1).clamp(0, 1)) < 25
-    assert mac_speedup(10, 40, {"full": 100, "shallow": 10}) == pytest.approx(50 * 100 / (10 * 100 + 40 * 10))
+    assert mac_bound(10, 40, 10 / 100) == pytest.approx(50 * 100 / (10 * 100 + 40 * 10))

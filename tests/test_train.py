@@ -17,7 +17,8 @@ pytest.importorskip("sklearn")
 from minidiff import train as train_module
 from minidiff.checkpoint import CheckpointError, read_state_dict
 from minidiff.pipeline import load
-from minidiff.train import TrainConfig, main, train
+from minidiff.cli import train_main as main
+from minidiff.train import TrainConfig, train
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -102,7 +103,7 @@ def test_sigkill_during_training_leaves_loadable_checkpoint(tmp_path):
     """Kill -9 a run that checkpoints every step; whatever moment it died, the checkpoint loads."""
     script = textwrap.dedent(f"""
         import sys; sys.path.insert(0, {str(REPO)!r})
-        from minidiff.train import main
+        from minidiff.cli import train_main as main
         main(["--dataset", "digits", "--image-size", "8", "--model-channels", "8", "--channel-mult", "1,2",
               "--num-res-blocks", "1", "--attention-levels", "", "--no-mid-attention", "--norm-groups", "4",
               "--batch-size", "4", "--steps", "100000", "--ckpt-every", "1", "--sample-every", "0",
@@ -143,7 +144,7 @@ def test_bad_config_values_are_clear():
 WORKER = """
 import os, sys
 from minidiff.checkpoint import save_safetensors
-from minidiff.train import main
+from minidiff.cli import train_main as main
 result = main(sys.argv[2:])
 save_safetensors(result.model.state_dict(), f"{sys.argv[1]}/rank{os.environ['RANK']}.safetensors")
 """

@@ -112,14 +112,14 @@ def test_cache_is_the_decoder_state_entering_the_branch_layer():
 
 
 def test_macs_shallow_is_much_cheaper_and_bound_formula():
-    from minidiff.unet import mac_bound
+    from minidiff.cache import mac_bound
 
     unet = _tiny_unet()
     m = unet.macs(torch.randn(1, 3, 16, 16), 5, torch.tensor([1]), branch=0)
     assert 0 < m["shallow"] < m["full"] / 4
     ratio = m["shallow"] / m["full"]
-    assert mac_bound(1, ratio) == 1.0
-    assert mac_bound(5, ratio) == pytest.approx(5 / (1 + 4 * ratio))
+    assert mac_bound(1, 0, ratio) == 1.0  # uniform 1:1
+    assert mac_bound(1, 4, ratio) == pytest.approx(5 / (1 + 4 * ratio))  # uniform 1:5
 
 
 @pytest.mark.parametrize("repo,manifest_name,params", [

@@ -1,4 +1,5 @@
-"""A toy quality metric for small generated images: a small CNN classifier trained on the real data.
+"""Image metrics: PSNR (one definition) and a toy quality metric for small generated images, a small
+CNN classifier trained on the real data.
 
 For a batch of generated images it reports
   - confident: the fraction the classifier assigns to some class with max softmax >= 0.9,
@@ -11,13 +12,12 @@ to any published FID, and like FID it is biased upwards for small sample counts 
 the same count; `reference_fd_balanced` in the classifier's config.json gives real-vs-real values
 for class-balanced sets of 20, 40 and 100 images).
 
-    python -m minidiff.toy_metric --dataset digits --image-size 16 --out weights/digits-classifier
+    minidiff toy-metric --dataset digits --image-size 16 --out weights/digits-classifier
 """
 from __future__ import annotations
 
-import argparse
 import json
-import sys
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
@@ -28,9 +28,23 @@ from torch import nn
 
 from .checkpoint import CheckpointError, atomic_folder, load_weights, read_state_dict, save_json, save_safetensors
 from .config import config_from_dict
-from .data import ImageSet, load_dataset
+from .data import ImageSet
 
 FORMAT = "minidiff-toy-classifier"
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor, *, per_image: bool = False) -> float:
+    """Peak signal-to-noise ratio in dB of images in [0, 1].
+
+    Default: one MSE over the whole batch, inf when identical (the demo's table). per_image=True:
+    the mean over the batch of each image's PSNR, capped at 100 dB (the analysis tables); by Jensen
+    it is at least the batch number, so the two are never compared with each other.
+    """
+    if per_image:
+        mse = ((a.double() - b.double()) ** 2).flatten(1).mean(1).clamp_min(1e-10)
+        return float((10 * torch.log10(1 / mse)).mean())
+    mse = float((a.float() - b.float()).square().mean())
+    return math.inf if mse == 0 else 10 * math.log10(1 / mse)
 
 
 @dataclass
@@ -148,7 +162,7 @@ def load_metric(path) -> ToyMetric:
     config_file = path / "config.json"
     if not config_file.exists():
         raise CheckpointError(f"{path} is not a toy-metric classifier folder (no config.json); train one with "
-                              "`python -m minidiff.toy_metric --out DIR`")
+                              "`minidiff toy-metric --out DIR`")
     config = json.loads(config_file.read_text())
     if config.get("format") != FORMAT:
         raise CheckpointError(f"{config_file} is not a toy classifier config (format={config.get('format')!r})")
@@ -223,28 +237,23 @@ def train_metric(data: ImageSet, *, epochs: int = 15, batch_size: int = 64, lr: 
     return metric, {"test_accuracy": round(test_acc, 4), "reference_fd_balanced": reference_fd}
 
 
-def main(argv=None):
-    """Train the toy classifier for a dataset and save it (weights, config, reference statistics)."""
-    p = argparse.ArgumentParser(prog="python -m minidiff.toy_metric",
-                                description="Train the toy-metric classifier (not Inception FID) for a dataset.")
-    p.add_argument("--dataset", default="digits", help="'digits', 'shapes' or a folder (default digits)")
-    p.add_argument("--image-size", type=int, default=16)
-    p.add_argument("--channels", type=int, choices=(1, 3), default=None)
-    p.add_argument("--epochs", type=int, default=15)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", required=True, help="folder to write (config.json, model.safetensors, "
-                                                "reference.safetensors)")
-    p.add_argument("--overwrite", action="store_true")
-    args = p.parse_args(argv)
-    data = load_dataset(args.dataset, args.image_size, args.channels)
-    metric, info = train_metric(data, epochs=args.epochs, seed=args.seed)
-    command = "python -m minidiff.toy_metric " + " ".join(argv if argv is not None else sys.argv[1:])
-    metric.save(args.out, overwrite=args.overwrite,
-                meta={"dataset": data.source, "trained_by": command, **info})
-    print(f"test accuracy {info['test_accuracy']:.4f}; real-vs-real toy FID (class-balanced sets of n) "
-          f"{info['reference_fd_balanced']}; saved {args.out}")
-    return metric
+def toy_classifier(pipe, model_dir=None, classifier_dir=None):
+    """`images -> predicted class` from the toy metric's classifier, or None where there is none.
 
+    Without `classifier_dir`, looks beside the model folder for `{dataset}-classifier` (the dataset
+    the model was trained on, from its config), e.g. weights/digits-classifier for weights/digits-cond.
+    """
+    if classifier_dir is None:
+        dataset = pipe.meta.get("training", {}).get("config", {}).get("dataset")
+        if model_dir is None or not isinstance(dataset, str):
+            return None
+        classifier_dir = Path(model_dir).resolve().parent / f"{Path(dataset).name}-classifier"
+        if not (classifier_dir / "config.json").exists():
+            return None
+    network = load_metric(classifier_dir).classifier
 
-if __name__ == "__main__":
-    main()
+    @torch.inference_mode()
+    def predict(images: torch.Tensor) -> torch.Tensor:
+        return network(images.float().cpu()).argmax(-1)
+
+    return predict

@@ -1,0 +1,164 @@
+"""Every figure minidiff draws, in one style: a matplotlib `Figure` (no pyplot state), saved
+atomically as PNG. matplotlib is optional (the `plot` extra)."""
+from __future__ import annotations
+
+import csv
+import io
+import math
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from .checkpoint import atomic_path
+
+
+def _figure(width: float, height: float):
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise ImportError("plots need matplotlib: pip install 'minidiff[plot]'") from None
+    return Figure(figsize=(width, height), dpi=100)
+
+
+def _save_figure(fig, path) -> Path:
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    return path
+
+
+def plot_heatmaps(matrices: dict, path, layers=None, *, columns: int = 4, title: str = "") -> Path:
+    """Step x step similarity heatmaps like DeepCache's Fig. 2(b), one panel per layer, one PNG."""
+    names = list(matrices) if layers is None else list(layers)
+    columns = min(columns, len(names))
+    rows = math.ceil(len(names) / columns)
+    fig = _figure(2.6 * columns + 0.8, 2.5 * rows + (0.4 if title else 0))
+    axes = fig.subplots(rows, columns, squeeze=False)
+    image = None
+    for ax, name in zip(axes.flat, names):
+        image = ax.imshow(matrices[name], vmin=0.0, vmax=1.0, cmap="viridis", origin="upper")
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel("step", fontsize=7)
+        ax.set_ylabel("step", fontsize=7)
+        ax.tick_params(labelsize=6)
+    for ax in list(axes.flat)[len(names):]:
+        ax.axis("off")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.colorbar(image, ax=axes, shrink=0.8, label="cosine similarity")
+    return _save_figure(fig, path)
+
+
+def plot_depth(rows: list, path, title: str = "") -> Path:
+    """1 - adjacent-step similarity against depth, log scale (lower = more stable)."""
+    fig = _figure(max(6.0, 0.35 * len(rows)), 3.6)
+    ax = fig.subplots()
+    x = np.arange(len(rows))
+    ax.semilogy(x, [max(1 - r["adjacent_mean"], 1e-7) for r in rows], "o-", label="1 - mean adjacent cosine")
+    ax.semilogy(x, [max(1 - r["adjacent_min"], 1e-7) for r in rows], "s--", alpha=0.7,
+                label="1 - min adjacent cosine (worst step)")
+    for i, r in enumerate(rows):
+        if r["layer"] == "mid":
+            ax.axvline(i, color="grey", lw=0.8, ls=":")
+    ax.set_xticks(x)
+    ax.set_xticklabels([r["layer"] for r in rows], rotation=70, fontsize=7)
+    ax.set_ylabel("change between adjacent steps")
+    ax.set_title(title or "feature change per step vs depth (encoder -> bottleneck -> decoder)", fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return _save_figure(fig, path)
+
+
+def plot_switch(result, path, layers: Sequence[str], title: str = "", samples: int = 3) -> Path:
+    """Final-image and deep-feature agreement with both unswitched runs against the switch step k,
+    above the final images of every run (one column per k, one row per sample)."""
+    rows = result.rows
+    shown = min(samples, next(iter(result.images.values())).shape[0])
+    height = 10 / len(rows) * shown + 0.3  # square image cells across the full width
+    fig = _figure(10, 3.8 + height)
+    top, bottom = fig.subfigures(2, 1, height_ratios=[3.8, height])
+    left, right = top.subplots(1, 2)
+    k = [r["switch_at"] for r in rows]
+    left.plot(k, [r["psnr_vs_old"] for r in rows], "o-", label="PSNR vs old label throughout")
+    left.plot(k, [r["psnr_vs_new"] for r in rows], "s-", label="PSNR vs new label throughout")
+    left.set_xlabel("switch step k")
+    left.set_ylabel("PSNR of the final images (dB)")
+    legend_on = left
+    if "reads_as_new" in rows[0]:
+        legend_on = left.twinx()
+        legend_on.plot(k, [r["reads_as_new"] for r in rows], "k^:", label="toy classifier reads the new class")
+        legend_on.set_ylim(-0.05, 1.05)
+        legend_on.set_ylabel("share read as the new class")
+    handles = [h for ax in dict.fromkeys([left, legend_on]) for h in ax.get_legend_handles_labels()[0]]
+    legend_on.legend(handles=handles, fontsize=7, loc="center")
+    for name in layers:
+        right.plot(k, [r[f"{name}_final_cos_new"] for r in rows], "o-", label=f"{name}: final features vs new run")
+        right.plot(k, [r[f"{name}_final_cos_old"] for r in rows], "s--", label=f"{name}: vs old run")
+    right.set_xlabel("switch step k")
+    right.set_ylabel("cosine similarity at the last step")
+    right.legend(fontsize=7)
+    if title:
+        top.suptitle(title, fontsize=10)
+    top.subplots_adjust(left=0.07, right=0.98, bottom=0.14, top=0.9, wspace=0.42)
+    cells = bottom.subplots(shown, len(rows), squeeze=False)
+    bottom.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=0.93, wspace=0.04, hspace=0.04)
+    for column, (k, images) in enumerate(sorted(result.images.items())):
+        cells[0, column].set_title(f"k={k}", fontsize=8)
+        for ax, image in zip(cells[:, column], images[:shown]):
+            ax.imshow(image.float().permute(1, 2, 0).squeeze(-1).clamp(0, 1).numpy(), cmap="gray", vmin=0, vmax=1)
+            ax.set_xticks([])
+            ax.set_yticks([])
+    return _save_figure(fig, path)
+
+
+def plot_frontier(rows: list, path, title: str = "") -> Path:
+    """Left: PSNR against the schedule's MAC bound; right: measured speedup against that bound.
+    One colour per schedule, one marker per branch."""
+    fig = _figure(11, 4.2)
+    quality, timing = fig.subplots(1, 2)
+    colours = {"uniform": "tab:blue", "nonuniform": "tab:orange", "calibrated": "tab:green"}
+    markers = "osD^v<>p*h"
+    branches = sorted({r["branch"] for r in rows if r["schedule"] != "none"})
+    for kind, colour in colours.items():
+        for i, b in enumerate(branches):
+            sel = sorted((r for r in rows if r["schedule"] == kind and r["branch"] == b), key=lambda r: r["interval"])
+            if sel:
+                style = dict(marker=markers[i % len(markers)], color=colour, alpha=0.85)
+                quality.plot([r["mac_speedup"] for r in sel], [r["psnr"] for r in sel], label=f"{kind}, branch {b}",
+                             **style)
+                timing.plot([r["mac_speedup"] for r in sel], [r["speedup"] for r in sel], ls="none", **style)
+    top = max(r["mac_speedup"] for r in rows)
+    timing.plot([1, top], [1, top], color="grey", lw=0.8, ls=":", label="measured = MAC bound")
+    quality.set_xlabel("MAC bound of the schedule (full-step MACs / schedule MACs)")
+    quality.set_ylabel("PSNR vs uncached images (dB)")
+    quality.legend(fontsize=7, ncol=2)
+    timing.set_xlabel("MAC bound of the schedule")
+    timing.set_ylabel("measured speedup (wall time vs uncached)")
+    timing.legend(fontsize=7)
+    for ax in (quality, timing):
+        ax.grid(alpha=0.3)
+    fig.suptitle(title or "quality and speed of cache schedules", fontsize=10)
+    fig.tight_layout()
+    return _save_figure(fig, path)
+
+
+def plot_loss(losses, png_path, *, missing_ok: bool = False):
+    """Draw the loss curve from rows (step, loss, ...) or a loss.csv path (needs matplotlib, the `plot` extra)."""
+    try:
+        fig = _figure(6, 3.5)
+    except ImportError:
+        if missing_ok:
+            return
+        raise ImportError("plotting the loss needs matplotlib: pip install 'minidiff[plot]'") from None
+    if isinstance(losses, (str, Path)):
+        losses = [(int(r["step"]), float(r["loss"])) for r in csv.DictReader(io.StringIO(Path(losses).read_text()))]
+    if not losses:
+        return
+    ax = fig.subplots()
+    ax.plot([row[0] for row in losses], [row[1] for row in losses])
+    ax.set(xlabel="step", ylabel="MSE of predicted noise", yscale="log", title="training loss")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    _save_figure(fig, png_path)
