@@ -203,7 +203,7 @@ class Pipeline:
         """
         if center is not None or power is not None:
             warnings.warn("generate(center=, power=) are deprecated: use cache_center= and cache_power=",
-                          DeprecationWarning, stacklevel=2)
+                          DeprecationWarning, stacklevel=3)  # past inference_mode's wrapper
             cache_center = center if center is not None else cache_center
             cache_power = power if power is not None else cache_power
         _check_args(steps=steps, sampler=sampler, eta=eta, cache_interval=cache_interval,

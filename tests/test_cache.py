@@ -165,3 +165,15 @@ def test_save_load_round_trip_and_cli_sample(tmp_path, capsys):
     assert "4 U-Net calls (2 full, 2 shallow at branch 0)" in printed and "MAC bound" in printed
     assert cli_main(["sample", "--model", str(tmp_path / "nowhere"), "--steps", "4"]) == 1
     assert "does not exist" in capsys.readouterr().err
+
+
+
+def test_old_center_and_power_names_still_work_with_a_deprecation_warning():
+    pipe = _tiny_pipe()
+    args = dict(steps=10, cache_interval=3, cache_schedule="nonuniform", class_labels=[1], seed=0, progress=False)
+    new = pipe.generate(**args, cache_center=4, cache_power=2.0)
+    new_steps = pipe.last_run.full_steps
+    with pytest.warns(DeprecationWarning, match="cache_center= and cache_power="):
+        old = pipe.generate(**args, center=4, power=2.0)
+    assert pipe.last_run.full_steps == new_steps == nonuniform_schedule(10, 3, 4, 2.0)
+    assert torch.equal(old, new)
