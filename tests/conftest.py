@@ -6,7 +6,9 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared" / "reference-configs"
+# Small public reference files (configs, the CLIP vocabulary, key manifests; see its SOURCES.md),
+# copied into the repository so the suite runs from a clone anywhere.
+SHARED = REPO / "tests" / "data" / "reference-configs"
 
 warnings.filterwarnings("ignore", category=FutureWarning)
 warnings.filterwarnings("ignore", category=DeprecationWarning)
@@ -14,10 +16,10 @@ torch.set_num_threads(1)  # tiny test models run fastest single-threaded
 
 
 def shared_path(*parts) -> Path:
-    """A file of ../shared/reference-configs; the test is skipped (with the reason) when absent."""
+    """A file of tests/data/reference-configs; the test is skipped (with the reason) when absent."""
     path = SHARED.joinpath(*parts)
     if not path.exists():
-        pytest.skip(f"reference file {path} is not available (expected ../shared beside the repo)")
+        pytest.skip(f"reference file {path} is not in tests/data/reference-configs")
     return path
 
 
@@ -37,4 +39,30 @@ def randomize(module: torch.nn.Module, std: float = 0.05, seed: int = 0) -> torc
     with torch.no_grad():
         for p in module.parameters():
             p.copy_(torch.randn(p.shape, generator=g) * std)
+    return module.eval()
+
+
+def randomize_with_norms(module, seed=0, std=0.05):
+    """Random weights everywhere, so zero-initialised outputs cannot hide a mapping error."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in module.named_parameters():
+            noise = torch.randn(param.shape, generator=generator)
+            param.copy_(1 + 0.1 * noise if param.ndim == 1 and "norm" in name and name.endswith("weight")
+                        else std * noise)
+    return module.eval()
+
+
+def randomize_norms_and_biases(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Non-default norm weights and biases, so a swapped or skipped norm cannot hide behind 1 and 0."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in module.named_parameters():
+            noise = torch.randn(param.shape, generator=generator)
+            if param.ndim == 1 and name.endswith("weight"):
+                param.copy_(1 + 0.2 * noise)
+            elif name.endswith("bias"):
+                param.copy_(0.2 * noise)
+            else:  # conv / linear weights: perturb the default (fan-in scaled) init
+                param.add_(0.2 * param.std() * noise)
     return module.eval()

@@ -3,33 +3,21 @@ the full-size SD1.5 KL-f8 and cin256-v2 VQ-f4 first stages, fp32 decoding, and r
 
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
+from conftest import SHARED, randomize_norms_and_biases
 from minidiff.autoencoder import Autoencoder, AutoencoderConfig
 from minidiff.vae_keys import diffusers_to_native, ldm_to_native
 
-REFS = Path("/work/shared/reference-configs")
+REFS = SHARED
 MANIFESTS = REFS / "_generated-key-manifests"
 TOLERANCE = 1e-4
 
 
-def randomize_(module: nn.Module, seed: int = 0) -> nn.Module:
-    """Non-default norm weights and biases, so a swapped or skipped norm cannot hide behind 1 and 0."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in module.named_parameters():
-            noise = torch.randn(param.shape, generator=generator)
-            if param.ndim == 1 and name.endswith("weight"):
-                param.copy_(1 + 0.2 * noise)
-            elif name.endswith("bias"):
-                param.copy_(0.2 * noise)
-            else:  # conv / linear weights: perturb the default (fan-in scaled) init
-                param.add_(0.2 * param.std() * noise)
-    return module.eval()
+
 
 
 def max_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -65,7 +53,7 @@ def _rename_attention(state_dict, spelling, ndim):
 def test_kl_matches_diffusers_autoencoderkl(spelling, ndim):
     from diffusers import AutoencoderKL
 
-    reference = randomize_(AutoencoderKL(
+    reference = randomize_norms_and_biases(AutoencoderKL(
         block_out_channels=(32, 64, 64), down_block_types=("DownEncoderBlock2D",) * 3,
         up_block_types=("UpDecoderBlock2D",) * 3, layers_per_block=1, latent_channels=4, sample_size=16))
     config = AutoencoderConfig.from_diffusers(reference.config)
@@ -85,7 +73,7 @@ def test_kl_matches_diffusers_autoencoderkl(spelling, ndim):
 def test_vq_matches_diffusers_vqmodel_decode_with_quantisation():
     from diffusers import VQModel
 
-    reference = randomize_(VQModel(
+    reference = randomize_norms_and_biases(VQModel(
         block_out_channels=(32, 64), down_block_types=("DownEncoderBlock2D",) * 2,
         up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, latent_channels=3,
         num_vq_embeddings=16, vq_embed_dim=3, sample_size=16))
@@ -123,7 +111,7 @@ def _ldm_first_stage(ddconfig, embed_dim, n_embed=None):
         stage.quantize = nn.Module()
         stage.quantize.embedding = nn.Embedding(n_embed, embed_dim)
     stage.post_quant_conv = nn.Conv2d(embed_dim, z, 1)
-    randomize_(stage)
+    randomize_norms_and_biases(stage)
     checkpoint = {f"first_stage_model.{k}": v for k, v in stage.state_dict().items()}
     checkpoint["model.diffusion_model.out.2.bias"] = torch.zeros(3)  # other models' keys: reported unused
     return stage, checkpoint
@@ -236,7 +224,7 @@ def test_full_size_keys_match_manifest(manifest, yaml_path, diffusers_config, n_
 
 def test_meta_model_takes_checkpoint_tensors():
     config = tiny_kl()
-    weights = randomize_(Autoencoder(config)).state_dict()
+    weights = randomize_norms_and_biases(Autoencoder(config)).state_dict()
     with torch.device("meta"):
         model = Autoencoder(config)
     model.load_weights(weights)
@@ -246,7 +234,7 @@ def test_meta_model_takes_checkpoint_tensors():
 # ---------------------------------------------------------------- precision
 
 def test_half_precision_latents_and_module_decode_in_float32():
-    model = randomize_(Autoencoder(tiny_kl()))
+    model = randomize_norms_and_biases(Autoencoder(tiny_kl()))
     latents = torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         full = model.decode(latents)
@@ -265,7 +253,7 @@ def test_half_precision_latents_and_module_decode_in_float32():
 # ---------------------------------------------------------------- refused inputs
 
 def test_bad_state_dict_lists_every_problem_and_assigns_nothing():
-    model = randomize_(Autoencoder(tiny_kl()))
+    model = randomize_norms_and_biases(Autoencoder(tiny_kl()))
     before = {k: v.clone() for k, v in model.state_dict().items()}
     bad = {k: torch.zeros_like(v) for k, v in before.items()}
     del bad["decoder.conv_out.bias"]

@@ -4,12 +4,12 @@ with a transformers CLIPTextModel, as .safetensors and .ckpt), the full-size key
 refusal of SD2.x / SDXL / incomplete inputs."""
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
 
 import minidiff
+from conftest import SHARED, randomize_with_norms
 from convert import sd15
 from minidiff.autoencoder import Autoencoder
 from minidiff.checkpoint import CheckpointError, check_state_dict
@@ -17,7 +17,6 @@ from minidiff.compvis import ema_key
 from minidiff.text import CLIPTextConfig, CLIPTextEncoder
 from minidiff.unet import UNet
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "reference-configs"
 SD15_DIR = SHARED / "runwayml--stable-diffusion-v1-5"
 TOKENIZER_DIR = SD15_DIR / "tokenizer"
 MANIFEST = SHARED / "_generated-key-manifests" / "sd15-ldm-single-file.json"
@@ -27,15 +26,7 @@ TEXT_WIDTH = 32  # tiny CLIP width = U-Net context width
 pytestmark = pytest.mark.skipif(not TOKENIZER_DIR.is_dir(), reason=f"shared reference configs not found at {SD15_DIR}")
 
 
-def randomize(module, seed=0, std=0.05):
-    """Random weights everywhere, so zero-initialised outputs cannot hide a mapping error."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in module.named_parameters():
-            noise = torch.randn(param.shape, generator=generator)
-            param.copy_(1 + 0.1 * noise if param.ndim == 1 and "norm" in name and name.endswith("weight")
-                        else std * noise)
-    return module.eval()
+
 
 
 def max_err(a, b):
@@ -49,7 +40,7 @@ def tiny_clip(seed=0):
 
     config = HFConfig(vocab_size=49408, hidden_size=TEXT_WIDTH, intermediate_size=64, num_hidden_layers=2,
                       num_attention_heads=2, max_position_embeddings=77, hidden_act="quick_gelu")
-    return randomize(CLIPTextModel(config), seed)
+    return randomize_with_norms(CLIPTextModel(config), seed)
 
 
 def tiny_diffusers_unet(seed=0, **overrides):
@@ -59,7 +50,7 @@ def tiny_diffusers_unet(seed=0, **overrides):
                   down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
                   up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
                   attention_head_dim=2, cross_attention_dim=TEXT_WIDTH, norm_num_groups=32)
-    return randomize(UNet2DConditionModel(**{**params, **overrides}), seed)
+    return randomize_with_norms(UNet2DConditionModel(**{**params, **overrides}), seed)
 
 
 def tiny_diffusers_vae(seed=0):
@@ -68,7 +59,7 @@ def tiny_diffusers_vae(seed=0):
     vae = AutoencoderKL(block_out_channels=(32, 64), down_block_types=("DownEncoderBlock2D",) * 2,
                         up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, latent_channels=4,
                         sample_size=16, norm_num_groups=32)
-    return randomize(vae, seed)
+    return randomize_with_norms(vae, seed)
 
 
 def sd_pndm_scheduler():
@@ -267,8 +258,8 @@ class LdmFirstStage(torch.nn.Module):
 def ldm_parts():
     from ldm.modules.diffusionmodules.openaimodel import UNetModel
 
-    return {"unet": randomize(UNetModel(**LDM_UNET), 5), "ema_unet": randomize(UNetModel(**LDM_UNET), 6),
-            "vae": randomize(LdmFirstStage(), 7), "clip": tiny_clip(8)}
+    return {"unet": randomize_with_norms(UNetModel(**LDM_UNET), 5), "ema_unet": randomize_with_norms(UNetModel(**LDM_UNET), 6),
+            "vae": randomize_with_norms(LdmFirstStage(), 7), "clip": tiny_clip(8)}
 
 
 def single_file_state(parts, *, ema=False):

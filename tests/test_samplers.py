@@ -1,16 +1,16 @@
 """Schedules and samplers: parity with diffusers' DDPM, DDIM and PNDM(skip_prk_steps) schedulers."""
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, PNDMScheduler
 
+from conftest import SHARED
 from minidiff.samplers import SAMPLERS, num_model_calls, sample_ddim, sample_ddpm, sample_plms
 from minidiff.schedules import NoiseSchedule, SchedulerConfig, make_timesteps
 
-REFERENCE = Path("/work/shared/reference-configs")
+REFERENCE = SHARED
 CIFAR = REFERENCE / "google--ddpm-cifar10-32/scheduler_config.json"
 BEDROOM = REFERENCE / "google--ddpm-ema-bedroom-256/scheduler_config.json"
 CELEBAHQ = REFERENCE / "CompVis--ldm-celebahq-256/scheduler/scheduler_config.json"

@@ -5,11 +5,11 @@ import json
 import random
 import unicodedata
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
 
+from conftest import SHARED
 from minidiff.text import (
     BOS_ID,
     EOS_ID,
@@ -20,10 +20,9 @@ from minidiff.text import (
     text_keys_to_native,
 )
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
-SD15 = SHARED / "reference-configs" / "runwayml--stable-diffusion-v1-5"
+SD15 = SHARED / "runwayml--stable-diffusion-v1-5"
 TOKENIZER_DIR = SD15 / "tokenizer"
-MANIFEST = SHARED / "reference-configs" / "_generated-key-manifests" / "sd15-ldm-single-file.json"
+MANIFEST = SHARED / "_generated-key-manifests" / "sd15-ldm-single-file.json"
 SINGLE_FILE_PREFIX = "cond_stage_model.transformer.text_model."
 
 needs_shared = pytest.mark.skipif(not TOKENIZER_DIR.is_dir(),
