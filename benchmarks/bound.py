@@ -14,23 +14,14 @@ import time
 import torch
 
 from minidiff.allocator import retain_freed_memory
-
-from minidiff.unet import UNet, UNetConfig
+from minidiff.convert.architectures import architecture
+from minidiff.unet import UNet
 
 MODELS = {
-    "cifar10": (UNetConfig(model_channels=128, channel_mult=(1, 2, 2, 2), attention_levels=(1,), norm_eps=1e-6,
-                           downsample_padding=0, flip_sin_to_cos=False, freq_shift=1), (1, 3, 32, 32), None),
-    "church": (UNetConfig(model_channels=128, channel_mult=(1, 1, 2, 2, 4, 4), attention_levels=(4,),
-                          norm_eps=1e-6, downsample_padding=0, flip_sin_to_cos=False, freq_shift=1),
-               (1, 3, 256, 256), None),
-    "sd15": (UNetConfig(in_channels=4, out_channels=4, model_channels=320, channel_mult=(1, 2, 4, 4),
-                        attention_levels=(0, 1, 2), attention_type="transformer", num_heads=8, context_dim=768,
-                        norm_eps=1e-5, downsample_padding=1, flip_sin_to_cos=True, freq_shift=0),
-             (2, 4, 64, 64), "text"),
-    "cin256": (UNetConfig(model_channels=192, channel_mult=(1, 2, 3, 5), attention_levels=(1, 2, 3),
-                          attention_type="transformer", num_heads=1, context_dim=512, num_classes=1001,
-                          class_cond="context", norm_eps=1e-5, downsample_padding=1, flip_sin_to_cos=True,
-                          freq_shift=0), (2, 3, 64, 64), "class"),
+    "cifar10": (architecture("ddpm-cifar10"), (1, 3, 32, 32), None),
+    "church": (architecture("ddpm-church"), (1, 3, 256, 256), None),
+    "sd15": (architecture("sd15"), (2, 4, 64, 64), "text"),
+    "cin256": (architecture("cin256-v2"), (2, 3, 64, 64), "class"),
 }
 
 

@@ -17,14 +17,13 @@ from minidiff.allocator import retain_freed_memory
 
 from minidiff.pipeline import Pipeline
 from minidiff.schedules import SchedulerConfig
-from minidiff.unet import UNet, UNetConfig, mac_bound
+from minidiff.cache import mac_bound
+from minidiff.convert.architectures import architecture
+from minidiff.unet import UNet
 
 ARCHS = {  # google/ddpm-cifar10-32 and google/ddpm-ema-church-256 (bedroom has the church architecture)
-    "cifar10": UNetConfig(model_channels=128, channel_mult=(1, 2, 2, 2), num_res_blocks=2, attention_levels=(1,),
-                          norm_eps=1e-6, downsample_padding=0, flip_sin_to_cos=False, freq_shift=1, sample_size=32),
-    "church": UNetConfig(model_channels=128, channel_mult=(1, 1, 2, 2, 4, 4), num_res_blocks=2,
-                         attention_levels=(4,), norm_eps=1e-6, downsample_padding=0, flip_sin_to_cos=False,
-                         freq_shift=1, sample_size=256),
+    "cifar10": architecture("ddpm-cifar10"),
+    "church": architecture("ddpm-church"),
 }
 
 
@@ -70,10 +69,10 @@ def main():
         for n in args.intervals:
             s = stats[n]
             t = statistics.median(times[n])
-            bound = s.model_calls / (s.full_calls + s.shallow_calls * ratio)
+            bound = mac_bound(s.full_calls, s.shallow_calls, ratio)
             speedup = base / t
             print(f"{n:>4} {s.full_calls:>5} {s.shallow_calls:>8} {t:>8.2f} {speedup:>7.2f}x {bound:>9.2f}x "
-                  f"{speedup / bound:>9.2f} {mac_bound(n, ratio):>12.2f}x")
+                  f"{speedup / bound:>9.2f} {mac_bound(1, n - 1, ratio):>12.2f}x")
 
 
 if __name__ == "__main__":

@@ -20,14 +20,13 @@ import math
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from convert.ldm import load_config  # noqa: E402  (cin256-v2's built-in config)
-from minidiff.pipeline import Pipeline  # noqa: E402
-from minidiff.unet import UNet, mac_bound  # noqa: E402
+from minidiff.convert.ldm import load_config  # cin256-v2's built-in config
+from minidiff.pipeline import Pipeline
+from minidiff.cache import mac_bound
+from minidiff.unet import UNet
 
 
 def time_generate(pipe, noise, steps, interval, guidance):
@@ -103,9 +102,9 @@ def main(argv=None):
             shallow = args.steps - full
             wall_n, cpu_n = statistics.median(wall[n]), statistics.median(cpu[n])
             from_calls = args.steps * t_full / (full * t_full + shallow * t_shallow)
-            schedule_bound = args.steps / (full + shallow * ratio)
+            schedule_bound = mac_bound(full, shallow, ratio)
             print(f"{n:>3} {f'{full}/{shallow}':>12} {wall_n:>7.1f} {wall_base / wall_n:>7.2f}x {cpu_n:>7.1f} "
-                  f"{cpu_base / cpu_n:>7.2f}x {from_calls:>9.2f}x {mac_bound(n, ratio):>9.2f}x "
+                  f"{cpu_base / cpu_n:>7.2f}x {from_calls:>9.2f}x {mac_bound(1, n - 1, ratio):>9.2f}x "
                   f"{schedule_bound:>14.2f}x")
         assert all(full_calls[n] == math.ceil(args.steps / n) for n in intervals)
     return 0

@@ -13,17 +13,14 @@ from __future__ import annotations
 
 import argparse
 import math
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from convert.sd15 import config_from_yaml  # noqa: E402
-from minidiff.cache import CachedUNet, uniform_schedule  # noqa: E402
-from minidiff.samplers import num_model_calls, sample_plms  # noqa: E402
-from minidiff.unet import UNet  # noqa: E402
+from minidiff.convert.sd15 import config_from_yaml
+from minidiff.cache import CachedUNet, uniform_schedule
+from minidiff.samplers import num_model_calls, sample_plms
+from minidiff.unet import UNet
 
 BATCH = 2  # guidance: [uncond, cond]
 

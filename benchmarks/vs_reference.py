@@ -58,7 +58,7 @@ def build(model: str, latent: int):
     """(diffusers U-Net, minidiff U-Net with the same weights, x, cond) for one model."""
     from minidiff.checkpoint import load_weights
     from minidiff.unet import UNet
-    from minidiff.unet_keys import config_from_diffusers, diffusers_to_native
+    from minidiff.convert.unet_keys import config_from_diffusers, diffusers_to_native
 
     ref = reference_unet(model)
     config = config_from_diffusers(dict(ref.config, _class_name=type(ref).__name__))
@@ -122,7 +122,7 @@ def child(args):
     import threading
 
     from minidiff.unet import UNet
-    from minidiff.unet_keys import config_from_diffusers
+    from minidiff.convert.unet_keys import config_from_diffusers
 
     model = args.models[0]
     x, cond = inputs(model, args.latent)

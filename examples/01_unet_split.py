@@ -11,13 +11,12 @@ import argparse
 
 import torch
 
-from minidiff import UNet, UNetConfig, load
+from minidiff import UNet, load
 from minidiff.cache import mac_bound
+from minidiff.convert.architectures import architecture
 
 # The architecture of google/ddpm-cifar10-32 (Ho et al. 2020), random weights: MACs do not depend on them.
-CIFAR10 = UNetConfig(model_channels=128, channel_mult=(1, 2, 2, 2), num_res_blocks=2, attention_levels=(1,),
-                     dropout=0.1, norm_eps=1e-6, downsample_padding=0, flip_sin_to_cos=False, freq_shift=1,
-                     sample_size=32)
+CIFAR10 = architecture("ddpm-cifar10")
 
 
 def describe(layer) -> str:

@@ -15,22 +15,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-import minidiff  # noqa: E402
-from convert import sd15  # noqa: E402
-from minidiff.autoencoder import Autoencoder, AutoencoderConfig  # noqa: E402
-from minidiff.pipeline import Pipeline  # noqa: E402
-from minidiff.text import CLIPTextConfig, CLIPTextEncoder  # noqa: E402
-from minidiff.unet import UNet, UNetConfig  # noqa: E402
+import minidiff
+from minidiff.convert import sd15
+from minidiff.autoencoder import Autoencoder, AutoencoderConfig
+from minidiff.pipeline import Pipeline
+from minidiff.text import CLIPTextConfig, CLIPTextEncoder
+from minidiff.unet import UNet, UNetConfig
 
-SHARED_TOKENIZER = REPO.parent / "shared" / "reference-configs" / "runwayml--stable-diffusion-v1-5" / "tokenizer"
+SHARED_TOKENIZER = REPO / "tests" / "data" / "reference-configs" / "runwayml--stable-diffusion-v1-5" / "tokenizer"
 INTERVALS = (1, 2, 3, 5)
 
 
@@ -53,7 +51,7 @@ def load(args) -> Pipeline:
         return minidiff.load(src)
     if src.is_dir():
         return sd15.from_diffusers_folder(src)
-    return sd15.from_single_file(src, tokenizer=sd15._tokenizer(args.tokenizer, args.bpe))
+    return sd15.from_single_file(src, tokenizer=sd15.load_tokenizer(args.tokenizer, args.bpe))
 
 
 def side_by_side(images: dict, path: Path):
@@ -91,7 +89,7 @@ def main(argv=None):
 
     if args.tiny:
         tokenizer_dir = args.tokenizer or (None if args.bpe else SHARED_TOKENIZER)
-        pipe = tiny_pipeline(sd15._tokenizer(tokenizer_dir, args.bpe))
+        pipe = tiny_pipeline(sd15.load_tokenizer(tokenizer_dir, args.bpe))
     else:
         pipe = load(args)
     size = args.size or pipe.default_size

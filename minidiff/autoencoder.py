@@ -1,7 +1,7 @@
 """The first stage of a latent diffusion model: a KL or VQ autoencoder between images and latents.
 
 The module tree reproduces the original LDM layout (`ldm/modules/diffusionmodules/model.py`), so a
-CompVis checkpoint loads by stripping its `first_stage_model.` prefix (see `minidiff.vae_keys`):
+CompVis checkpoint loads by stripping its `first_stage_model.` prefix (see `minidiff.convert.vae_keys`):
 
     encoder.conv_in -> encoder.down.{level}.block.{j} (+ .attn.{j}) -> .downsample -> encoder.mid
     decoder.mid -> decoder.up.{level}.block.{j} (+ .attn.{j}) -> .upsample, level 0 = full resolution
@@ -94,88 +94,6 @@ class AutoencoderConfig:
     def to_dict(self) -> dict:
         """Plain, JSON-ready dict (tuples become lists) that `from_dict` reads back."""
         return config_to_dict(self)
-
-    @classmethod
-    def from_ldm_yaml_params(cls, ddconfig: dict, embed_dim: int, n_embed: int | None = None,
-                             scale_factor: float = 1.0) -> AutoencoderConfig:
-        """From an LDM `first_stage_config.params` (ddconfig, embed_dim, n_embed for VQ).
-
-        `scale_factor` lives in the LatentDiffusion params, not the first stage: LDM's default is 1.0,
-        Stable Diffusion's yaml sets 0.18215.
-        """
-        ddconfig = dict(ddconfig)
-        unsupported = {"attn_type": "vanilla", "use_linear_attn": False, "resamp_with_conv": True,
-                       "give_pre_end": False, "tanh_out": False}
-        for key, expected in unsupported.items():
-            if key in ddconfig and ddconfig.pop(key) != expected:
-                raise ValueError(f"ddconfig.{key} must be {expected!r}: minidiff's autoencoder only "
-                                 "implements the vanilla LDM encoder/decoder.")
-        renames = {"ch": "base_channels", "ch_mult": "channel_mult", "out_ch": "out_channels"}
-        params = {renames.get(k, k): v for k, v in ddconfig.items()}
-        kind = "vq" if n_embed is not None else "kl"
-        return cls.from_dict({**params, "kind": kind, "embed_dim": embed_dim, "n_embed": n_embed,
-                              "scale_factor": scale_factor})
-
-    @classmethod
-    def from_diffusers(cls, config: dict, *, scale_factor: float | None = None) -> AutoencoderConfig:
-        """From a diffusers AutoencoderKL or VQModel `config.json` dict.
-
-        For KL a missing `scaling_factor` means diffusers' default 0.18215 (SD1.5's vae/config.json
-        relies on it). For VQModel the same default is wrong for LDM's VQ-f4 models, which use 1.0
-        (diffusers #6725), so without the key you must pass `scale_factor` yourself.
-        """
-        class_name = config.get("_class_name")
-        if class_name not in (None, "AutoencoderKL", "VQModel"):
-            raise ValueError(f"diffusers config is for {class_name}; minidiff reads AutoencoderKL and "
-                             "VQModel configs only.")
-        is_vq = class_name == "VQModel" or "num_vq_embeddings" in config or "vq_embed_dim" in config
-        defaulted = set(config.get("_use_default_values", ()))  # filled in by diffusers, not in the file
-        config = {k: v for k, v in config.items()
-                  if not k.startswith("_") and not (k == "scaling_factor" and k in defaulted)}
-        expected = {"act_fn": "silu", "norm_num_groups": NORM_GROUPS, "use_quant_conv": True,
-                    "use_post_quant_conv": True, "mid_block_add_attention": True, "shift_factor": None,
-                    "latents_mean": None, "latents_std": None, "norm_type": "group"}
-        for key, value in expected.items():
-            if config.get(key, value) != value:
-                raise ValueError(f"diffusers config {key}={config[key]!r} is not supported; minidiff "
-                                 f"implements the LDM autoencoder ({key}={value!r}).")
-        for key, block in (("down_block_types", "DownEncoderBlock2D"), ("up_block_types", "UpDecoderBlock2D")):
-            if any(t != block for t in config.get(key, ())):
-                raise ValueError(f"diffusers config {key}={config[key]} is not supported; only plain "
-                                 f"{block} blocks (no per-level attention) map onto the LDM layout.")
-        ignored = {"sample_size", "force_upcast", "lookup_from_codebook", "scaling_factor"}
-        known = {"in_channels", "out_channels", "block_out_channels", "layers_per_block", "latent_channels",
-                 "num_vq_embeddings", "vq_embed_dim", "down_block_types", "up_block_types", *expected, *ignored}
-        unknown = sorted(set(config) - known)
-        if unknown:
-            raise ValueError(f"diffusers autoencoder config has key(s) {unknown} that minidiff does not "
-                             "know; check that this is an AutoencoderKL or VQModel config.")
-        if scale_factor is None:
-            scale_factor = config.get("scaling_factor", None if is_vq else SD_SCALE_FACTOR)
-        if scale_factor is None:
-            raise ValueError("This VQModel config has no scaling_factor. diffusers would assume 0.18215, "
-                             "but LDM's VQ-f4 models (cin256-v2, ldm-celebahq-256) use 1.0; pass "
-                             "scale_factor= explicitly.")
-        widths = list(config.get("block_out_channels", (64,)))
-        base = widths[0]
-        if any(w % base for w in widths):
-            raise ValueError(f"diffusers block_out_channels {widths} are not multiples of the first "
-                             "width, so they cannot be written as base_channels * channel_mult.")
-        latent = config.get("latent_channels", 3 if is_vq else 4)
-        return cls(
-            kind="vq" if is_vq else "kl",
-            in_channels=config.get("in_channels", 3),
-            out_channels=config.get("out_channels", 3),
-            base_channels=base,
-            channel_mult=tuple(w // base for w in widths),
-            num_res_blocks=config.get("layers_per_block", 1),
-            z_channels=latent,
-            embed_dim=(config.get("vq_embed_dim") or latent) if is_vq else latent,
-            double_z=not is_vq,
-            resolution=config.get("sample_size", 256),
-            n_embed=config.get("num_vq_embeddings", 256) if is_vq else None,
-            scale_factor=float(scale_factor),
-        )
 
 
 def group_norm(channels: int) -> nn.GroupNorm:
@@ -446,7 +364,7 @@ class Autoencoder(nn.Module):
     def load_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
         """Load a native-layout state dict after checking every key and shape (nothing is assigned on error).
 
-        Convert first with `minidiff.vae_keys.ldm_to_native` or `diffusers_to_native`. A model built
+        Convert first with `minidiff.convert.vae_keys.ldm_to_native` or `diffusers_to_native`. A model built
         on the meta device takes the tensors themselves.
         """
         check_state_dict(self, state_dict, what=f"{self.config.kind.upper()} autoencoder")

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from .checkpoint import atomic_path, check_state_dict
+from .checkpoint import atomic_path
 
 BOS_TOKEN = "<|startoftext|>"
 EOS_TOKEN = "<|endoftext|>"
@@ -388,29 +388,3 @@ class CLIPTextEncoder(nn.Module):
         for layer in self.encoder.layers:
             x = layer(x)
         return self.final_layer_norm(x)
-
-    def load_checkpoint(self, state_dict: Mapping[str, torch.Tensor], prefix: str | None = None) -> None:
-        """Load weights in any of the known key spellings; nothing is assigned unless all keys fit."""
-        self.load_state_dict(text_keys_to_native(state_dict, prefix, config=self.config))
-
-
-TEXT_PREFIXES = ("cond_stage_model.transformer.text_model.", "text_model.", "")
-
-
-def text_keys_to_native(state_dict: Mapping[str, torch.Tensor], prefix: str | None = None,
-                        config: CLIPTextConfig | None = None) -> dict[str, torch.Tensor]:
-    """Strip a checkpoint's text-encoder prefix and check every key and shape against `config`.
-
-    `prefix` is found when not given: CompVis single files use
-    `cond_stage_model.transformer.text_model.`, diffusers folders `text_model.`, and
-    transformers>=5.6 saves none. Keys outside the prefix belong to other models and are skipped;
-    the `embeddings.position_ids` buffer of older files is dropped, since positions are always 0..L-1.
-    """
-    if prefix is None:
-        prefix = next((p for p in TEXT_PREFIXES if any(key.startswith(p) for key in state_dict)), "")
-    native = {key[len(prefix):]: value for key, value in state_dict.items()
-              if key.startswith(prefix) and key != prefix + "embeddings.position_ids"}
-    with torch.device("meta"):  # shapes only, no memory
-        expected = CLIPTextEncoder(config)
-    check_state_dict(expected, native, f"text encoder (keys after prefix {prefix!r}, {expected.config})")
-    return native

@@ -10,7 +10,8 @@ from torch import nn
 
 from conftest import SHARED, randomize_norms_and_biases
 from minidiff.autoencoder import Autoencoder, AutoencoderConfig
-from minidiff.vae_keys import diffusers_to_native, ldm_to_native
+from minidiff.convert.vae_keys import (autoencoder_config_from_diffusers, autoencoder_config_from_ldm, diffusers_to_native,
+                                      ldm_to_native)
 
 REFS = SHARED
 MANIFESTS = REFS / "_generated-key-manifests"
@@ -56,7 +57,7 @@ def test_kl_matches_diffusers_autoencoderkl(spelling, ndim):
     reference = randomize_norms_and_biases(AutoencoderKL(
         block_out_channels=(32, 64, 64), down_block_types=("DownEncoderBlock2D",) * 3,
         up_block_types=("UpDecoderBlock2D",) * 3, layers_per_block=1, latent_channels=4, sample_size=16))
-    config = AutoencoderConfig.from_diffusers(reference.config)
+    config = autoencoder_config_from_diffusers(reference.config)
     assert config.scale_factor == 0.18215 and config.channel_mult == (1, 2, 2)
     model = Autoencoder(config).eval()
     model.load_weights(diffusers_to_native(_rename_attention(reference.state_dict(), spelling, ndim), config))
@@ -78,8 +79,8 @@ def test_vq_matches_diffusers_vqmodel_decode_with_quantisation():
         up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, latent_channels=3,
         num_vq_embeddings=16, vq_embed_dim=3, sample_size=16))
     with pytest.raises(ValueError, match="scale_factor"):  # diffusers' 0.18215 default is wrong for VQ-f4
-        AutoencoderConfig.from_diffusers(reference.config)
-    config = AutoencoderConfig.from_diffusers(reference.config, scale_factor=1.0)
+        autoencoder_config_from_diffusers(reference.config)
+    config = autoencoder_config_from_diffusers(reference.config, scale_factor=1.0)
     model = Autoencoder(config).eval()
     model.load_weights(diffusers_to_native(reference.state_dict(), config))
 
@@ -136,7 +137,7 @@ def test_kl_matches_ldm_encoder_decoder():
 
     ddconfig = _ddconfig()  # attention at the 8 px level too, so `down.1.attn.0` / `up.1.attn.j` load
     stage, checkpoint = _ldm_first_stage(ddconfig, embed_dim=4)
-    model = _load_ldm(checkpoint, AutoencoderConfig.from_ldm_yaml_params(ddconfig, 4, scale_factor=0.18215))
+    model = _load_ldm(checkpoint, autoencoder_config_from_ldm(ddconfig, 4, scale_factor=0.18215))
 
     x = images()
     latents = torch.randn(2, 4, 4, 4, generator=torch.Generator().manual_seed(2))
@@ -157,7 +158,7 @@ def test_kl_matches_ldm_encoder_decoder():
 def test_vq_matches_ldm_encoder_decoder_and_nearest_codebook_entry():
     ddconfig = _ddconfig(double_z=False, z_channels=3, ch_mult=[1, 2])
     stage, checkpoint = _ldm_first_stage(ddconfig, embed_dim=3, n_embed=16)
-    model = _load_ldm(checkpoint, AutoencoderConfig.from_ldm_yaml_params(ddconfig, 3, n_embed=16))
+    model = _load_ldm(checkpoint, autoencoder_config_from_ldm(ddconfig, 3, n_embed=16))
     assert model.scale_factor == 1.0
 
     x = images()
@@ -189,7 +190,7 @@ def _ldm_yaml_config(path, first_stage_yaml_key="first_stage_config"):
 
     params = OmegaConf.to_container(OmegaConf.load(path))["model"]["params"]
     first = params[first_stage_yaml_key]["params"]
-    return AutoencoderConfig.from_ldm_yaml_params(first["ddconfig"], first["embed_dim"], first.get("n_embed"),
+    return autoencoder_config_from_ldm(first["ddconfig"], first["embed_dim"], first.get("n_embed"),
                                                   scale_factor=params.get("scale_factor", 1.0))
 
 
@@ -218,7 +219,7 @@ def test_full_size_keys_match_manifest(manifest, yaml_path, diffusers_config, n_
 
     diffusers_json = json.loads((REFS / diffusers_config).read_text())
     scale = None if config.kind == "kl" else 1.0  # SD's vae/config.json relies on the 0.18215 default
-    assert AutoencoderConfig.from_diffusers(diffusers_json, scale_factor=scale).to_dict() == {
+    assert autoencoder_config_from_diffusers(diffusers_json, scale_factor=scale).to_dict() == {
         **config.to_dict(), "resolution": diffusers_json["sample_size"]}
 
 

@@ -7,11 +7,11 @@ import pytest
 import torch
 from conftest import manifest, meta_state_dict, randomize, shared_path
 
-from convert.ddpm import _pesser_config, main
+from minidiff.convert.ddpm import _pesser_config, main
 from minidiff import load
 from minidiff.checkpoint import check_state_dict
 from minidiff.unet import UNet
-from minidiff.unet_keys import config_from_diffusers, pesser_to_native
+from minidiff.convert.unet_keys import config_from_diffusers, pesser_to_native
 
 diffusers = pytest.importorskip("diffusers")
 

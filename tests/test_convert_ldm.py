@@ -8,8 +8,8 @@ import torch
 from conftest import manifest, meta_state_dict, randomize, shared_path
 from torch import nn
 
-from convert.ldm import CIN256_V2, check_family, convert, ldm_config, load_config, main, map_checkpoint
-from minidiff.compvis import YamlError, ema_key, read_yaml
+from minidiff.convert.ldm import CIN256_V2, check_family, convert, ldm_config, load_config, main, map_checkpoint
+from minidiff.convert.compvis import YamlError, ema_key, read_yaml
 from minidiff import load
 from minidiff.autoencoder import Autoencoder
 from minidiff.checkpoint import check_state_dict

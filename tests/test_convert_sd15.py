@@ -10,10 +10,10 @@ import torch
 
 import minidiff
 from conftest import SHARED, randomize_with_norms
-from convert import sd15
+from minidiff.convert import sd15, text_keys
 from minidiff.autoencoder import Autoencoder
 from minidiff.checkpoint import CheckpointError, check_state_dict
-from minidiff.compvis import ema_key
+from minidiff.convert.compvis import ema_key
 from minidiff.text import CLIPTextConfig, CLIPTextEncoder
 from minidiff.unet import UNet
 
@@ -319,7 +319,7 @@ def test_single_file_prefers_the_ema_copy(ldm_parts, tmp_path):
     src = write_single_file(single_file_state(ldm_parts, ema=True), tmp_path / "v1-5-pruned.safetensors")
     config = sd15.config_from_yaml(tiny_yaml(tmp_path))
     config.text = CLIPTextConfig.from_dict(ldm_parts["clip"].config.to_dict())
-    tokenizer = sd15._tokenizer(TOKENIZER_DIR)
+    tokenizer = sd15.load_tokenizer(TOKENIZER_DIR)
     ema = sd15.from_single_file(src, config=config, tokenizer=tokenizer)
     assert ema.meta["ema_from_model_ema"] is True
     assert max(_check_against_ldm(ema, ldm_parts, ldm_parts["ema_unet"]).values()) <= TOLERANCE
@@ -330,7 +330,7 @@ def test_single_file_prefers_the_ema_copy(ldm_parts, tmp_path):
 def test_single_file_text_config_is_read_off_the_weights(ldm_parts, tmp_path):
     text = {k: v for k, v in single_file_state(ldm_parts).items() if k.startswith("cond_stage_model.")}
     native = {k[len(sd15.SINGLE_FILE_PREFIXES["text_encoder"]):]: v for k, v in text.items()}
-    inferred = sd15.text_config_from_weights(native)
+    inferred = text_keys.text_config_from_weights(native)
     assert (inferred.vocab_size, inferred.hidden_size, inferred.intermediate_size, inferred.num_hidden_layers,
             inferred.max_position_embeddings) == (49408, TEXT_WIDTH, 64, 2, 77)
     assert inferred.num_attention_heads == 1  # 64-channel heads; this tiny model needs --text-config

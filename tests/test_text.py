@@ -17,8 +17,8 @@ from minidiff.text import (
     CLIPTextEncoder,
     CLIPTokenizer,
     bytes_to_unicode,
-    text_keys_to_native,
 )
+from minidiff.convert.text_keys import text_keys_to_native
 
 SD15 = SHARED / "runwayml--stable-diffusion-v1-5"
 TOKENIZER_DIR = SD15 / "tokenizer"
@@ -255,7 +255,7 @@ def test_encoder_matches_transformers_clip_text_model(name, spelling):
     config = TINY_CONFIGS[name]
     reference = transformers_text_model(config, seed=len(name))
     model = CLIPTextEncoder(config).eval()
-    model.load_checkpoint(spelled(reference.state_dict(), spelling))
+    model.load_state_dict(text_keys_to_native(spelled(reference.state_dict(), spelling), config=model.config))
     generator = torch.Generator().manual_seed(1)
     input_ids = torch.randint(0, config.vocab_size, (3, 77), generator=generator)
     input_ids[:, 0], input_ids[0, 10:] = 0, 2  # a BOS-like start and a padded row
@@ -294,7 +294,7 @@ def test_missing_extra_and_misshaped_keys_are_listed_before_loading():
     checkpoint["text_model.encoder.layers.2.mlp.fc1.weight"] = torch.zeros(256, 64)
     checkpoint["text_model.embeddings.token_embedding.weight"] = torch.zeros(999, 64)
     with pytest.raises(ValueError) as error:
-        model.load_checkpoint(checkpoint)
+        model.load_state_dict(text_keys_to_native(checkpoint, config=model.config))
     message = str(error.value)
     assert "1 missing key(s): final_layer_norm.bias" in message
     assert "1 unexpected key(s): encoder.layers.2.mlp.fc1.weight" in message

@@ -5,11 +5,11 @@ import pytest
 import torch
 from conftest import manifest, meta_state_dict, randomize, shared_path
 
-from convert.ddpm import convert
+from minidiff.convert.ddpm import convert
 from minidiff import load
 from minidiff.checkpoint import CheckpointError, check_state_dict, load_weights
 from minidiff.unet import UNet, UNetConfig
-from minidiff.unet_keys import config_from_diffusers, diffusers_to_native, pesser_to_native, config_from_pesser
+from minidiff.convert.unet_keys import config_from_diffusers, diffusers_to_native, pesser_to_native, config_from_pesser
 
 diffusers = pytest.importorskip("diffusers")
 

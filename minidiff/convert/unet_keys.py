@@ -14,7 +14,7 @@ import re
 
 import torch
 
-from .unet import UNetConfig
+from ..unet import UNetConfig
 
 # Inner names of blocks, after the block prefix has been mapped.
 _INNER_RENAMES = [
