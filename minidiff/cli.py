@@ -432,6 +432,20 @@ def bench_main(argv=None) -> int:
     return 0
 
 
+# -- convert -------------------------------------------------------------------------------------
+
+def convert_main(argv=None) -> int:
+    """`minidiff convert ddpm|ldm|sd15 SRC DST ...`: the converters' own command lines."""
+    import importlib
+
+    argv = list(argv or [])
+    formats = ("ddpm", "ldm", "sd15")
+    if not argv or argv[0] not in formats:
+        print(f"usage: minidiff convert {{{','.join(formats)}}} SRC DST ... (see --help of each)", file=sys.stderr)
+        return 2
+    return importlib.import_module(f"minidiff.convert.{argv[0]}").main(argv[1:]) or 0
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
@@ -454,6 +468,7 @@ COMMANDS = {
     "analyze": (analyze_main, "feature similarity, depth profile, switch experiment, calibration"),
     "bench": (bench_main, "quality-vs-speed frontier of cache schedules"),
     "toy-metric": (toy_metric_main, "train the toy-metric classifier for a dataset"),
+    "convert": (convert_main, "convert a public checkpoint (ddpm, ldm, sd15) to a minidiff folder"),
 }
 
 

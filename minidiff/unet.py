@@ -26,6 +26,8 @@ from .config import config_from_dict, config_to_dict
 
 @dataclass
 class UNetConfig:
+    """What a U-Net is: widths, depth, attention and conditioning (validated on construction)."""
+
     in_channels: int = 3
     out_channels: int = 3
     model_channels: int = 128
@@ -55,61 +57,8 @@ class UNetConfig:
         self.validate()
 
     def validate(self):
-        def need(ok, msg):
-            if not ok:
-                raise ValueError(f"UNetConfig: {msg}")
-
-        limits = {"in_channels": 1024, "out_channels": 1024, "model_channels": 65_536, "num_res_blocks": 64,
-                  "norm_groups": 1024, "transformer_depth": 64}
-        for name, top in limits.items():
-            value = getattr(self, name)
-            need(isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= top,
-                 f"{name} must be an int in [1, {top}], got {value!r}")
-        need(len(self.channel_mult) >= 1 and all(isinstance(m, int) and 1 <= m <= 1024 for m in self.channel_mult),
-             f"channel_mult must be a non-empty list of positive ints, got {list(self.channel_mult)}")
-        need(len(self.channel_mult) <= 12, f"channel_mult has {len(self.channel_mult)} levels; at most 12 are supported")
-        need(all(isinstance(lv, int) and 0 <= lv < len(self.channel_mult) for lv in self.attention_levels),
-             f"attention_levels must name levels 0..{len(self.channel_mult) - 1}, got {list(self.attention_levels)}")
-        need(self.attention_type in ("self", "transformer"),
-             f"attention_type must be 'self' or 'transformer', got {self.attention_type!r}")
-        need(self.class_cond in ("add", "context"), f"class_cond must be 'add' or 'context', got {self.class_cond!r}")
-        need(self.num_classes is None or (isinstance(self.num_classes, int) and 1 <= self.num_classes <= 10_000_000),
-             f"num_classes must be None or a positive int, got {self.num_classes!r}")
-        need(self.num_heads is None or (isinstance(self.num_heads, int) and self.num_heads >= 1),
-             f"num_heads must be None or a positive int, got {self.num_heads!r}")
-        need(self.head_channels is None or (isinstance(self.head_channels, int) and self.head_channels >= 1),
-             f"head_channels must be None or a positive int, got {self.head_channels!r}")
-        need(self.context_dim is None or (isinstance(self.context_dim, int) and self.context_dim >= 1),
-             f"context_dim must be None or a positive int, got {self.context_dim!r}")
-        need(self.context_dim is None or self.attention_type == "transformer",
-             "context_dim needs attention_type 'transformer' (cross-attention lives in spatial transformers)")
-        need(not (self.class_cond == "context" and self.num_classes and self.context_dim is None),
-             "class_cond 'context' needs context_dim (the width of the class token)")
-        number = (int, float)
-        need(isinstance(self.dropout, number) and 0.0 <= self.dropout < 1.0,
-             f"dropout must be a number in [0, 1), got {self.dropout!r}")
-        need(isinstance(self.norm_eps, number) and 0.0 < self.norm_eps < 1.0,
-             f"norm_eps must be a number in (0, 1), got {self.norm_eps!r}")
-        need(not isinstance(self.downsample_padding, bool) and self.downsample_padding in (0, 1),
-             f"downsample_padding must be 0 or 1, got {self.downsample_padding!r}")
-        for name in ("mid_attention", "flip_sin_to_cos", "use_linear_projection"):
-            need(isinstance(getattr(self, name), bool), f"{name} must be true or false, got {getattr(self, name)!r}")
-        need(isinstance(self.freq_shift, (int, float)) and not isinstance(self.freq_shift, bool)
-             and math.isfinite(self.freq_shift) and 0 <= self.freq_shift < self.model_channels // 2,
-             f"freq_shift must be a number in [0, {self.model_channels // 2}), got {self.freq_shift!r}")
-        need(self.sample_size is None or (isinstance(self.sample_size, int) and not isinstance(self.sample_size, bool)
-                                          and 1 <= self.sample_size <= 16384),
-             f"sample_size must be None or an int in [1, 16384], got {self.sample_size!r}")
-        need(not (self.num_classes and self.class_cond == "add" and self.context_dim is not None),
-             "class_cond 'add' with context_dim would need a text context besides the labels, which minidiff does "
-             "not support; use class_cond 'context' (the class token is the context) or drop context_dim")
-        widest = self.model_channels * max(self.channel_mult)
-        need(widest <= 65_536, f"the widest level has {widest} channels (model_channels x max(channel_mult)); at "
-                               "most 65536 are supported")
-        for ch in self.level_channels:
-            need(ch % self.norm_groups == 0, f"channels {ch} are not divisible by norm_groups {self.norm_groups}")
-            heads = self.heads_for(ch)
-            need(ch % heads == 0, f"{ch} channels cannot be split into {heads} heads")
+        """Range and type checks of every field (`check_config`, at the bottom of this file)."""
+        check_config(self)
 
     @property
     def level_channels(self) -> list:
@@ -182,10 +131,10 @@ class ResBlock(nn.Module):
         # In place where it is free: at high resolution a shallow step is memory-bound, and every
         # fresh activation costs page faults. Residual adds are always safe under autograd; SiLU
         # only without it (its backward needs its input).
-        fresh = not torch.is_grad_enabled()
-        h = self.conv1(F.silu(self.norm1(x), inplace=fresh))
+        inplace = not torch.is_grad_enabled()
+        h = self.conv1(F.silu(self.norm1(x), inplace=inplace))
         h += self.emb_proj(emb)[:, :, None, None]  # emb arrives already through SiLU
-        h = self.conv2(self.dropout(F.silu(self.norm2(h), inplace=fresh)))
+        h = self.conv2(self.dropout(F.silu(self.norm2(h), inplace=inplace)))
         h += x if self.shortcut is None else self.shortcut(x)
         return h
 
@@ -197,7 +146,7 @@ def attention(q, k, v, heads: int):
     return rearrange(out, "b h l d -> b l (h d)")
 
 
-class SelfAttention(nn.Module):
+class AttentionBlock(nn.Module):
     """The DDPM attention block: GroupNorm, one or more heads over all positions, residual."""
 
     def __init__(self, channels: int, heads: int, groups: int, eps: float):
@@ -216,7 +165,7 @@ class SelfAttention(nn.Module):
         return x + rearrange(h, "b (h w) c -> b c h w", h=hgt, w=wid)
 
 
-class Attention(nn.Module):
+class CrossAttention(nn.Module):
     """Multi-head attention of a transformer block; cross-attention when context_dim is given."""
 
     def __init__(self, dim: int, heads: int, context_dim: Optional[int] = None):
@@ -250,9 +199,9 @@ class TransformerBlock(nn.Module):
     def __init__(self, dim: int, heads: int, context_dim: Optional[int]):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim)
-        self.attn1 = Attention(dim, heads)
+        self.attn1 = CrossAttention(dim, heads)
         self.norm2 = nn.LayerNorm(dim)
-        self.attn2 = Attention(dim, heads, context_dim)  # self-attention again when there is no context
+        self.attn2 = CrossAttention(dim, heads, context_dim)  # self-attention again when there is no context
         self.norm3 = nn.LayerNorm(dim)
         self.ff = GEGLU(dim)
 
@@ -351,7 +300,7 @@ class UNet(nn.Module):
 
         def attn(ch):
             if cfg.attention_type == "self":
-                return SelfAttention(ch, cfg.heads_for(ch), groups, eps)
+                return AttentionBlock(ch, cfg.heads_for(ch), groups, eps)
             return SpatialTransformer(ch, cfg.heads_for(ch), cfg.transformer_depth, cfg.context_dim, groups,
                                       cfg.use_linear_projection)
 
@@ -528,8 +477,10 @@ class UNet(nn.Module):
         _, skips = self._encode(x, c, self.input_blocks[: branch + 1])
         return self._decode(hidden, skips, c, len(self.output_blocks) - 1 - branch)[0]
 
-    def compile(self, **kwargs) -> "UNet":
-        """torch.compile the full and the shallow path (each branch compiles once, on first use)."""
+    def compile_paths(self, **kwargs) -> "UNet":
+        """torch.compile the full and the shallow path (each branch compiles once, on first use).
+
+        Not `nn.Module.compile`, which compiles `__call__` in place; this returns the U-Net itself."""
         self._full = torch.compile(self._full, **kwargs)
         self._shallow = torch.compile(self._shallow, **kwargs)
         return self
@@ -558,7 +509,7 @@ def _channels_of(block: nn.Module) -> int:
         return block.conv2.out_channels
     if isinstance(block, Downsample):
         return block.conv.out_channels
-    if isinstance(block, SelfAttention):
+    if isinstance(block, AttentionBlock):
         return block.to_out.out_features
     if isinstance(block, SpatialTransformer):
         return block.norm.num_channels
@@ -569,3 +520,62 @@ def _attention_flops(query_shape, key_shape, value_shape, *args, out_shape=None,
     """FLOPs of softmax(QK^T)V: two matrix products, 2 FLOPs per multiply-accumulate."""
     *batch, queries, dim = query_shape
     return 2 * math.prod(batch) * queries * key_shape[-2] * (dim + value_shape[-1])
+
+
+def check_config(self: UNetConfig):
+    """Every field of a UNetConfig in range, with the field named in the error."""
+    def need(ok, msg):
+        if not ok:
+            raise ValueError(f"UNetConfig: {msg}")
+
+    limits = {"in_channels": 1024, "out_channels": 1024, "model_channels": 65_536, "num_res_blocks": 64,
+              "norm_groups": 1024, "transformer_depth": 64}
+    for name, top in limits.items():
+        value = getattr(self, name)
+        need(isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= top,
+             f"{name} must be an int in [1, {top}], got {value!r}")
+    need(len(self.channel_mult) >= 1 and all(isinstance(m, int) and 1 <= m <= 1024 for m in self.channel_mult),
+         f"channel_mult must be a non-empty list of positive ints, got {list(self.channel_mult)}")
+    need(len(self.channel_mult) <= 12, f"channel_mult has {len(self.channel_mult)} levels; at most 12 are supported")
+    need(all(isinstance(lv, int) and 0 <= lv < len(self.channel_mult) for lv in self.attention_levels),
+         f"attention_levels must name levels 0..{len(self.channel_mult) - 1}, got {list(self.attention_levels)}")
+    need(self.attention_type in ("self", "transformer"),
+         f"attention_type must be 'self' or 'transformer', got {self.attention_type!r}")
+    need(self.class_cond in ("add", "context"), f"class_cond must be 'add' or 'context', got {self.class_cond!r}")
+    need(self.num_classes is None or (isinstance(self.num_classes, int) and 1 <= self.num_classes <= 10_000_000),
+         f"num_classes must be None or a positive int, got {self.num_classes!r}")
+    need(self.num_heads is None or (isinstance(self.num_heads, int) and self.num_heads >= 1),
+         f"num_heads must be None or a positive int, got {self.num_heads!r}")
+    need(self.head_channels is None or (isinstance(self.head_channels, int) and self.head_channels >= 1),
+         f"head_channels must be None or a positive int, got {self.head_channels!r}")
+    need(self.context_dim is None or (isinstance(self.context_dim, int) and self.context_dim >= 1),
+         f"context_dim must be None or a positive int, got {self.context_dim!r}")
+    need(self.context_dim is None or self.attention_type == "transformer",
+         "context_dim needs attention_type 'transformer' (cross-attention lives in spatial transformers)")
+    need(not (self.class_cond == "context" and self.num_classes and self.context_dim is None),
+         "class_cond 'context' needs context_dim (the width of the class token)")
+    number = (int, float)
+    need(isinstance(self.dropout, number) and 0.0 <= self.dropout < 1.0,
+         f"dropout must be a number in [0, 1), got {self.dropout!r}")
+    need(isinstance(self.norm_eps, number) and 0.0 < self.norm_eps < 1.0,
+         f"norm_eps must be a number in (0, 1), got {self.norm_eps!r}")
+    need(not isinstance(self.downsample_padding, bool) and self.downsample_padding in (0, 1),
+         f"downsample_padding must be 0 or 1, got {self.downsample_padding!r}")
+    for name in ("mid_attention", "flip_sin_to_cos", "use_linear_projection"):
+        need(isinstance(getattr(self, name), bool), f"{name} must be true or false, got {getattr(self, name)!r}")
+    need(isinstance(self.freq_shift, (int, float)) and not isinstance(self.freq_shift, bool)
+         and math.isfinite(self.freq_shift) and 0 <= self.freq_shift < self.model_channels // 2,
+         f"freq_shift must be a number in [0, {self.model_channels // 2}), got {self.freq_shift!r}")
+    need(self.sample_size is None or (isinstance(self.sample_size, int) and not isinstance(self.sample_size, bool)
+                                      and 1 <= self.sample_size <= 16384),
+         f"sample_size must be None or an int in [1, 16384], got {self.sample_size!r}")
+    need(not (self.num_classes and self.class_cond == "add" and self.context_dim is not None),
+         "class_cond 'add' with context_dim would need a text context besides the labels, which minidiff does "
+         "not support; use class_cond 'context' (the class token is the context) or drop context_dim")
+    widest = self.model_channels * max(self.channel_mult)
+    need(widest <= 65_536, f"the widest level has {widest} channels (model_channels x max(channel_mult)); at "
+                           "most 65536 are supported")
+    for ch in self.level_channels:
+        need(ch % self.norm_groups == 0, f"channels {ch} are not divisible by norm_groups {self.norm_groups}")
+        heads = self.heads_for(ch)
+        need(ch % heads == 0, f"{ch} channels cannot be split into {heads} heads")

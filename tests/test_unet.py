@@ -203,7 +203,7 @@ def test_compiled_paths_give_the_same_numbers():
         ref = unet(x, 10, y)
         _, cache = unet.forward_full(x, 10, y, branch=2)
         ref_shallow = unet.forward_shallow(x, 10, y, cache=cache)
-        unet.compile(backend="eager")
+        unet.compile_paths(backend="eager")
         assert torch.equal(unet(x, 10, y), ref)
         out, cache = unet.forward_full(x, 10, y, branch=2)
         assert torch.equal(out, ref)
