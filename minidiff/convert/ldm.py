@@ -16,7 +16,7 @@ The schedule buffers (betas, alphas_cumprod, ...), `logvar` and Lightning's oute
 ignored: the schedule is recomputed from the config, as LDM does.
 
 The architecture comes from the model's yaml (`--config`); without it the values of cin256-v2.yaml
-are used (built in below). The yaml is read by a small reader in this file that understands the
+are used (built in below). The yaml is read by `compvis.read_yaml`, a small reader that understands the
 block style the CompVis configs use (nested `key: value` mappings, `- item` lists, `[a, b]` flow
 lists, comments); it reports the line of anything else, so no YAML library is needed.
 
