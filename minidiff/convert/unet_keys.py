@@ -312,7 +312,3 @@ def config_from_pesser(ch: int, ch_mult, num_res_blocks: int, attn_resolutions, 
                       num_res_blocks=num_res_blocks, attention_levels=levels, attention_type="self",
                       dropout=dropout, norm_eps=1e-6, downsample_padding=0, flip_sin_to_cos=False, freq_shift=1,
                       sample_size=resolution)
-
-
-def count_parameters(state_dict: dict) -> int:
-    return sum(v.numel() for v in state_dict.values() if torch.is_tensor(v))
