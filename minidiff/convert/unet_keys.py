@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import re
 
-import torch
-
 from ..unet import UNetConfig
 
 # Inner names of blocks, after the block prefix has been mapped.
