@@ -5,6 +5,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from minidiff.pipeline import Pipeline
+from minidiff.schedules import SchedulerConfig
+from minidiff.unet import UNet, UNetConfig
+
 REPO = Path(__file__).resolve().parents[1]
 # Small public reference files (configs, the CLIP vocabulary, key manifests; see its SOURCES.md),
 # copied into the repository so the suite runs from a clone anywhere.
@@ -66,3 +70,21 @@ def randomize_norms_and_biases(module: torch.nn.Module, seed: int = 0) -> torch.
             else:  # conv / linear weights: perturb the default (fan-in scaled) init
                 param.add_(0.2 * param.std() * noise)
     return module.eval()
+
+
+def tiny_unet(**overrides):
+    """A class-conditional 3-level U-Net with attention at level 1, random weights."""
+    cfg = dict(in_channels=3, out_channels=3, model_channels=32, channel_mult=(1, 2, 2), num_res_blocks=2,
+               attention_levels=(1,), num_heads=2, num_classes=5)
+    cfg.update(overrides)
+    return randomize(UNet(UNetConfig(**cfg)))
+
+
+def tiny_pipeline(attention_type="self", seed=0):
+    """A 2-level class-conditional pixel pipeline (null class 3); transformer attention on request."""
+    extra = dict(context_dim=16, class_cond="context") if attention_type == "transformer" else {}
+    cfg = UNetConfig(in_channels=3, out_channels=3, model_channels=32, channel_mult=(1, 2), num_res_blocks=1,
+                     attention_levels=(1,), attention_type=attention_type, num_classes=4, sample_size=8, **extra)
+    unet = randomize(UNet(cfg), std=0.08, seed=seed)
+    sched = SchedulerConfig(beta_schedule="linear", clip_sample=False)
+    return Pipeline(unet, sched, null_class=3)

@@ -8,15 +8,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import randomize
+from conftest import tiny_pipeline
 
 from minidiff import load
 from minidiff.cache import CachedUNet, explicit_schedule, make_schedule, nonuniform_schedule, uniform_schedule
 from minidiff.cli import main as cli_main
-from minidiff.pipeline import Pipeline
 from minidiff.samplers import SAMPLERS, num_model_calls
-from minidiff.schedules import SchedulerConfig
-from minidiff.unet import UNet, UNetConfig
 
 
 def _deepcache_reference(name):
@@ -77,18 +74,9 @@ def test_schedule_errors():
     assert explicit_schedule(10, [5, 3]) == [0, 3, 5]
 
 
-def _tiny_pipe(attention_type="self", seed=0):
-    extra = dict(context_dim=16, class_cond="context") if attention_type == "transformer" else {}
-    cfg = UNetConfig(in_channels=3, out_channels=3, model_channels=32, channel_mult=(1, 2), num_res_blocks=1,
-                     attention_levels=(1,), attention_type=attention_type, num_classes=4, sample_size=8, **extra)
-    unet = randomize(UNet(cfg), std=0.08, seed=seed)
-    sched = SchedulerConfig(beta_schedule="linear", clip_sample=False)
-    return Pipeline(unet, sched, null_class=3)
-
-
 @pytest.mark.parametrize("sampler", ["ddim", "ddpm", "plms"])
 def test_interval_one_equals_uncached_exactly(sampler):
-    pipe = _tiny_pipe()
+    pipe = tiny_pipeline()
     noise = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(1))
     labels = torch.tensor([0, 2])
     got = pipe.generate(steps=6, sampler=sampler, noise=noise, class_labels=labels, cache_interval=1, seed=5,
@@ -104,7 +92,7 @@ def test_interval_one_equals_uncached_exactly(sampler):
 @pytest.mark.parametrize("attention_type", ["self", "transformer"])
 @pytest.mark.parametrize("branch,interval", [(0, 3), (2, 2), (3, 4)])
 def test_cached_run_equals_hand_driven_full_and_shallow_steps(attention_type, branch, interval):
-    pipe = _tiny_pipe(attention_type)
+    pipe = tiny_pipeline(attention_type)
     noise = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(2))
     labels = torch.tensor([1, 2])
     got = pipe.generate(steps=10, sampler="ddim", noise=noise, class_labels=labels, cache_interval=interval,
@@ -131,7 +119,7 @@ def test_cached_run_equals_hand_driven_full_and_shallow_steps(attention_type, br
 
 
 def test_guidance_caches_both_halves_together():
-    pipe = _tiny_pipe()
+    pipe = tiny_pipeline()
     noise = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(3))
     labels = torch.tensor([0, 1])
     calls = []
@@ -143,13 +131,13 @@ def test_guidance_caches_both_halves_together():
 
 
 def test_cached_unet_rejects_bad_branch():
-    pipe = _tiny_pipe()
+    pipe = tiny_pipeline()
     with pytest.raises(ValueError, match=r"branch must be an int in \[0, 3\]"):
         CachedUNet(pipe.unet, 10, [0], branch=4)
 
 
 def test_save_load_round_trip_and_cli_sample(tmp_path, capsys):
-    pipe = _tiny_pipe()
+    pipe = tiny_pipeline()
     pipe.save(tmp_path / "model")
     with pytest.raises(FileExistsError, match="overwrite"):
         pipe.save(tmp_path / "model")
@@ -169,7 +157,7 @@ def test_save_load_round_trip_and_cli_sample(tmp_path, capsys):
 
 
 def test_old_center_and_power_names_still_work_with_a_deprecation_warning():
-    pipe = _tiny_pipe()
+    pipe = tiny_pipeline()
     args = dict(steps=10, cache_interval=3, cache_schedule="nonuniform", class_labels=[1], seed=0, progress=False)
     new = pipe.generate(**args, cache_center=4, cache_power=2.0)
     new_steps = pipe.last_run.full_steps

@@ -3,7 +3,7 @@ import json
 
 import pytest
 import torch
-from conftest import manifest, meta_state_dict, randomize, shared_path
+from conftest import manifest, meta_state_dict, randomize, shared_path, tiny_unet
 
 from minidiff.convert.ddpm import convert
 from minidiff import load
@@ -58,17 +58,10 @@ def test_unet_matches_diffusers_unet2dmodel_after_convert(tmp_path, name):
     assert (got - expected).abs().max().item() <= 1e-5
 
 
-def _tiny_unet(**overrides):
-    cfg = dict(in_channels=3, out_channels=3, model_channels=32, channel_mult=(1, 2, 2), num_res_blocks=2,
-               attention_levels=(1,), num_heads=2, num_classes=5)
-    cfg.update(overrides)
-    return randomize(UNet(UNetConfig(**cfg)))
-
-
 @pytest.mark.parametrize("attention_type", ["self", "transformer"])
 def test_full_step_equals_forward_and_shallow_reproduces_it_for_every_branch(attention_type):
     extra = dict(context_dim=16, class_cond="context") if attention_type == "transformer" else {}
-    unet = _tiny_unet(attention_type=attention_type, **extra)
+    unet = tiny_unet(attention_type=attention_type, **extra)
     x, t, y = torch.randn(2, 3, 16, 16), torch.tensor([10, 600]), torch.tensor([0, 4])
     with torch.no_grad():
         ref = unet(x, t, y)
@@ -82,7 +75,7 @@ def test_full_step_equals_forward_and_shallow_reproduces_it_for_every_branch(att
 
 def test_shallow_runs_only_the_skip_branch():
     """Count the blocks each path runs: shallow at b touches b+1 encoder and b+1 decoder layers."""
-    unet = _tiny_unet()
+    unet = tiny_unet()
     x, t, y = torch.randn(1, 3, 16, 16), 5, torch.tensor([1])
     ran = []
     hooks = [m.register_forward_hook(lambda mod, i, o, name=name: ran.append(name))
@@ -100,7 +93,7 @@ def test_shallow_runs_only_the_skip_branch():
 
 
 def test_cache_is_the_decoder_state_entering_the_branch_layer():
-    unet = _tiny_unet()
+    unet = tiny_unet()
     x, t, y = torch.randn(1, 3, 16, 16), 5, torch.tensor([1])
     seen = {}
     n = len(unet.output_blocks)
@@ -114,7 +107,7 @@ def test_cache_is_the_decoder_state_entering_the_branch_layer():
 def test_macs_shallow_is_much_cheaper_and_bound_formula():
     from minidiff.cache import mac_bound
 
-    unet = _tiny_unet()
+    unet = tiny_unet()
     m = unet.macs(torch.randn(1, 3, 16, 16), 5, torch.tensor([1]), branch=0)
     assert 0 < m["shallow"] < m["full"] / 4
     ratio = m["shallow"] / m["full"]
@@ -165,7 +158,7 @@ def test_pesser_layout_matches_diffusers_layout_numerically():
 
 
 def test_bad_inputs_give_clear_errors(tmp_path):
-    unet = _tiny_unet()
+    unet = tiny_unet()
     x, y = torch.randn(1, 3, 16, 16), torch.tensor([1])
     with pytest.raises(ValueError, match="branch must be an int in \\[0, 8\\]"):
         unet.forward_full(x, 5, y, branch=9)
@@ -184,7 +177,7 @@ def test_bad_inputs_give_clear_errors(tmp_path):
     broken.pop("out_conv.weight")
     broken["extra.weight"] = torch.zeros(1)
     broken["input_blocks.0.0.weight"] = torch.zeros(1, 1, 3, 3)
-    fresh = _tiny_unet()
+    fresh = tiny_unet()
     before = {k: v.clone() for k, v in fresh.state_dict().items()}
     with pytest.raises(CheckpointError) as err:
         load_weights(fresh, broken)
@@ -197,7 +190,7 @@ def test_bad_inputs_give_clear_errors(tmp_path):
 def test_compiled_paths_give_the_same_numbers():
     """UNet.compile wraps both paths; the 'eager' backend checks the wiring without slow codegen."""
     pytest.importorskip("torch._dynamo")
-    unet = _tiny_unet(channel_mult=(1, 2), num_res_blocks=1)
+    unet = tiny_unet(channel_mult=(1, 2), num_res_blocks=1)
     x, y = torch.randn(2, 3, 8, 8), torch.tensor([0, 3])
     with torch.no_grad():
         ref = unet(x, 10, y)
@@ -224,7 +217,7 @@ def test_recording_off_adds_no_tensor_work():
             self.ops.append(str(func))
             return func(*args, **(kwargs or {}))
 
-    unet = _tiny_unet()
+    unet = tiny_unet()
     x, y = torch.randn(1, 3, 16, 16), torch.tensor([2])
 
     def ops_with(recorder):
@@ -243,8 +236,8 @@ def test_recording_off_adds_no_tensor_work():
 
 def test_macs_count_attention():
     """Attention MACs are counted on CPU too (torch's counter alone scores its CPU kernel as 0)."""
-    with_attn = _tiny_unet(attention_levels=(0,), mid_attention=False)
-    without = _tiny_unet(attention_levels=(), mid_attention=False)
+    with_attn = tiny_unet(attention_levels=(0,), mid_attention=False)
+    without = tiny_unet(attention_levels=(), mid_attention=False)
     x, y = torch.randn(1, 3, 16, 16), torch.tensor([1])
     extra = with_attn.macs(x, 5, y)["full"] - without.macs(x, 5, y)["full"]
     # 5 full-resolution blocks (2 encoder, 3 decoder) of 256 tokens x 32 channels: q, k, v, out
