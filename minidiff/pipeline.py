@@ -22,8 +22,8 @@ import torch
 from .cache import CachedUNet, load_calibrated, make_schedule
 from .checkpoint import (CheckpointError, atomic_folder, check_finite, load_weights, read_state_dict, save_json,
                          save_safetensors)
-from .samplers import SAMPLERS, num_model_calls
-from .schedules import NoiseSchedule, SchedulerConfig, make_timesteps
+from .samplers import SAMPLERS, num_model_calls, sampler_options, start_alpha_cumprod
+from .schedules import SchedulerConfig
 from .unet import UNet, UNetConfig
 
 FORMAT = "minidiff"
@@ -167,7 +167,8 @@ class Pipeline:
         return guided
 
     @torch.inference_mode()
-    def generate(self, *, steps: int = 50, sampler: str = "ddim", eta: float = 0.0, cache_interval: int = 1,
+    def generate(self, *, steps: int = 50, sampler: str = "ddim", eta: float = 0.0, karras_sigmas: bool = False,
+                 cache_interval: int = 1,
                  cache_branch: int = 0, cache_schedule="uniform", seed: Optional[int] = None,
                  noise: Optional[torch.Tensor] = None, batch_size: int = 1, class_labels=None,
                  guidance_scale: Optional[float] = None, prompt=None, negative_prompt=None,
@@ -179,9 +180,16 @@ class Pipeline:
 
         img2img: `init_image` ((B or 1, 3, H, W) in [0, 1]) is encoded, noised to the step where
         `strength` of the `steps` remain, and denoised from there; `noise` is then the noise added.
+        Sampler options (`eta`, `karras_sigmas`) are refused where the sampler does not take them.
         """
         _check_args(steps=steps, sampler=sampler, eta=eta, cache_interval=cache_interval,
                     batch_size=batch_size, guidance_scale=guidance_scale, output=output, seed=seed, power=power)
+        options = sampler_options(sampler, eta=eta, karras_sigmas=karras_sigmas)
+        if cache_schedule == "calibrated" and isinstance(self.calibration, dict) \
+                and self.calibration.get("sampler", sampler) != sampler:
+            raise ValueError(f"this model's cache calibration was measured with the {self.calibration['sampler']} "
+                             f"sampler, not {sampler}; calibrate again with `minidiff analyze calibrate --sampler "
+                             f"{sampler}` or use another cache schedule")
         if isinstance(cache_branch, bool) or not isinstance(cache_branch, int) \
                 or not 0 <= cache_branch < self.unet.num_branches:
             raise ValueError(f"cache_branch must be an int in [0, {self.unet.num_branches - 1}], got {cache_branch!r}")
@@ -207,7 +215,7 @@ class Pipeline:
             generator.manual_seed(seed if seed is not None else torch.seed())
         if init_image is not None:
             x, start_step = self._img2img_start(init_image, strength, steps, noise, batch_size, height, width,
-                                                generator)
+                                                generator, sampler, options)
         else:
             x, start_step = self._initial_noise(noise, batch_size, height, width, generator), 0
 
@@ -230,13 +238,7 @@ class Pipeline:
             if callback is not None:
                 callback(i, t, x)
 
-        kwargs = dict(generator=generator, progress=progress, callback=checked, start_step=start_step)
-        if sampler == "ddim":
-            kwargs["eta"] = eta
-        elif eta:
-            raise ValueError(f"eta applies to the ddim sampler only, not {sampler!r}")
-        if sampler == "plms":
-            kwargs.pop("generator")
+        kwargs = dict(generator=generator, progress=progress, callback=checked, start_step=start_step, **options)
 
         start = time.perf_counter()
         x = SAMPLERS[sampler](denoiser, x, self.scheduler, steps, **kwargs)
@@ -267,7 +269,7 @@ class Pipeline:
                 raise ValueError(f"{name} must be a multiple of {multiple} (the model's total downsampling) "
                                  f"between {multiple} and 16384, got {size!r}")
 
-    def _img2img_start(self, image, strength, steps, noise, batch_size, height, width, generator):
+    def _img2img_start(self, image, strength, steps, noise, batch_size, height, width, generator, sampler, options):
         """(noised latents, first step) for img2img, as diffusers' StableDiffusionImg2ImgPipeline:
         the image's mean latents noised to timesteps[t_start], t_start = steps - int(steps * strength)."""
         if self.autoencoder is None:
@@ -295,8 +297,7 @@ class Pipeline:
         elif noise.shape != latents.shape:
             raise ValueError(f"noise must have the latents' shape {tuple(latents.shape)}, got {tuple(noise.shape)}")
         start_step = steps - remaining
-        t = make_timesteps(self.scheduler, steps)[start_step]
-        alpha = NoiseSchedule.from_config(self.scheduler, latents.device).alphas_cumprod[t]
+        alpha = start_alpha_cumprod(sampler, self.scheduler, steps, start_step, **options).to(latents.device)
         x = alpha ** 0.5 * latents + (1 - alpha) ** 0.5 * noise.to(latents.device, latents.dtype)
         return x.to(self.dtype), start_step
 
