@@ -201,10 +201,11 @@ def sigma_schedule(config, steps, *, karras_sigmas=False, multistep=False):
     if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= T:
         raise ValueError(f"steps must be an integer between 1 and num_train_timesteps={T}, got {steps!r}")
     grid = steps + 1 if multistep else steps  # the multistep grid has one point more, dropped below
-    if config.timestep_spacing == "linspace":
+    spacing = config.timestep_spacing or "linspace"
+    if spacing == "linspace":
         timesteps = np.linspace(0, T - 1, grid).round()[::-1] if multistep else \
             np.linspace(0, T - 1, grid, dtype=np.float32)[::-1]  # fractional for Euler/Heun
-    elif config.timestep_spacing == "leading":
+    elif spacing == "leading":
         timesteps = (np.arange(grid) * (T // grid))[::-1] + config.steps_offset
     else:
         timesteps = np.arange(T, 0, -T / steps).round() - 1
@@ -226,7 +227,7 @@ def sigma_schedule(config, steps, *, karras_sigmas=False, multistep=False):
 def _start_in_sigma_space(x, sigmas, start_step, config):
     """x_sigma to start from: diffusers' init_noise_sigma times the noise, or (img2img) x_t / sqrt(alpha_bar)."""
     sigma = sigmas[start_step]
-    if start_step == 0 and config.timestep_spacing in ("linspace", "trailing"):
+    if start_step == 0 and config.timestep_spacing != "leading":
         return x * sigma  # diffusers' init_noise_sigma drops the "+ 1" for these spacings
     return x * (sigma ** 2 + 1) ** 0.5
 

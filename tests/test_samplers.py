@@ -339,7 +339,7 @@ def test_samplers_keep_float64(name):
     assert out.dtype == torch.float64
     if name not in ("ddpm", "euler_a"):
         reference = SAMPLERS[name](toy_model, x.float(), SchedulerConfig(), 4, progress=False)
-        assert (out - reference).abs().max() < 1e-4
+        assert (out - reference).abs().max() < 1e-5 * max(1.0, reference.abs().max())  # sigma-space runs reach ~200
 
 
 @pytest.mark.parametrize("name", sorted(SAMPLERS))

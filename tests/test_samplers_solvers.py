@@ -72,6 +72,7 @@ def noise_like(shape=(2, 3, 8, 8), seed=0):
 @pytest.mark.parametrize("extra", [
     PIXEL,
     LATENT,
+    dict(LATENT, timestep_spacing="leading"),
     dict(LATENT, prediction_type="v_prediction", timestep_spacing="trailing"),
     dict(PIXEL, prediction_type="v_prediction", timestep_spacing="linspace"),
     dict(prediction_type="sample", timestep_spacing="linspace"),
@@ -295,3 +296,84 @@ def test_start_step_continues_the_same_run():
         x_k = states[calls_per_step * k - 1] / (sigmas[k] ** 2 + 1) ** 0.5  # sigma space -> x_t
         resumed = SAMPLERS[name](toy_model, x_k, config, 8, start_step=k, progress=False)
         assert relative_error(resumed, full) <= 1e-5
+
+
+# ---------------------------------------------------------------- Stable Diffusion shape, text guidance
+
+PROMPTS = ["a photograph of an astronaut riding a horse", "a red fox in the snow"]
+
+
+@pytest.fixture(scope="module")
+def sd_models(tmp_path_factory):
+    """(diffusers StableDiffusionPipeline of tiny random components, the same model converted, its folder)."""
+    from test_convert_sd15 import TOKENIZER_DIR, convert_diffusers, tiny_diffusers_pipeline
+
+    if not TOKENIZER_DIR.is_dir():
+        pytest.skip(f"SD1.5 tokenizer not found at {TOKENIZER_DIR}")
+    reference = tiny_diffusers_pipeline(seed=11)
+    reference.set_progress_bar_config(disable=True)
+    folder = tmp_path_factory.mktemp("sd15-solvers")
+    return reference, convert_diffusers(reference, folder), folder / "sd-native"
+
+
+@pytest.mark.parametrize("name, karras", [("dpmpp_2m", True), ("euler", True), ("unipc", False), ("heun", True)])
+def test_sd_text_guidance_matches_diffusers_pipeline(sd_models, name, karras):
+    """Euler with Karras sigmas feeds both U-Nets fractional timesteps: the embeddings must agree there too.
+    The reference scheduler comes from the converted model's scheduler config (its save_pretrained
+    folder sets timestep_spacing="leading", so that is what both sides use)."""
+    reference, ours, _ = sd_models
+    class_name, options = REFERENCE[name]
+    original = reference.scheduler
+    reference.scheduler = getattr(diffusers, class_name).from_config(ours.scheduler.to_dict(),
+                                                                     use_karras_sigmas=karras, **options)
+    noise = noise_like((2, 4, 8, 8), seed=1)
+    steps = 25 if name == "dpmpp_2m" else 10
+    with torch.no_grad():
+        cond, uncond = ours.encode_prompt(PROMPTS), ours.encode_prompt(["blurry", "blurry"])
+    try:
+        expected = reference(prompt_embeds=cond, negative_prompt_embeds=uncond, guidance_scale=7.5,
+                             num_inference_steps=steps, latents=noise.clone(), output_type="latent").images
+    finally:
+        reference.scheduler = original
+    got = ours.generate(prompt=PROMPTS, negative_prompt="blurry", guidance_scale=7.5, sampler=name, steps=steps,
+                        karras_sigmas=karras, noise=noise, output="latent", progress=False)
+    error = relative_error(got, expected)
+    print(f"SD {name} karras={karras} {steps} steps: relative error {error:.1e}")
+    assert error <= RELATIVE_TOLERANCE
+    assert ours.last_run.model_calls == num_model_calls(name, steps)
+
+
+def test_cli_samples_sd_with_dpmpp_karras_and_caching(sd_models, tmp_path, capsys):
+    from minidiff.cli import main as cli_main
+
+    _, _, folder = sd_models
+    out = tmp_path / "fox.png"
+    rc = cli_main(["sample", "--model", str(folder), "--sampler", "dpmpp_2m", "--karras-sigmas", "--steps", "25",
+                   "--cache-interval", "3", "--prompt", "x", "--batch-size", "1", "--guidance-scale", "7.5",
+                   "--out", str(out)])
+    assert rc == 0 and out.exists()
+    assert "25 U-Net calls (9 full, 16 shallow at branch 0)" in capsys.readouterr().out
+    assert cli_main(["sample", "--model", str(folder), "--sampler", "ddim", "--karras-sigmas", "--steps", "4",
+                     "--prompt", "x", "--out", str(out)]) == 1
+    assert "karras_sigmas=True does not apply to the ddim sampler" in capsys.readouterr().err
+
+
+def test_unset_timestep_spacing_is_each_samplers_diffusers_default():
+    """SD1.5's scheduler_config.json sets no timestep_spacing: diffusers' DDIM/PNDM then space "leading",
+    and a scheduler switched by from_config takes its own default ("linspace" for Euler, DPM-Solver...)."""
+    from minidiff.schedules import make_timesteps
+
+    raw = {**LATENT, "_class_name": "PNDMScheduler", "skip_prk_steps": True}
+    config = SchedulerConfig.from_dict(raw)
+    assert config.timestep_spacing is None and "timestep_spacing" not in config.to_dict()
+    assert SchedulerConfig.from_dict(config.to_dict()) == config
+    pndm = diffusers.PNDMScheduler.from_config(raw)
+    ddim = diffusers.DDIMScheduler.from_config(pndm.config)
+    ddim.set_timesteps(10)
+    assert make_timesteps(config, 10).tolist() == ddim.timesteps.tolist()  # leading
+    for class_name, multistep in (("EulerDiscreteScheduler", False), ("DPMSolverMultistepScheduler", True)):
+        switched = getattr(diffusers, class_name).from_config(pndm.config)
+        assert switched.config.timestep_spacing == "linspace"
+        switched.set_timesteps(10)
+        sigmas, timesteps = sigma_schedule(config, 10, multistep=multistep)
+        assert torch.equal(sigmas, switched.sigmas) and torch.equal(timesteps, switched.timesteps)
