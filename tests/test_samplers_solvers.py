@@ -377,3 +377,33 @@ def test_unset_timestep_spacing_is_each_samplers_diffusers_default():
         switched.set_timesteps(10)
         sigmas, timesteps = sigma_schedule(config, 10, multistep=multistep)
         assert torch.equal(sigmas, switched.sigmas) and torch.equal(timesteps, switched.timesteps)
+
+
+@pytest.mark.parametrize("name, karras", [("euler", True), ("heun", False), ("dpmpp_2m", True), ("unipc", False),
+                                          ("euler_a", False)])
+def test_sd_img2img_matches_diffusers_img2img_pipeline(sd_models, monkeypatch, name, karras):
+    """img2img noises the latents to the sampler's own first noise level (Karras sigmas included) and
+    draws that noise first from the seeded generator, then Euler ancestral's, as diffusers does."""
+    from diffusers import StableDiffusionImg2ImgPipeline
+    from diffusers.pipelines.stable_diffusion import pipeline_stable_diffusion_img2img as img2img
+
+    reference, ours, _ = sd_models
+    # minidiff encodes the posterior mean; diffusers samples it unless told to take the mode.
+    monkeypatch.setattr(img2img, "retrieve_latents", lambda output, generator=None, sample_mode="sample":
+                        output.latent_dist.mode())
+    class_name, options = REFERENCE[name]
+    scheduler = getattr(diffusers, class_name).from_config(ours.scheduler.to_dict(), **options,
+                                                           **({"use_karras_sigmas": True} if karras else {}))
+    pipe = StableDiffusionImg2ImgPipeline(**{**reference.components, "scheduler": scheduler})
+    pipe.set_progress_bar_config(disable=True)
+    image = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        cond, uncond = ours.encode_prompt(PROMPTS), ours.encode_prompt(["", ""])
+    expected = pipe(prompt_embeds=cond, negative_prompt_embeds=uncond, image=image, strength=0.6, guidance_scale=7.5,
+                    num_inference_steps=10, generator=torch.Generator().manual_seed(4), output_type="latent").images
+    got = ours.generate(prompt=PROMPTS, init_image=image, strength=0.6, guidance_scale=7.5, sampler=name,
+                        karras_sigmas=karras, steps=10, seed=4, output="latent", progress=False)
+    error = relative_error(got, expected)
+    print(f"SD img2img {name} karras={karras} 10 steps: relative error {error:.1e}")
+    assert error <= RELATIVE_TOLERANCE
+    assert ours.last_run.model_calls == num_model_calls(name, 6)
