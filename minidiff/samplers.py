@@ -195,7 +195,8 @@ def sigma_schedule(config, steps, *, karras_sigmas=False, multistep=False):
     `multistep`, as its DPM-Solver/UniPC schedulers (a grid of steps + 1 less its last point, int64).
 
     Karras sigmas span the chosen timesteps' sigmas for Euler/Heun but the whole training range
-    for the multistep schedulers, whose timesteps are then rounded, as diffusers does.
+    for the multistep schedulers, whose timesteps are then rounded, as diffusers does. "trailing"
+    keeps exactly `steps` timesteps (diffusers' float arange sometimes makes one more).
     """
     T = config.num_train_timesteps
     if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= T:
@@ -203,8 +204,8 @@ def sigma_schedule(config, steps, *, karras_sigmas=False, multistep=False):
     grid = steps + 1 if multistep else steps  # the multistep grid has one point more, dropped below
     spacing = config.timestep_spacing or "linspace"
     if spacing == "linspace":
-        timesteps = np.linspace(0, T - 1, grid).round()[::-1] if multistep else \
-            np.linspace(0, T - 1, grid, dtype=np.float32)[::-1]  # fractional for Euler/Heun
+        timesteps = np.linspace(0, T - 1, grid)[::-1]
+        timesteps = timesteps.round() if multistep else timesteps.astype(np.float32)  # fractional for Euler/Heun
     elif spacing == "leading":
         timesteps = (np.arange(grid) * (T // grid))[::-1] + config.steps_offset
     else:
@@ -301,7 +302,8 @@ def sample_heun(model, x, config, steps, *, generator=None, progress=True, callb
             callback(call, timesteps[i].item(), x_euler)
         call += 1
         if i == steps - 1:
-            return x_euler
+            x = x_euler  # the last step, to sigma = 0, stays Euler
+            break
         d_next = (x_euler - denoise(x_euler, i + 1)) / sigmas[i + 1]  # slope at the Euler point
         x = x + (d + d_next) / 2 * dt  # apply the 2nd-order correction
         if callback is not None:
@@ -336,7 +338,7 @@ def sample_dpmpp_2m(model, x, config, steps, *, generator=None, progress=True, c
     x0_prev = h_prev = None
     for i in tqdm(range(start_step, steps), disable=not progress):
         x0 = _x0_from_vp(config.prediction_type, _call(model, x, timesteps[i]), x, sigmas[i])
-        alpha_s, sigma_s, lambda_s = _alpha_sigma_lambda(sigmas[i])
+        _, sigma_s, lambda_s = _alpha_sigma_lambda(sigmas[i])
         alpha_t, sigma_t, lambda_t = _alpha_sigma_lambda(sigmas[i + 1])
         h = lambda_t - lambda_s  # step size in log-SNR (infinite on the last step, to sigma = 0)
         x_next = (sigma_t / sigma_s) * x - (alpha_t * (torch.exp(-h) - 1.0)) * x0  # 1st order: DDIM
@@ -349,35 +351,38 @@ def sample_dpmpp_2m(model, x, config, steps, *, generator=None, progress=True, c
     return x
 
 
-def _unipc_update(x, x0, sigma_from, sigma_to, lambda_back=None, x0_back=None, rho_back=0.5, x0_new=None,
-                  rho_new=None):
-    """One UniPC (bh2) transfer of x from sigma_from to sigma_to, along x0 plus the weighted differences
-    to an earlier prediction x0_back (at log-SNR lambda_back) and, for the corrector, a newer x0_new."""
-    alpha_s, sigma_s, lambda_s = _alpha_sigma_lambda(sigma_from)
+def _unipc_update(x, x0, sigma_from, sigma_to, back=None, new=None):
+    """One UniPC (bh2) transfer of x from sigma_from to sigma_to along the predicted x0, plus weighted
+    differences to `back` = (earlier x0, its lambda, weight) and, in the corrector, `new` = (x0 at
+    sigma_to, weight)."""
+    _, sigma_s, lambda_s = _alpha_sigma_lambda(sigma_from)
     alpha_t, sigma_t, lambda_t = _alpha_sigma_lambda(sigma_to)
     h = lambda_t - lambda_s
-    h_phi_1 = torch.expm1(-h)  # B(h) of bh2 is the same e^-h - 1
-    x_next = sigma_t / sigma_s * x - alpha_t * h_phi_1 * x0  # the DDIM / DPM-Solver++(1) part
+    b_h = torch.expm1(-h)  # B(h) = e^-h - 1 for bh2, which is also h * phi_1
+    x_next = sigma_t / sigma_s * x - alpha_t * b_h * x0  # the DDIM / DPM-Solver++(1) part
     residual = 0
-    if x0_back is not None:
+    if back is not None:
+        x0_back, lambda_back, rho = back
         r = (lambda_back - lambda_s) / h  # where the earlier prediction sits, in units of h
-        residual = rho_back * ((x0_back - x0) / r)
-    if x0_new is not None:
-        residual = residual + rho_new * (x0_new - x0)
-    return x_next - alpha_t * h_phi_1 * residual
+        residual = rho * ((x0_back - x0) / r)
+    if new is not None:
+        x0_new, rho = new
+        residual = residual + rho * (x0_new - x0)
+    return x_next - alpha_t * b_h * residual
 
 
 def _unic_weights(sigma_from, sigma_to, lambda_back):
-    """The corrector's (rho_back, rho_new) for order 2: solve [[1, 1], [r, 1]] rho = b (Zhao et al. 2023)."""
+    """The order-2 corrector's weights (rho_back, rho_new): R rho = b with R = [[1, 1], [r, 1]] and
+    b_k = k! h phi_{k+1}(h) / B(h) (Zhao et al. 2023, with -h in the data-prediction form)."""
     _, _, lambda_s = _alpha_sigma_lambda(sigma_from)
     _, _, lambda_t = _alpha_sigma_lambda(sigma_to)
     h = lambda_t - lambda_s
     hh, b_h = -h, torch.expm1(-h)
-    phi_2 = b_h / hh - 1  # h phi_2(h) / h, then h phi_3 below
-    phi_3 = phi_2 / hh - 0.5
-    b1, b2 = phi_2 / b_h, 2 * phi_3 / b_h
+    h_phi_2 = b_h / hh - 1  # phi_1 - 1 = hh * phi_2(hh)
+    h_phi_3 = h_phi_2 / hh - 0.5  # phi_2 - 1/2 = hh * phi_3(hh)
+    b1, b2 = h_phi_2 / b_h, 2 * h_phi_3 / b_h
     r = (lambda_back - lambda_s) / h
-    rho_back = (b1 - b2) / (1 - r)
+    rho_back = (b1 - b2) / (1 - r)  # the 2x2 system solved by hand
     return rho_back, b1 - rho_back
 
 
@@ -397,18 +402,18 @@ def sample_unipc(model, x, config, steps, *, generator=None, progress=True, call
     for i in tqdm(range(start_step, steps), disable=not progress):
         x0 = _x0_from_vp(config.prediction_type, _call(model, x, timesteps[i]), x, sigmas[i])
         if x0_prev is not None:  # corrector: redo the last step with the model output at its end
-            if order_last == 1:
-                x = _unipc_update(x_last, x0_prev, sigmas[i - 1], sigmas[i], x0_new=x0, rho_new=0.5)
-            else:
+            if order_last == 1:  # UniC-1
+                x = _unipc_update(x_last, x0_prev, sigmas[i - 1], sigmas[i], new=(x0, 0.5))
+            else:  # UniC-2
                 rho_back, rho_new = _unic_weights(sigmas[i - 1], sigmas[i], lam(i - 2))
-                x = _unipc_update(x_last, x0_prev, sigmas[i - 1], sigmas[i], lam(i - 2), x0_prev2, rho_back,
-                                  x0, rho_new)
+                x = _unipc_update(x_last, x0_prev, sigmas[i - 1], sigmas[i], back=(x0_prev2, lam(i - 2), rho_back),
+                                  new=(x0, rho_new))
         order = 1 if x0_prev is None or i == steps - 1 else 2
         x_last = x
-        if order == 1:  # predictor
+        if order == 1:  # predictor UniP-1 (DPM-Solver++(1))
             x = _unipc_update(x, x0, sigmas[i], sigmas[i + 1])
-        else:
-            x = _unipc_update(x, x0, sigmas[i], sigmas[i + 1], lam(i - 1), x0_prev)
+        else:  # UniP-2
+            x = _unipc_update(x, x0, sigmas[i], sigmas[i + 1], back=(x0_prev, lam(i - 1), 0.5))
         x0_prev2, x0_prev, order_last = x0_prev, x0, order
         if callback is not None:
             callback(i - start_step, timesteps[i].item(), x)
@@ -417,7 +422,8 @@ def sample_unipc(model, x, config, steps, *, generator=None, progress=True, call
 
 SAMPLERS = {"ddpm": sample_ddpm, "ddim": sample_ddim, "plms": sample_plms, "euler": sample_euler,
             "euler_a": sample_euler_a, "heun": sample_heun, "dpmpp_2m": sample_dpmpp_2m, "unipc": sample_unipc}
-# The keyword options each sampler takes beyond the common ones, with the value that leaves it as is.
+# The keyword options each sampler takes beyond the common ones; OPTION_DEFAULTS holds the value of
+# each that changes nothing, so a caller may pass it to any sampler.
 SAMPLER_OPTIONS = {"ddpm": set(), "ddim": {"eta"}, "plms": set(), "euler": {"karras_sigmas"}, "euler_a": set(),
                    "heun": {"karras_sigmas"}, "dpmpp_2m": {"karras_sigmas"}, "unipc": {"karras_sigmas"}}
 OPTION_DEFAULTS = {"eta": 0.0, "karras_sigmas": False}
