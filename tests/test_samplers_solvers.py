@@ -407,3 +407,19 @@ def test_sd_img2img_matches_diffusers_img2img_pipeline(sd_models, monkeypatch, n
     print(f"SD img2img {name} karras={karras} 10 steps: relative error {error:.1e}")
     assert error <= RELATIVE_TOLERANCE
     assert ours.last_run.model_calls == num_model_calls(name, 6)
+
+
+@pytest.mark.parametrize("flip_sin_to_cos, freq_shift", [(True, 0), (False, 1)])
+def test_timestep_embedding_takes_fractional_t_as_diffusers_does(flip_sin_to_cos, freq_shift):
+    """Euler/Heun feed float32 (Karras: fractional) timesteps; integer ones embed as their LongTensor does."""
+    from diffusers.models.embeddings import get_timestep_embedding
+
+    from minidiff.unet import timestep_embedding
+
+    t = torch.tensor([999.0, 500.37, 12.6, 0.0296])
+    ours = timestep_embedding(t, 64, flip_sin_to_cos, freq_shift)
+    theirs = get_timestep_embedding(t, 64, flip_sin_to_cos=flip_sin_to_cos, downscale_freq_shift=freq_shift)
+    assert torch.equal(ours, theirs)
+    whole = torch.tensor([999, 500, 12, 0])
+    assert torch.equal(timestep_embedding(whole.float(), 64, flip_sin_to_cos, freq_shift),
+                       timestep_embedding(whole, 64, flip_sin_to_cos, freq_shift))
