@@ -168,8 +168,7 @@ class Pipeline:
 
     @torch.inference_mode()
     def generate(self, *, steps: int = 50, sampler: str = "ddim", eta: float = 0.0, karras_sigmas: bool = False,
-                 cache_interval: int = 1,
-                 cache_branch: int = 0, cache_schedule="uniform", seed: Optional[int] = None,
+                 cache_interval: int = 1, cache_branch: int = 0, cache_schedule="uniform", seed: Optional[int] = None,
                  noise: Optional[torch.Tensor] = None, batch_size: int = 1, class_labels=None,
                  guidance_scale: Optional[float] = None, prompt=None, negative_prompt=None,
                  height: Optional[int] = None, width: Optional[int] = None, output: str = "image",

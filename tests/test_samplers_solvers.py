@@ -6,7 +6,6 @@ scheduler made by from_config of the model's scheduler config. Errors are relati
 sample's scale (max |ours - theirs| / max |theirs|): random weights, and eps predictions taken at
 sigma ~ 150, leave final samples far from unit scale.
 """
-import math
 
 import diffusers
 import pytest
