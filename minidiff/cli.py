@@ -21,11 +21,15 @@ from .samplers import SAMPLERS
 # -- sample ----------------------------------------------------------------------------------------
 
 def sample_main(argv=None) -> int:
+    from .samplers import SAMPLERS
+
     parser = argparse.ArgumentParser(prog="minidiff sample", description="Sample a model, optionally with caching.")
     parser.add_argument("--model", required=True, help="minidiff model folder (see convert/ for public checkpoints)")
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--sampler", default="ddim", choices=sorted(SAMPLERS))
-    parser.add_argument("--eta", type=float, default=0.0)
+    parser.add_argument("--eta", type=float, default=0.0, help="DDIM noise (ddim only)")
+    parser.add_argument("--karras-sigmas", action="store_true", help="Karras et al. 2022 noise levels "
+                        "(euler, heun, dpmpp_2m, unipc)")
     parser.add_argument("--cache-interval", type=int, default=1, help="N: one full U-Net step every N steps")
     parser.add_argument("--cache-branch", type=int, default=0, help="skip connection the shallow path keeps")
     parser.add_argument("--cache-schedule", default="uniform", choices=["uniform", "nonuniform", "calibrated"])
@@ -56,7 +60,7 @@ def sample_main(argv=None) -> int:
         if labels and len(labels) == 1:
             labels = labels * batch
         prompt = args.prompt[0] if args.prompt and len(args.prompt) == 1 else args.prompt
-        images = pipe.generate(steps=args.steps, sampler=args.sampler, eta=args.eta,
+        images = pipe.generate(steps=args.steps, sampler=args.sampler, eta=args.eta, karras_sigmas=args.karras_sigmas,
                                cache_interval=args.cache_interval, cache_branch=args.cache_branch,
                                cache_schedule=args.cache_schedule, seed=args.seed, batch_size=batch,
                                class_labels=labels, prompt=prompt, negative_prompt=args.negative_prompt,

@@ -23,8 +23,8 @@ import torch
 from .cache import CachedUNet, load_calibrated, make_schedule
 from .checkpoint import (CheckpointError, atomic_folder, check_finite, load_weights, read_state_dict, save_json,
                          save_safetensors)
-from .samplers import SAMPLER_OPTIONS, SAMPLERS, num_model_calls
-from .schedules import NoiseSchedule, SchedulerConfig, make_timesteps
+from .samplers import SAMPLERS, num_model_calls, sampler_options, start_alpha_cumprod
+from .schedules import SchedulerConfig
 from .unet import UNet, UNetConfig
 
 FORMAT = "minidiff"
@@ -186,8 +186,8 @@ class Pipeline:
         return guided
 
     @torch.inference_mode()
-    def generate(self, *, steps: int = 50, sampler: str = "ddim", eta: float = 0.0, cache_interval: int = 1,
-                 cache_branch: int = 0, cache_schedule="uniform", seed: Optional[int] = None,
+    def generate(self, *, steps: int = 50, sampler: str = "ddim", eta: float = 0.0, karras_sigmas: bool = False,
+                 cache_interval: int = 1, cache_branch: int = 0, cache_schedule="uniform", seed: Optional[int] = None,
                  noise: Optional[torch.Tensor] = None, batch_size: int = 1, class_labels=None,
                  guidance_scale: Optional[float] = None, prompt=None, negative_prompt=None,
                  height: Optional[int] = None, width: Optional[int] = None, output: str = "image",
@@ -200,6 +200,7 @@ class Pipeline:
         img2img: `init_image` ((B or 1, 3, H, W) in [0, 1]) is encoded, noised to the step where
         `strength` of the `steps` remain, and denoised from there; `noise` is then the noise added.
         `center`/`power` are the old names of `cache_center`/`cache_power` (deprecated).
+        Sampler options (`eta`, `karras_sigmas`) are refused where the sampler does not take them.
         """
         if center is not None or power is not None:
             warnings.warn("generate(center=, power=) are deprecated: use cache_center= and cache_power=",
@@ -209,6 +210,12 @@ class Pipeline:
         _check_args(steps=steps, sampler=sampler, eta=eta, cache_interval=cache_interval,
                     batch_size=batch_size, guidance_scale=guidance_scale, output=output, seed=seed,
                     cache_power=cache_power)
+        options = sampler_options(sampler, eta=eta, karras_sigmas=karras_sigmas)
+        if cache_schedule == "calibrated" and isinstance(self.calibration, dict) \
+                and self.calibration.get("sampler", sampler) != sampler:
+            raise ValueError(f"this model's cache calibration was measured with the {self.calibration['sampler']} "
+                             f"sampler, not {sampler}; calibrate again with `minidiff analyze calibrate --sampler "
+                             f"{sampler}` or use another cache schedule")
         if isinstance(cache_branch, bool) or not isinstance(cache_branch, int) \
                 or not 0 <= cache_branch < self.unet.num_branches:
             raise ValueError(f"cache_branch must be an int in [0, {self.unet.num_branches - 1}], got {cache_branch!r}")
@@ -231,7 +238,7 @@ class Pipeline:
             generator.manual_seed(seed if seed is not None else torch.seed())
         if init_image is not None:
             x, start_step = self._img2img_start(init_image, strength, steps, noise, batch_size, height, width,
-                                                generator)
+                                                generator, sampler, options)
         else:
             x, start_step = self.initial_noise(batch_size, height=height, width=width, generator=generator,
                                                noise=noise), 0
@@ -254,7 +261,6 @@ class Pipeline:
             if callback is not None:
                 callback(i, t, x)
 
-        options = {name: value for name, value in (("eta", eta),) if name in SAMPLER_OPTIONS[sampler]}
         start = time.perf_counter()
         x = self.sample(cached, x, steps=steps, sampler=sampler, cond=cond, uncond=uncond,
                         guidance_scale=guidance_scale, generator=generator, progress=progress, callback=checked,
@@ -298,7 +304,7 @@ class Pipeline:
                 raise ValueError(f"{name} must be a multiple of {multiple} (the model's total downsampling) "
                                  f"between {multiple} and 16384, got {size!r}")
 
-    def _img2img_start(self, image, strength, steps, noise, batch_size, height, width, generator):
+    def _img2img_start(self, image, strength, steps, noise, batch_size, height, width, generator, sampler, options):
         """(noised latents, first step) for img2img, as diffusers' StableDiffusionImg2ImgPipeline:
         the image's mean latents noised to timesteps[t_start], t_start = steps - int(steps * strength)."""
         if self.autoencoder is None:
@@ -326,8 +332,7 @@ class Pipeline:
         elif noise.shape != latents.shape:
             raise ValueError(f"noise must have the latents' shape {tuple(latents.shape)}, got {tuple(noise.shape)}")
         start_step = steps - remaining
-        t = make_timesteps(self.scheduler, steps)[start_step]
-        alpha = NoiseSchedule.from_config(self.scheduler, latents.device).alphas_cumprod[t]
+        alpha = start_alpha_cumprod(sampler, self.scheduler, steps, start_step, **options).to(latents.device)
         x = alpha ** 0.5 * latents + (1 - alpha) ** 0.5 * noise.to(latents.device, latents.dtype)
         return x.to(self.dtype), start_step
 
@@ -380,9 +385,6 @@ def _check_args(*, steps, sampler, eta, cache_interval, batch_size, guidance_sca
         raise ValueError(f"unknown sampler {sampler!r}; choose one of {sorted(SAMPLERS)}")
     if not isinstance(eta, (int, float)) or not 0.0 <= eta <= 1.0:
         raise ValueError(f"eta must be a number in [0, 1], got {eta!r}")
-    if eta and "eta" not in SAMPLER_OPTIONS[sampler]:
-        users = " and ".join(sorted(name for name, options in SAMPLER_OPTIONS.items() if "eta" in options))
-        raise ValueError(f"eta applies to the {users} sampler only, not {sampler!r}")
     if not isinstance(cache_interval, int) or not 1 <= cache_interval <= 10_000:
         raise ValueError(f"cache_interval must be an int in [1, 10000], got {cache_interval!r}")
     if not isinstance(batch_size, int) or not 1 <= batch_size <= 4096:
