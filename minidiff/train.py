@@ -10,6 +10,10 @@ timesteps, label dropout, torch/numpy/python global state), so k steps + resume 
 over ranks is the single-process batch and averaged DDP gradients equal the full-batch gradient
 (dropout masks come from each rank's own global RNG, so with dropout > 0 that holds in distribution only).
 
+A run lives in one folder: a fresh run refuses a folder holding another run's outputs (resume it,
+or pass overwrite=True to delete just those), and a resumed run writes where it was resumed from.
+SIGINT/SIGTERM (Ctrl-C) stop after the current step with a checkpoint, and say how to resume.
+
 out_dir/checkpoint/ is replaced as a whole, in one rename (a kill mid-write keeps the previous one):
     model/                    the EMA weights as a native pipeline folder (minidiff.pipeline.load)
     train_state.safetensors   raw weights, optimizer moments, generator states
@@ -25,8 +29,12 @@ import io
 import json
 import os
 import random
+import shutil
+import signal
+import sys
+import threading
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Optional
 
@@ -36,8 +44,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .checkpoint import CheckpointError, atomic_folder, atomic_path, load_weights, read_state_dict, save_json, \
-    save_safetensors
+from .checkpoint import TRAINING_KIND, CheckpointError, atomic_folder, atomic_path, folder_kind, load_weights, \
+    read_state_dict, remove_folder, save_json, save_safetensors
 from .config import config_from_dict, config_to_dict
 from .data import ImageSet, load_dataset, save_grid
 from .pipeline import Pipeline, load
@@ -176,9 +184,26 @@ def _distributed() -> tuple:
 
 # -- the loop ----------------------------------------------------------------------------------------
 
-def train(config: TrainConfig, resume=None) -> Trained:
-    """Train (or continue training from checkpoint folder `resume`) and return the result."""
+class TrainingInterrupted(KeyboardInterrupt):
+    """Training stopped on SIGINT/SIGTERM after saving a checkpoint; the message says how to resume."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.exit_code = 128 + signum  # what a shell reports for a process the signal ended
+
+
+def train(config: TrainConfig, resume=None, *, overwrite: bool = False) -> Trained:
+    """Train (or continue training the run in folder `resume`) and return the result.
+
+    A fresh run refuses an out_dir holding another run's outputs unless `overwrite`, which deletes
+    those outputs (checkpoint/, samples/step_*.png, loss.csv, loss.png) and nothing else. A resumed
+    run continues in `resume`, wherever the checkpoint was first written.
+    """
     cfg = config
+    if resume is not None:
+        if overwrite:
+            raise ValueError("resume continues a run and overwrite starts a new one; pass one of them")
+        cfg = replace(cfg, out_dir=str(_resume_folder(resume, cfg)))
     rank, world, own_group = _distributed()
     if cfg.batch_size % world:
         raise ValueError(f"batch_size {cfg.batch_size} must be divisible by the number of processes {world}")
@@ -186,6 +211,11 @@ def train(config: TrainConfig, resume=None) -> Trained:
     device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu")
     out_dir = Path(cfg.out_dir)
     try:
+        if resume is None:
+            _claim_run_folder(out_dir, overwrite, clear=main)
+        if main:
+            print(f"writing to {out_dir}" + (" (resuming the run there)" if resume is not None else " (a new run)"),
+                  flush=True)
         data = load_dataset(cfg.dataset, cfg.image_size, cfg.channels)
         torch.manual_seed(cfg.seed)
         np.random.seed(cfg.seed)
@@ -214,52 +244,152 @@ def train(config: TrainConfig, resume=None) -> Trained:
         bar = tqdm(total=cfg.steps, initial=step, disable=not (main and cfg.progress), dynamic_ncols=True)
         model.train()
         clock = rate_clock = time.perf_counter()  # clock: training time so far; rate_clock: since the last log
-        rate_step = step
-        while step < cfg.steps:
-            x0, noise, t, cond = (None if v is None else v[shard].to(device)
-                                  for v in draw_batch(cfg, data, order, noise_gen))
-            a = alphas_cumprod[t][:, None, None, None]
-            xt = a.sqrt() * x0 + (1 - a).sqrt() * noise  # q(x_t | x_0)
-            for group in optimizer.param_groups:
-                group["lr"] = cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup_steps))
-            loss = F.mse_loss(net(xt, t, cond), noise)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            optimizer.step()
-            _update_ema(ema, model, min(cfg.ema_decay, (1 + step) / (10 + step)))
-            step += 1
-            loss_sum[0] += loss.item()
-            loss_sum[1] += 1
+        rate_step = saved_step = step
+        stop = _StopRequest()
+        with stop:
+            while step < cfg.steps:
+                x0, noise, t, cond = (None if v is None else v[shard].to(device)
+                                      for v in draw_batch(cfg, data, order, noise_gen))
+                a = alphas_cumprod[t][:, None, None, None]
+                xt = a.sqrt() * x0 + (1 - a).sqrt() * noise  # q(x_t | x_0)
+                for group in optimizer.param_groups:
+                    group["lr"] = cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup_steps))
+                loss = F.mse_loss(net(xt, t, cond), noise)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                optimizer.step()
+                _update_ema(ema, model, min(cfg.ema_decay, (1 + step) / (10 + step)))
+                step += 1
+                loss_sum[0] += loss.item()
+                loss_sum[1] += 1
 
-            if step % cfg.log_every == 0 or step == cfg.steps:
-                mean_loss = torch.tensor(loss_sum[0] / loss_sum[1], device=device)
-                if world > 1:
-                    dist.all_reduce(mean_loss)
-                    mean_loss /= world
-                now = time.perf_counter()
-                rate = (step - rate_step) * cfg.batch_size / (now - rate_clock)
-                seconds, clock = seconds + now - clock, now
-                rate_clock, rate_step = now, step
-                losses.append((step, float(mean_loss), rate, seconds))
-                loss_sum = [0.0, 0]
-                bar.set_postfix(loss=f"{float(mean_loss):.4f}", img_s=f"{rate:.0f}")
-            bar.update(1)
-            if main and cfg.sample_every and (step % cfg.sample_every == 0 or step == cfg.steps):
-                _sample_grid(pipeline, out_dir / "samples" / f"step_{step:06d}.png", cfg.sample_steps)
-                plot_loss(losses, out_dir / "loss.png", missing_ok=True)
-            if step % cfg.ckpt_every == 0 or step == cfg.steps:
-                now = time.perf_counter()
-                seconds, clock = seconds + now - clock, now
-                if main:
-                    _write_checkpoint(out_dir, cfg, pipeline, model, optimizer, order, noise_gen, step, seconds,
-                                      losses, loss_sum)
-                model.train()
+                if step % cfg.log_every == 0 or step == cfg.steps:
+                    mean_loss = torch.tensor(loss_sum[0] / loss_sum[1], device=device)
+                    if world > 1:
+                        dist.all_reduce(mean_loss)
+                        mean_loss /= world
+                    now = time.perf_counter()
+                    rate = (step - rate_step) * cfg.batch_size / (now - rate_clock)
+                    seconds, clock = seconds + now - clock, now
+                    rate_clock, rate_step = now, step
+                    losses.append((step, float(mean_loss), rate, seconds))
+                    loss_sum = [0.0, 0]
+                    bar.set_postfix(loss=f"{float(mean_loss):.4f}", img_s=f"{rate:.0f}")
+                bar.update(1)
+                if main and cfg.sample_every and (step % cfg.sample_every == 0 or step == cfg.steps):
+                    _sample_grid(pipeline, out_dir / "samples" / f"step_{step:06d}.png", cfg.sample_steps)
+                    plot_loss(losses, out_dir / "loss.png", missing_ok=True)
+                if step % cfg.ckpt_every == 0 or step == cfg.steps:
+                    now = time.perf_counter()
+                    seconds, clock = seconds + now - clock, now
+                    if main:
+                        _write_checkpoint(out_dir, cfg, pipeline, model, optimizer, order, noise_gen, step, seconds,
+                                          losses, loss_sum)
+                    saved_step = step
+                    model.train()
+                if stop.requested(world, device):
+                    bar.close()
+                    now = time.perf_counter()
+                    seconds, clock = seconds + now - clock, now
+                    if main and saved_step != step:
+                        _write_checkpoint(out_dir, cfg, pipeline, model, optimizer, order, noise_gen, step, seconds,
+                                          losses, loss_sum)
+                    message = (f"stopped at step {step} of {cfg.steps}; the checkpoint in {out_dir / 'checkpoint'} "
+                               f"holds it. Continue with: minidiff train --resume {out_dir}")
+                    if main:
+                        print(message, flush=True)
+                    raise TrainingInterrupted(message, stop.signum)
         bar.close()
         return Trained(pipeline, model, optimizer, step, losses)
     finally:
         if own_group:
             dist.destroy_process_group()
+
+
+class _StopRequest:
+    """While active, SIGINT/SIGTERM ask the loop to stop after the current step (and save); a second
+    signal stops at once, leaving the last checkpoint, which is always whole, as it is."""
+
+    def __init__(self):
+        self.signum: Optional[int] = None
+        self.previous: dict = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():  # handlers can only be set there
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self.previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum, frame):
+        if self.signum is not None:
+            raise KeyboardInterrupt
+        self.signum = signum
+        print(f"\n{signal.Signals(signum).name}: saving a checkpoint after this step (signal again to quit "
+              "without saving)", file=sys.stderr, flush=True)
+
+    def requested(self, world: int, device) -> bool:
+        """Whether any process was asked to stop (all ranks must stop at the same step)."""
+        if world == 1:
+            return self.signum is not None
+        flag = torch.tensor(0 if self.signum is None else self.signum, device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        self.signum = int(flag) or None
+        return self.signum is not None
+
+
+# What training writes into out_dir; a fresh run must not mix with another run's.
+RUN_OUTPUTS = ("checkpoint", "loss.csv", "loss.png")
+
+
+def _resume_folder(resume, cfg: TrainConfig) -> Path:
+    """The run folder that `resume` names (the folder holding checkpoint/, or checkpoint/ itself)."""
+    path, folder = checkpoint_dir(resume), Path(resume)
+    if path == folder:  # the checkpoint folder itself was named
+        if path.name != "checkpoint":
+            raise CheckpointError(f"{path} holds a checkpoint but is not named checkpoint/; pass the run folder "
+                                  "that holds checkpoint/ to --resume")
+        folder = path.parent
+    saved = json.loads((path / "train_state.json").read_text())["config"].get("out_dir")
+    asked = Path(cfg.out_dir).resolve()
+    if asked not in (folder.resolve(), Path(saved or folder).resolve()):
+        raise ValueError(f"resuming continues in {folder}, but out_dir asks for {cfg.out_dir}; to branch a run, copy "
+                         "its folder and resume the copy")
+    return folder
+
+
+def _claim_run_folder(out_dir: Path, overwrite: bool, clear: bool):
+    """A fresh run refuses a folder with another run's outputs; `overwrite` deletes those (only those)."""
+    samples = sorted((out_dir / "samples").glob("step_*.png"))
+    found = [name for name in RUN_OUTPUTS if (out_dir / name).exists()] + (["samples/"] if samples else [])
+    if not found:
+        return
+    checkpoint = out_dir / "checkpoint"
+    if not overwrite:
+        try:
+            at = f", at step {json.loads((checkpoint / 'train_state.json').read_text())['step']}"
+        except (OSError, ValueError, KeyError, TypeError):
+            at = ""
+        raise FileExistsError(f"{out_dir} already holds a training run ({', '.join(found)}{at}); continue it with "
+                              f"--resume {out_dir}, or pass --overwrite to delete its checkpoint, sample grids and "
+                              "loss log and start again")
+    if checkpoint.exists() and folder_kind(checkpoint) != TRAINING_KIND:
+        raise FileExistsError(f"{checkpoint} is not a training checkpoint, so --overwrite leaves it (and the run "
+                              "folder) untouched; choose another --out-dir")
+    if not clear:
+        return
+    if checkpoint.exists():
+        remove_folder(checkpoint)
+    for png in samples:
+        png.unlink()
+    if (out_dir / "samples").is_dir() and not any((out_dir / "samples").iterdir()):
+        (out_dir / "samples").rmdir()
+    for name in ("loss.csv", "loss.png"):
+        (out_dir / name).unlink(missing_ok=True)
 
 
 def draw_batch(cfg: TrainConfig, data: ImageSet, order: BatchOrder, noise_gen: torch.Generator) -> tuple:
@@ -314,7 +444,7 @@ def _write_checkpoint(out_dir, cfg, pipeline, model, optimizer, order, noise_gen
     }
     pipeline.meta = {"training": {"step": step, "seconds": round(seconds, 1), "config": cfg.to_dict()}}
     csv_text = _loss_csv(losses)
-    with atomic_folder(out_dir / "checkpoint", overwrite=True) as tmp:
+    with atomic_folder(out_dir / "checkpoint", overwrite=True, kind=TRAINING_KIND, marker=True) as tmp:
         pipeline.save(tmp / "model")
         save_safetensors(tensors, tmp / "train_state.safetensors")
         save_json(meta, tmp / "train_state.json")
@@ -422,7 +552,9 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="minidiff train", description="Train a small diffusion U-Net (DDPM epsilon loss).",
                                 argument_default=argparse.SUPPRESS)
     p.add_argument("--preset", choices=sorted(PRESETS), help="model size; explicit model flags override it")
-    p.add_argument("--resume", metavar="DIR", help="continue from DIR (a run's out_dir or its checkpoint/)")
+    p.add_argument("--resume", metavar="DIR", help="continue the run in DIR (a run's out_dir or its checkpoint/)")
+    p.add_argument("--overwrite", action="store_true", help="start afresh in an out_dir holding a run, deleting "
+                   "its checkpoint, sample grids and loss log")
     for f in fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         text = FLAG_HELP.get(f.name, f"default {f.default}")
@@ -448,12 +580,16 @@ def main(argv=None) -> Trained:
     """`minidiff train`: flags mirror TrainConfig; with --resume, unspecified flags come from the checkpoint."""
     args = vars(_parser().parse_args(argv))
     resume = args.pop("resume", None)
+    overwrite = args.pop("overwrite", False)
     settings: dict = {}
     if resume is not None:
         settings = json.loads((checkpoint_dir(resume) / "train_state.json").read_text())["config"]
     settings.update(PRESETS.get(args.pop("preset", None), {}))
     settings.update(args)
-    return train(config_from_dict(TrainConfig, settings), resume=resume)
+    try:
+        return train(config_from_dict(TrainConfig, settings), resume=resume, overwrite=overwrite)
+    except TrainingInterrupted as stopped:  # already said where the checkpoint is and how to resume
+        raise SystemExit(stopped.exit_code) from None
 
 
 if __name__ == "__main__":

@@ -471,7 +471,6 @@ KNOWN_LOAD_BUGS = {  # pipeline.load / cache.load_calibrated: reported, not yet 
     "config.json without unet": _write("config.json", '{"format": "minidiff"}'),  # KeyError: 'unet'
     "scheduler.json is a JSON list": _write("scheduler.json", "[]"),  # AttributeError in SchedulerConfig.from_dict
     "config.json is a folder": lambda f: ((f / "config.json").unlink(), (f / "config.json").mkdir()),  # OSError
-    "corrupt calibration.json": _write("calibration.json", "{"),  # bare JSONDecodeError without the path
 }
 
 
