@@ -303,7 +303,7 @@ class Pipeline:
                              f"would need about {need / 2 ** 30:.1f} GiB for activations, more than the "
                              f"{free / 2 ** 30:.1f} GiB free on {self.device}; lower height/width or batch_size")
         warnings.warn(f"{size} is over {self.LARGE_FACTOR}x the {trained_px} px this model was trained at: expect "
-                      f"about {need / 2 ** 30:.2f} GiB of activations and slow, poor samples", stacklevel=3)
+                      f"about {need / 2 ** 30:.2f} GiB of activations per U-Net call and a long run", stacklevel=4)
 
     def _img2img_start(self, image, strength, steps, noise, batch_size, height, width, generator):
         """(noised latents, first step) for img2img, as diffusers' StableDiffusionImg2ImgPipeline:
