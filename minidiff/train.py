@@ -29,7 +29,6 @@ import io
 import json
 import os
 import random
-import shutil
 import signal
 import sys
 import threading
@@ -210,6 +209,7 @@ def train(config: TrainConfig, resume=None, *, overwrite: bool = False) -> Train
     main = rank == 0
     device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu")
     out_dir = Path(cfg.out_dir)
+    stop = _StopRequest()
     try:
         if resume is None:
             _claim_run_folder(out_dir, overwrite, clear=main)
@@ -245,85 +245,85 @@ def train(config: TrainConfig, resume=None, *, overwrite: bool = False) -> Train
         model.train()
         clock = rate_clock = time.perf_counter()  # clock: training time so far; rate_clock: since the last log
         rate_step = saved_step = step
-        stop = _StopRequest()
-        with stop:
-            while step < cfg.steps:
-                x0, noise, t, cond = (None if v is None else v[shard].to(device)
-                                      for v in draw_batch(cfg, data, order, noise_gen))
-                a = alphas_cumprod[t][:, None, None, None]
-                xt = a.sqrt() * x0 + (1 - a).sqrt() * noise  # q(x_t | x_0)
-                for group in optimizer.param_groups:
-                    group["lr"] = cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup_steps))
-                loss = F.mse_loss(net(xt, t, cond), noise)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-                optimizer.step()
-                _update_ema(ema, model, min(cfg.ema_decay, (1 + step) / (10 + step)))
-                step += 1
-                loss_sum[0] += loss.item()
-                loss_sum[1] += 1
+        stop.install()
+        while step < cfg.steps:
+            x0, noise, t, cond = (None if v is None else v[shard].to(device)
+                                  for v in draw_batch(cfg, data, order, noise_gen))
+            a = alphas_cumprod[t][:, None, None, None]
+            xt = a.sqrt() * x0 + (1 - a).sqrt() * noise  # q(x_t | x_0)
+            for group in optimizer.param_groups:
+                group["lr"] = cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup_steps))
+            loss = F.mse_loss(net(xt, t, cond), noise)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            optimizer.step()
+            _update_ema(ema, model, min(cfg.ema_decay, (1 + step) / (10 + step)))
+            step += 1
+            loss_sum[0] += loss.item()
+            loss_sum[1] += 1
 
-                if step % cfg.log_every == 0 or step == cfg.steps:
-                    mean_loss = torch.tensor(loss_sum[0] / loss_sum[1], device=device)
-                    if world > 1:
-                        dist.all_reduce(mean_loss)
-                        mean_loss /= world
-                    now = time.perf_counter()
-                    rate = (step - rate_step) * cfg.batch_size / (now - rate_clock)
-                    seconds, clock = seconds + now - clock, now
-                    rate_clock, rate_step = now, step
-                    losses.append((step, float(mean_loss), rate, seconds))
-                    loss_sum = [0.0, 0]
-                    bar.set_postfix(loss=f"{float(mean_loss):.4f}", img_s=f"{rate:.0f}")
-                bar.update(1)
-                if main and cfg.sample_every and (step % cfg.sample_every == 0 or step == cfg.steps):
-                    _sample_grid(pipeline, out_dir / "samples" / f"step_{step:06d}.png", cfg.sample_steps)
-                    plot_loss(losses, out_dir / "loss.png", missing_ok=True)
-                if step % cfg.ckpt_every == 0 or step == cfg.steps:
-                    now = time.perf_counter()
-                    seconds, clock = seconds + now - clock, now
-                    if main:
-                        _write_checkpoint(out_dir, cfg, pipeline, model, optimizer, order, noise_gen, step, seconds,
-                                          losses, loss_sum)
-                    saved_step = step
-                    model.train()
-                if stop.requested(world, device):
-                    bar.close()
-                    now = time.perf_counter()
-                    seconds, clock = seconds + now - clock, now
-                    if main and saved_step != step:
-                        _write_checkpoint(out_dir, cfg, pipeline, model, optimizer, order, noise_gen, step, seconds,
-                                          losses, loss_sum)
-                    message = (f"stopped at step {step} of {cfg.steps}; the checkpoint in {out_dir / 'checkpoint'} "
-                               f"holds it. Continue with: minidiff train --resume {out_dir}")
-                    if main:
-                        print(message, flush=True)
-                    raise TrainingInterrupted(message, stop.signum)
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                mean_loss = torch.tensor(loss_sum[0] / loss_sum[1], device=device)
+                if world > 1:
+                    dist.all_reduce(mean_loss)
+                    mean_loss /= world
+                now = time.perf_counter()
+                rate = (step - rate_step) * cfg.batch_size / (now - rate_clock)
+                seconds, clock = seconds + now - clock, now
+                rate_clock, rate_step = now, step
+                losses.append((step, float(mean_loss), rate, seconds))
+                loss_sum = [0.0, 0]
+                bar.set_postfix(loss=f"{float(mean_loss):.4f}", img_s=f"{rate:.0f}")
+            bar.update(1)
+            if main and cfg.sample_every and (step % cfg.sample_every == 0 or step == cfg.steps):
+                _sample_grid(pipeline, out_dir / "samples" / f"step_{step:06d}.png", cfg.sample_steps)
+                plot_loss(losses, out_dir / "loss.png", missing_ok=True)
+            if step % cfg.ckpt_every == 0 or step == cfg.steps:
+                now = time.perf_counter()
+                seconds, clock = seconds + now - clock, now
+                if main:
+                    _write_checkpoint(out_dir, cfg, pipeline, model, optimizer, order, noise_gen, step, seconds,
+                                      losses, loss_sum)
+                saved_step = step
+                model.train()
+            if stop.requested(world, device):
+                bar.close()
+                now = time.perf_counter()
+                seconds, clock = seconds + now - clock, now
+                if main and saved_step != step:
+                    _write_checkpoint(out_dir, cfg, pipeline, model, optimizer, order, noise_gen, step, seconds,
+                                      losses, loss_sum)
+                message = (f"stopped at step {step} of {cfg.steps}; the checkpoint in {out_dir / 'checkpoint'} "
+                           f"holds it. Continue with: minidiff train --resume {out_dir}")
+                if main:
+                    print(message, flush=True)
+                raise TrainingInterrupted(message, stop.signum)
         bar.close()
         return Trained(pipeline, model, optimizer, step, losses)
     finally:
+        stop.restore()
         if own_group:
             dist.destroy_process_group()
 
 
 class _StopRequest:
-    """While active, SIGINT/SIGTERM ask the loop to stop after the current step (and save); a second
+    """Once installed, SIGINT/SIGTERM ask the loop to stop after the current step (and save); a second
     signal stops at once, leaving the last checkpoint, which is always whole, as it is."""
 
     def __init__(self):
         self.signum: Optional[int] = None
         self.previous: dict = {}
 
-    def __enter__(self):
+    def install(self):
         if threading.current_thread() is threading.main_thread():  # handlers can only be set there
             for sig in (signal.SIGINT, signal.SIGTERM):
                 self.previous[sig] = signal.signal(sig, self._handle)
-        return self
 
-    def __exit__(self, *exc):
+    def restore(self):
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
+        self.previous.clear()
 
     def _handle(self, signum, frame):
         if self.signum is not None:
