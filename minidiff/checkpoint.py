@@ -217,9 +217,70 @@ def check_conversion_paths(src, dst, overwrite: bool):
     src, dst = Path(src), Path(dst)
     if not src.exists():
         raise CheckpointError(f"{src} does not exist")
+    check_apart(src, dst)
     if dst.exists() and not overwrite:
         raise FileExistsError(f"{dst} exists; pass --overwrite to replace it")
+    check_replaceable(dst, MODEL_KIND)
     return src, dst
+
+
+def check_apart(src, dst):
+    """Refuse a destination that is the source, lies inside it or contains it: writing it would destroy the source."""
+    source, target = Path(src).resolve(), Path(dst).resolve()
+    if source == target:
+        raise ValueError(f"the destination {dst} is the source itself; writing it would replace the source. "
+                         "Choose a new folder for the output")
+    if target.is_relative_to(source):
+        raise ValueError(f"the destination {dst} lies inside the source {src}; the output must not be written into "
+                         "the source. Choose a folder outside it")
+    if source.is_relative_to(target):
+        raise ValueError(f"the source {src} lies inside the destination {dst}; replacing {dst} would delete the "
+                         "source. Choose a new folder for the output")
+
+
+# What a folder minidiff wrote is: config.json's "format" ("minidiff" for a model), or for folders
+# without one the kind named in this marker file.
+MODEL_KIND = "minidiff"
+OUTPUT_MARKER = ".minidiff-output"
+
+
+def folder_kind(path) -> Optional[str]:
+    """The kind of minidiff output folder `path` is ("minidiff" for a model), or None if it is none of ours."""
+    path = Path(path)
+    try:
+        config = json.loads((path / "config.json").read_text())
+        if isinstance(config, dict) and isinstance(config.get("format"), str):
+            return config["format"]
+    except (OSError, ValueError):
+        pass
+    try:
+        return (path / OUTPUT_MARKER).read_text().strip() or None
+    except (OSError, ValueError):
+        pass
+    if (path / "train_state.json").is_file() and (path / "model").is_dir():
+        return TRAINING_KIND  # written before markers existed
+    return None
+
+
+TRAINING_KIND = "training checkpoint"
+
+
+def check_replaceable(dst, kind: str = MODEL_KIND):
+    """`--overwrite` may replace only an empty folder or a previous output of the same kind; refuse anything else."""
+    dst = Path(dst)
+    if not dst.exists():
+        return
+    if not dst.is_dir():
+        raise FileExistsError(f"{dst} exists and is not a folder; it was left as it is")
+    entries = sorted(entry.name for entry in dst.iterdir())
+    if not entries:
+        return
+    found = folder_kind(dst)
+    if found != kind:
+        what = "a minidiff model" if kind == MODEL_KIND else f"a minidiff {kind}"
+        seen = f"a {found} folder" if found else f"{len(entries)} other entries ({_listing(entries, 5)})"
+        raise FileExistsError(f"{dst} is not {what} but holds {seen}; --overwrite replaces only an empty folder "
+                              f"or {what}, so nothing was touched. Choose a new folder name")
 
 
 # -- writing ----------------------------------------------------------------------------------------
@@ -276,6 +337,15 @@ def remove_stale_temps(target) -> list:
             entry.unlink(missing_ok=True)
         removed.append(entry)
     return removed
+
+
+def remove_folder(path):
+    """Delete a folder by renaming it aside first: a kill midway leaves a temporary that the next
+    write to `path` removes, never half a folder under its name."""
+    path = Path(path)
+    aside = _temp_sibling(path)
+    os.replace(path, aside)
+    shutil.rmtree(aside)
 
 
 @contextmanager
@@ -349,9 +419,11 @@ def _swap_in_slowly(tmp: Path, dst: Path):
 
 
 @contextmanager
-def atomic_folder(dst, *, overwrite: bool = False):
+def atomic_folder(dst, *, overwrite: bool = False, kind: str = MODEL_KIND, marker: bool = False):
     """Yield a temporary folder beside `dst`; on success it replaces `dst` in one rename.
 
+    With `overwrite`, only an empty folder or one of the same `kind` (see `folder_kind`) is
+    replaced; `marker` writes the kind into the new folder for outputs without a config.json.
     A crash or error leaves `dst` as it was (absent, or the previous version); the temporary
     folder a kill leaves behind is removed by the next write to `dst`.
     """
@@ -360,11 +432,12 @@ def atomic_folder(dst, *, overwrite: bool = False):
     remove_stale_temps(dst)
     if dst.exists() and not overwrite:
         raise FileExistsError(f"{dst} exists; pass overwrite=True (--overwrite) to replace it")
-    if dst.exists() and not dst.is_dir():
-        raise FileExistsError(f"{dst} exists and is not a folder")
+    check_replaceable(dst, kind)
     tmp = _temp_sibling(dst)
     tmp.mkdir()
     try:
+        if marker:
+            (tmp / OUTPUT_MARKER).write_text(kind + "\n")
         yield tmp
         for entry in sorted(tmp.rglob("*"), reverse=True):  # files before the folders holding them
             _fsync(entry)

@@ -154,7 +154,9 @@ def _train_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="minidiff train", description="Train a small diffusion U-Net (DDPM epsilon loss).",
                                 argument_default=argparse.SUPPRESS)
     p.add_argument("--preset", choices=sorted(PRESETS), help="model size; explicit model flags override it")
-    p.add_argument("--resume", metavar="DIR", help="continue from DIR (a run's out_dir or its checkpoint/)")
+    p.add_argument("--resume", metavar="DIR", help="continue the run in DIR (a run's out_dir or its checkpoint/)")
+    p.add_argument("--overwrite", action="store_true", help="start afresh in an out_dir holding a run, deleting "
+                   "its checkpoint, sample grids and loss log")
     for f in fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         text = TRAIN_FLAG_HELP.get(f.name, f"default {f.default}")
@@ -179,16 +181,20 @@ def _int_tuple(text: str) -> tuple:
 def train_main(argv=None):
     """`minidiff train`: flags mirror TrainConfig; with --resume, unspecified flags come from the checkpoint."""
     from .config import config_from_dict
-    from .train import PRESETS, TrainConfig, checkpoint_dir, train
+    from .train import PRESETS, TrainConfig, TrainingInterrupted, checkpoint_dir, train
 
     args = vars(_train_parser().parse_args(argv))
     resume = args.pop("resume", None)
+    overwrite = args.pop("overwrite", False)
     settings: dict = {}
     if resume is not None:
         settings = json.loads((checkpoint_dir(resume) / "train_state.json").read_text())["config"]
     settings.update(PRESETS.get(args.pop("preset", None), {}))
     settings.update(args)
-    return train(config_from_dict(TrainConfig, settings), resume=resume)
+    try:
+        return train(config_from_dict(TrainConfig, settings), resume=resume, overwrite=overwrite)
+    except TrainingInterrupted as stopped:  # already said where the checkpoint is and how to resume
+        raise SystemExit(stopped.exit_code) from None
 
 
 # -- toy metric ------------------------------------------------------------------------------------

@@ -10,8 +10,10 @@ The native folder:
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
+import os
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -56,8 +58,10 @@ class Pipeline:
         self.tokenizer = tokenizer
         self.null_class, self.class_names = null_class, class_names
         self.calibration = calibration
+        self.calibration_error: Optional[str] = None  # why a damaged calibration.json was skipped at load
         self.meta = dict(meta or {})
         self.last_run: Optional[RunStats] = None
+        unet.num_train_timesteps = scheduler.num_train_timesteps  # lets the U-Net refuse timesteps past it
 
     # -- properties ---------------------------------------------------------------------------
 
@@ -81,6 +85,7 @@ class Pipeline:
 
     def to(self, device=None, dtype=None) -> "Pipeline":
         """Move the models; the autoencoder stays float32 (half-precision decoding overflows)."""
+        check_dtype(self.device if device is None else torch.device(device), dtype)
         self.unet.to(device=device, dtype=dtype)
         if self.text_encoder is not None:
             self.text_encoder.to(device=device, dtype=dtype)
@@ -243,7 +248,11 @@ class Pipeline:
             x, start_step = self.initial_noise(batch_size, height=height, width=width, generator=generator,
                                                noise=noise), 0
 
+        self._check_memory(x, 2 if uncond is not None else 1)
+
         calls = num_model_calls(sampler, steps - start_step)
+        if cache_schedule == "calibrated" and self.calibration is None and self.calibration_error:
+            raise ValueError(self.calibration_error)
         calibrated = self.calibration if cache_schedule == "calibrated" else None
         full_steps = make_schedule(cache_schedule, calls, cache_interval, center=cache_center, power=cache_power,
                                    calibrated=calibrated, branch=cache_branch)
@@ -303,6 +312,34 @@ class Pipeline:
             if not isinstance(size, int) or size < multiple or size % multiple or size > 16384:
                 raise ValueError(f"{name} must be a multiple of {multiple} (the model's total downsampling) "
                                  f"between {multiple} and 16384, got {size!r}")
+
+    # Beyond this many times the trained size, generate states the memory it will take (and refuses
+    # when that exceeds what is free): 4096 px on a 16 px model reached 14 GB within 20 s.
+    LARGE_FACTOR = 8
+    # Peak activation memory of one U-Net call over the skip connections' total, measured on
+    # weights/digits-cond at 128-512 px (2.8-3.1x); the skips are all alive when decoding starts.
+    ACTIVATION_FACTOR = 3.2
+
+    def estimate_memory(self, height: int, width: int, batch_size: int = 1) -> int:
+        """Bytes of activations one U-Net call takes for latents of this size (batch doubles with guidance)."""
+        elements = sum(c * h * w for c, h, w in self.unet.skip_shapes(height, width))
+        return int(self.ACTIVATION_FACTOR * elements * batch_size * self.dtype.itemsize)
+
+    def _check_memory(self, x: torch.Tensor, copies: int):
+        trained = self.unet.config.sample_size or 32
+        height, width = x.shape[2], x.shape[3]
+        if max(height, width) <= self.LARGE_FACTOR * trained:
+            return
+        need = self.estimate_memory(height, width, x.shape[0] * copies)
+        free = available_memory(self.device)
+        size = f"{height * self.latent_scale}x{width * self.latent_scale}"
+        trained_px = trained * self.latent_scale
+        if free is not None and need > free:
+            raise ValueError(f"{size} is over {self.LARGE_FACTOR}x the {trained_px} px this model was trained at and "
+                             f"would need about {need / 2 ** 30:.1f} GiB for activations, more than the "
+                             f"{free / 2 ** 30:.1f} GiB free on {self.device}; lower height/width or batch_size")
+        warnings.warn(f"{size} is over {self.LARGE_FACTOR}x the {trained_px} px this model was trained at: expect "
+                      f"about {need / 2 ** 30:.2f} GiB of activations per U-Net call and a long run", stacklevel=4)
 
     def _img2img_start(self, image, strength, steps, noise, batch_size, height, width, generator, sampler, options):
         """(noised latents, first step) for img2img, as diffusers' StableDiffusionImg2ImgPipeline:
@@ -399,6 +436,44 @@ def _check_args(*, steps, sampler, eta, cache_interval, batch_size, guidance_sca
                          f"{cache_power!r}")
 
 
+@functools.lru_cache(maxsize=None)
+def check_dtype(device: torch.device, dtype: Optional[torch.dtype]):
+    """Refuse up front a dtype the model cannot compute in on `device` (tried once on a tiny input)."""
+    if dtype is None:
+        return
+    if dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+        raise ValueError(f"dtype must be torch.float32, torch.float16, torch.bfloat16 or torch.float64, got {dtype}")
+    if dtype in (torch.float32, torch.float64):
+        return
+    try:  # the kernels a U-Net needs: convolution, float32 group norm, attention, linear
+        x = torch.ones(1, 8, 4, 4, device=device, dtype=dtype)
+        h = torch.nn.functional.conv2d(x, torch.ones(8, 8, 3, 3, device=device, dtype=dtype), padding=1)
+        h = torch.nn.functional.group_norm(h.float(), 2).to(dtype).flatten(2).transpose(1, 2)
+        h = torch.nn.functional.scaled_dot_product_attention(h[None], h[None], h[None])
+        torch.nn.functional.linear(h, torch.ones(8, 8, device=device, dtype=dtype))
+    except (RuntimeError, NotImplementedError) as e:
+        raise ValueError(f"{dtype} does not run on {device} with this torch ({str(e).splitlines()[0][:120]}); use "
+                         "torch.float32 there") from None
+
+
+def available_memory(device: torch.device) -> Optional[int]:
+    """Bytes free for new allocations on `device`, or None where that cannot be read."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type != "cpu":
+        return None
+    try:
+        with open("/proc/meminfo") as f:
+            info = dict(line.split(":", 1) for line in f)
+        return int(info["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
 def _read_json(path: Path, what: str) -> dict:
     if not path.exists():
         raise CheckpointError(f"{path.parent} is not a minidiff model folder: {path.name} ({what}) is missing. "
@@ -466,7 +541,15 @@ def load(path, *, device="cpu", dtype: Optional[torch.dtype] = None, allow_nan: 
             check_finite(module.state_dict(), f"{weights} ({name})")
     meta = {k: v for k, v in config.items() if k not in ("format", "format_version", "unet", "autoencoder",
                                                           "text_encoder", "null_class", "class_names")}
+    check_dtype(torch.device(device), dtype)
+    try:
+        calibration, calibration_error = load_calibrated(path / "calibration.json"), None
+    except ValueError as e:  # optional: only cache_schedule="calibrated" needs it
+        calibration, calibration_error = None, str(e)
+        warnings.warn(f"{calibration_error}. The model loads without it; cache_schedule='calibrated' is unavailable",
+                      stacklevel=2)
     pipe = Pipeline(unet, scheduler, autoencoder=autoencoder, text_encoder=text_encoder, tokenizer=tokenizer,
                     null_class=config.get("null_class"), class_names=config.get("class_names"),
-                    calibration=load_calibrated(path / "calibration.json"), meta=meta)
+                    calibration=calibration, meta=meta)
+    pipe.calibration_error = calibration_error
     return pipe.to(device=device, dtype=dtype)

@@ -88,10 +88,13 @@ class UNetConfig:
 
 
 class GroupNorm32(nn.GroupNorm):
-    """GroupNorm computed in float32, as openaimodel does, so half precision stays finite."""
+    """GroupNorm computed in float32, as openaimodel does, so half precision stays finite. The
+    parameters are cast with the input: CPU kernels refuse float32 input with half weights."""
 
     def forward(self, x):
-        return super().forward(x.float()).type(x.dtype)
+        weight = None if self.weight is None else self.weight.float()
+        bias = None if self.bias is None else self.bias.float()
+        return F.group_norm(x.float(), self.num_groups, weight, bias, self.eps).type(x.dtype)
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, flip_sin_to_cos: bool, freq_shift: float) -> torch.Tensor:
@@ -275,7 +278,8 @@ class Layer(nn.ModuleList):
 
 @dataclass
 class FeatureCache:
-    """The decoder state entering output_blocks[-1 - branch], kept from the last full step."""
+    """The decoder state entering output_blocks[-1 - branch], kept from the last full step; `branch`
+    records where it was taken, so a shallow step can check the cache belongs to it."""
 
     branch: int
     hidden: torch.Tensor
@@ -345,6 +349,8 @@ class UNet(nn.Module):
         self.to(memory_format=torch.channels_last)
         # Called as recorder(name, tensor) for every layer output when set (see minidiff.analysis).
         self.recorder: Optional[Callable[[str, torch.Tensor], None]] = None
+        # The noise schedule's length when known (a Pipeline sets it): timesteps must lie below it.
+        self.num_train_timesteps: Optional[int] = None
 
     @property
     def num_branches(self) -> int:
@@ -416,6 +422,49 @@ class UNet(nn.Module):
             raise ValueError(f"image size {x.shape[2]}x{x.shape[3]} is not divisible by {f}, the network's "
                              f"total downsampling; use a multiple of {f}")
 
+    def _check_timesteps(self, t):
+        """NaN, negative or past the schedule is an error. Checked where it costs no device sync:
+        Python numbers and CPU tensors (the samplers' timesteps); device tensors are trusted."""
+        if torch.is_tensor(t):
+            if t.device.type != "cpu" or t.numel() == 0:
+                return
+            low, high = (t.min(), t.max()) if t.numel() > 1 else (t, t)
+            low, high = float(low), float(high)
+        elif isinstance(t, (int, float)) and not isinstance(t, bool):
+            low = high = float(t)
+        else:
+            return  # lists and the like: torch.as_tensor in embed decides
+        last = self.num_train_timesteps
+        if not (math.isfinite(low) and math.isfinite(high)) or low < 0 or (last is not None and high >= last):
+            bad = low if not math.isfinite(low) or low < 0 else high
+            span = f"[0, {last})" if last is not None else "[0, the schedule's length)"
+            raise ValueError(f"timestep t={bad} lies outside the noise schedule {span}; pass t from the schedule "
+                             "(e.g. minidiff.schedules.make_timesteps)")
+
+    def _check_cache(self, x, cache: "FeatureCache", branch: Optional[int]):
+        """The cheap facts that tie a cache to this call: branch, batch, channels, spatial size, dtype, device."""
+        if not isinstance(cache, FeatureCache):
+            raise TypeError(f"cache must be the FeatureCache returned by forward_full, got {type(cache).__name__}")
+        self._check_branch(cache.branch)
+        if branch is not None and branch != cache.branch:
+            raise ValueError(f"the cache was taken at branch {cache.branch}, this shallow step asks for branch "
+                             f"{branch}; run forward_full with branch={branch} first")
+        hidden = cache.hidden
+        if not torch.is_tensor(hidden) or hidden.ndim != 4:
+            raise ValueError(f"cache.hidden must be a (B, C, H, W) tensor, got "
+                             f"{tuple(hidden.shape) if torch.is_tensor(hidden) else type(hidden).__name__}")
+        if hidden.shape[0] != x.shape[0]:
+            raise ValueError(f"the cache was made for batch {hidden.shape[0]}, this step has batch {x.shape[0]}")
+        skip_channels, height, width = self.skip_shapes(x.shape[2], x.shape[3])[cache.branch]
+        channels = self.output_blocks[-1 - cache.branch][0].conv1.in_channels - skip_channels  # h is cat with the skip
+        if tuple(hidden.shape[1:]) != (channels, height, width):
+            raise ValueError(f"the cache holds a {tuple(hidden.shape[1:])} feature, but branch {cache.branch} of a "
+                             f"{x.shape[2]}x{x.shape[3]} input needs ({channels}, {height}, {width}): it was made for "
+                             "another branch, size or model")
+        if hidden.dtype != x.dtype or hidden.device != x.device:
+            raise ValueError(f"the cache is {hidden.dtype} on {hidden.device}, the input {x.dtype} on {x.device}; "
+                             "make the cache with the same model, dtype and device")
+
     def _check_branch(self, branch: int):
         if isinstance(branch, bool) or not isinstance(branch, int) or not 0 <= branch < self.num_branches:
             raise ValueError(f"cache branch must be an int in [0, {self.num_branches - 1}], got {branch!r}")
@@ -452,23 +501,24 @@ class UNet(nn.Module):
     def forward(self, x, t, cond=None):
         """The whole network, nothing kept."""
         self._check_input(x)
+        self._check_timesteps(t)
         return self._full(x, t, cond, None)[0]
 
     def forward_full(self, x, t, cond=None, *, branch: int = 0):
         """The whole network; also returns the cache a later shallow step at `branch` reuses."""
         self._check_branch(branch)
         self._check_input(x)
+        self._check_timesteps(t)
         out, hidden = self._full(x, t, cond, len(self.output_blocks) - 1 - branch)
         return out, FeatureCache(branch, hidden)
 
-    def forward_shallow(self, x, t, cond=None, *, cache: FeatureCache):
-        """Only the skip branch: input_blocks[:b+1] and output_blocks[-1-b:], reusing the cached state."""
-        if not isinstance(cache, FeatureCache):
-            raise TypeError(f"cache must be the FeatureCache returned by forward_full, got {type(cache).__name__}")
-        self._check_branch(cache.branch)
+    def forward_shallow(self, x, t, cond=None, *, cache: FeatureCache, branch: Optional[int] = None):
+        """Only the skip branch: input_blocks[:b+1] and output_blocks[-1-b:], reusing the cached state.
+
+        `branch`, if given, must be the cache's; the cache must fit this input (checked cheaply)."""
         self._check_input(x)
-        if cache.hidden.shape[0] != x.shape[0]:
-            raise ValueError(f"the cache was made for batch {cache.hidden.shape[0]}, this step has batch {x.shape[0]}")
+        self._check_cache(x, cache, branch)
+        self._check_timesteps(t)
         return self._shallow(x, t, cond, cache.hidden, cache.branch)
 
     def _shallow(self, x, t, cond, hidden, branch):

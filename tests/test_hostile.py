@@ -471,7 +471,6 @@ DAMAGED_FOLDERS = {  # each once a crash deep inside load; now an error naming t
     "config.json without unet": _write("config.json", '{"format": "minidiff"}'),
     "scheduler.json is a JSON list": _write("scheduler.json", "[]"),
     "config.json is a folder": lambda f: ((f / "config.json").unlink(), (f / "config.json").mkdir()),
-    "corrupt calibration.json": _write("calibration.json", "{"),
 }
 
 
