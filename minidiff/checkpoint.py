@@ -3,7 +3,9 @@
 - `.safetensors` is read memory-mapped after its header is checked against the file size, so a
   truncated or hostile file is a clear error, never a huge allocation.
 - `.ckpt` / `.pt` / `.pth` / `.bin` pickles go through `torch.load(weights_only=True)`, which refuses
-  to build anything but tensors and plain containers, so no code in the file can run.
+  to build anything but tensors and plain containers, so no code in the file can run. PyTorch
+  Lightning checkpoints (CompVis LDM, SD 1.x `.ckpt`) also name Lightning's ModelCheckpoint class and
+  numpy scalars; those few names resolve to inert stand-ins here, never to Lightning or numpy code.
 - State dicts are checked key by key (missing, unexpected, mis-shaped, wrong kind of dtype) before
   any weight is assigned. A float tensor of another precision is cast (fp16 files into fp32 models).
 - Writes go to a temporary sibling `.NAME.PID.RANDOM.tmp`, are fsynced, then renamed into place;
@@ -131,9 +133,69 @@ def _byte_range(path: Path, name: str, info, data_len: int) -> tuple:
     return begin, end
 
 
+class _LightningClass:
+    """Stands in for a class a Lightning checkpoint names (its callbacks dict is keyed by the class);
+    it only remembers what the file gave it, so naming it runs nothing."""
+
+    def __init__(self, *args, **kwargs):
+        self.args, self.kwargs = args, kwargs
+
+    def __setstate__(self, state):
+        self.state = state
+
+
+class _NumpyDtype:
+    """Stands in for `numpy.dtype(code, align, copy)` and its pickled state; holds the type code only."""
+
+    code = None
+
+    def __init__(self, code=None, *args):
+        if code is not None:
+            self.code = code
+
+    def __setstate__(self, state):  # numpy's state: (version, byte order, ...)
+        self.byte_order = state[1] if isinstance(state, tuple) and len(state) > 1 else "|"
+
+
+_NUMPY_SCALAR = re.compile(r"[biuf][1248]|b1|\?")
+
+
+def _numpy_scalar(dtype, data=None):
+    """Stands in for numpy's scalar reconstructor: the number as a Python int/float/bool.
+
+    Only plain numeric codes are decoded; anything else comes back as the raw value (it is dropped
+    with the other non-tensor entries anyway)."""
+    import numpy
+
+    code = getattr(dtype, "code", None)
+    if not isinstance(code, str) or not _NUMPY_SCALAR.fullmatch(code) or not isinstance(data, bytes):
+        return data
+    order = getattr(dtype, "byte_order", "<")
+    numpy_dtype = numpy.dtype((order if order in "<>" else "") + code)
+    if len(data) != numpy_dtype.itemsize:
+        return data
+    return numpy.frombuffer(data, dtype=numpy_dtype, count=1)[0].item()
+
+
+def _lightning_globals() -> list:
+    """(stand-in, name) pairs for everything a Lightning checkpoint holds besides tensors and containers."""
+    pairs = [(_LightningClass, f"{package}.callbacks.model_checkpoint.ModelCheckpoint")
+             for package in ("pytorch_lightning", "lightning.pytorch")]
+    pairs += [(_numpy_scalar, f"{module}.multiarray.scalar") for module in ("numpy.core", "numpy._core")]
+    pairs.append((_NumpyDtype, "numpy.dtype"))
+    for name, code in (("Float64", "f8"), ("Float32", "f4"), ("Float16", "f2"), ("Int64", "i8"), ("Int32", "i4"),
+                       ("Int16", "i2"), ("Int8", "i1"), ("UInt8", "u1"), ("Bool", "b1")):
+        pairs.append((type(f"{name}DType", (_NumpyDtype,), {"code": code}), f"numpy.dtypes.{name}DType"))
+    return pairs
+
+
+_LIGHTNING_GLOBALS = _lightning_globals()
+
+
 def _read_pickle(path: Path) -> dict:
     try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+        with torch.serialization.safe_globals(_LIGHTNING_GLOBALS):
+            obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except pickle.UnpicklingError as e:
         # keep the line of torch's long message that names what the file wanted, e.g. "GLOBAL posix.system"
         lines = [ln for ln in str(e).splitlines() if "GLOBAL" in ln or "Unsupported" in ln]
