@@ -274,6 +274,41 @@ def load_weights(module: nn.Module, state_dict: dict, what: str = "model"):
     return module
 
 
+def build_loaded(build, state_dict: dict, what: str = "model", *, device="cpu",
+                 dtype: Optional[torch.dtype] = torch.float32, allow_nan: bool = False, source: str = ""):
+    """`build()` on the meta device, then the file's tensors become its parameters.
+
+    Nothing is initialised at random and nothing is copied when the file already holds `dtype` on
+    `device`: memory-mapped safetensors stay mapped, so loading costs one read of the file. Float
+    tensors of another precision, or for another device, are converted once, tensor by tensor, in
+    the memory format the module asked for (channels-last convolutions). `dtype=None` keeps the
+    file's float precision. Keys and shapes are checked first, finiteness on the final tensors.
+    """
+    with torch.device("meta"):
+        module = build()
+    check_state_dict(module, state_dict, what)
+    expected = module.state_dict()
+    device = torch.device(device)
+    tensors = {}
+    for key, value in state_dict.items():
+        target = dtype if dtype is not None and value.is_floating_point() else value.dtype
+        if value.device != device or value.dtype != target:
+            layout = expected[key]
+            channels_last = layout.ndim == 4 and not layout.is_contiguous() \
+                and layout.is_contiguous(memory_format=torch.channels_last)
+            value = value.to(device=device, dtype=target,
+                             memory_format=torch.channels_last if channels_last else torch.preserve_format)
+        tensors[key] = value
+    if not allow_nan:
+        check_finite(tensors, f"{source} ({what})" if source else what)
+    module.load_state_dict(tensors, strict=True, assign=True)
+    unset = [name for name, t in [*module.named_parameters(), *module.named_buffers()] if t.is_meta]
+    if unset:  # a buffer the file does not hold would need computing here; none of minidiff's modules has one
+        raise CheckpointError(f"the {what} has tensors no weight file holds: {_listing(unset)}; it cannot be "
+                              "loaded this way")
+    return module
+
+
 def check_conversion_paths(src, dst, overwrite: bool):
     """A converter's preconditions, checked before any work: SRC exists, DST is free or may go."""
     src, dst = Path(src), Path(dst)

@@ -32,6 +32,8 @@ BOS_ID = 49406  # ids of the two specials in CLIP's 49408-token vocabulary
 EOS_ID = 49407
 CONTEXT_LENGTH = 77
 END_OF_WORD = "</w>"
+# OpenAI's CLIP vocabulary (MIT; see assets/LICENSE-clip-bpe.txt), shipped as package data.
+DEFAULT_BPE = Path(__file__).resolve().parent / "assets" / "bpe_simple_vocab_16e6.txt.gz"
 
 # Unicode White_Space, which is what `\s` means to the Oniguruma regexes inside `tokenizers`.
 # Python's str.isspace() differs: it also counts U+001C..U+001F, which CLIP keeps as symbols.
@@ -172,6 +174,12 @@ class CLIPTokenizer:
         tokens = byte_tokens + [t + END_OF_WORD for t in byte_tokens]
         tokens += ["".join(pair) for pair in merges] + [BOS_TOKEN, EOS_TOKEN]
         return cls({token: i for i, token in enumerate(tokens)}, merges)
+
+    @classmethod
+    def default(cls) -> CLIPTokenizer:
+        """SD 1.x's tokenizer (CLIP ViT-L/14's), from the BPE vocabulary shipped with minidiff, so
+        single-file checkpoints, which hold no vocabulary, convert offline."""
+        return cls.from_bpe_gz(DEFAULT_BPE)
 
     def save(self, folder: str | Path) -> None:
         """Write `vocab.json` and `merges.txt` byte-for-byte in the layout diffusers ships."""
