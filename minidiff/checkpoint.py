@@ -274,6 +274,26 @@ def load_weights(module: nn.Module, state_dict: dict, what: str = "model"):
     return module
 
 
+_INITIALISERS = ("uniform_", "normal_", "trunc_normal_", "constant_", "ones_", "zeros_", "eye_", "dirac_",
+                 "xavier_uniform_", "xavier_normal_", "kaiming_uniform_", "kaiming_normal_", "orthogonal_")
+
+
+@contextmanager
+def _no_init():
+    """Module constructors skip torch.nn.init while a model is built for loading: on the meta
+    device it would do no work, yet some initialisers (normal_) first import torch's reference
+    implementations, seconds of a cold start."""
+    init = torch.nn.init
+    saved = {name: getattr(init, name) for name in _INITIALISERS if hasattr(init, name)}
+    try:
+        for name in saved:
+            setattr(init, name, lambda tensor, *args, **kwargs: tensor)
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(init, name, fn)
+
+
 def build_loaded(build, state_dict: dict, what: str = "model", *, device="cpu",
                  dtype: Optional[torch.dtype] = torch.float32, allow_nan: bool = False, source: str = ""):
     """`build()` on the meta device, then the file's tensors become its parameters.
@@ -284,7 +304,7 @@ def build_loaded(build, state_dict: dict, what: str = "model", *, device="cpu",
     the memory format the module asked for (channels-last convolutions). `dtype=None` keeps the
     file's float precision. Keys and shapes are checked first, finiteness on the final tensors.
     """
-    with torch.device("meta"):
+    with torch.device("meta"), _no_init():
         module = build()
     check_state_dict(module, state_dict, what)
     expected = module.state_dict()

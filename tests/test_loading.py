@@ -64,8 +64,13 @@ def test_nothing_is_initialised_at_random_when_loading(tmp_path, sd_like, monkey
         return real(tensor, *args, **kwargs)
 
     monkeypatch.setattr(torch.nn.init, "kaiming_uniform_", counting)
-    minidiff.load(tmp_path / "model")
-    assert calls and set(calls) == {"meta"}  # initialisers only ever saw shape-only tensors
+    UNet(UNET)
+    assert set(calls) == {"cpu"}  # the control: building for training initialises
+    calls.clear()
+    pipe = minidiff.load(tmp_path / "model")
+    assert calls == []  # loading never ran an initialiser, not even on shape-only tensors
+    assert torch.nn.init.kaiming_uniform_ is counting  # and put them all back
+    assert _same_weights(pipe.unet, sd_like.unet)
 
 
 def test_converted_tensors_keep_the_modules_memory_format(tmp_path):
