@@ -295,14 +295,17 @@ def _no_init():
 
 
 def build_loaded(build, state_dict: dict, what: str = "model", *, device="cpu",
-                 dtype: Optional[torch.dtype] = torch.float32, allow_nan: bool = False, source: str = ""):
+                 dtype: Optional[torch.dtype] = torch.float32, allow_nan: bool = False, source: str = "",
+                 check_on_first_use: bool = False):
     """`build()` on the meta device, then the file's tensors become its parameters.
 
     Nothing is initialised at random and nothing is copied when the file already holds `dtype` on
-    `device`: memory-mapped safetensors stay mapped, so loading costs one read of the file. Float
-    tensors of another precision, or for another device, are converted once, tensor by tensor, in
-    the memory format the module asked for (channels-last convolutions). `dtype=None` keeps the
-    file's float precision. Keys and shapes are checked first, finiteness on the final tensors.
+    `device`: memory-mapped safetensors stay mapped, and only the pages a computation touches are
+    ever read. Float tensors of another precision, or for another device, are converted once,
+    tensor by tensor, in the memory format the module asked for (channels-last convolutions).
+    `dtype=None` keeps the file's float precision. Keys and shapes are checked first. Finiteness is
+    checked now, or with `check_on_first_use` by each layer just before it first runs (see
+    `check_finite_on_first_use`), so loading never reads weights that are not needed yet.
     """
     with torch.device("meta"), _no_init():
         module = build()
@@ -319,14 +322,45 @@ def build_loaded(build, state_dict: dict, what: str = "model", *, device="cpu",
             value = value.to(device=device, dtype=target,
                              memory_format=torch.channels_last if channels_last else torch.preserve_format)
         tensors[key] = value
-    if not allow_nan:
-        check_finite(tensors, f"{source} ({what})" if source else what)
+    what_file = f"{source} ({what})" if source else what
+    if not allow_nan and not check_on_first_use:
+        check_finite(tensors, what_file)
     module.load_state_dict(tensors, strict=True, assign=True)
     unset = [name for name, t in [*module.named_parameters(), *module.named_buffers()] if t.is_meta]
     if unset:  # a buffer the file does not hold would need computing here; none of minidiff's modules has one
         raise CheckpointError(f"the {what} has tensors no weight file holds: {_listing(unset)}; it cannot be "
                               "loaded this way")
+    if not allow_nan and check_on_first_use:
+        check_finite_on_first_use(module, what_file)
     return module
+
+
+def check_finite_on_first_use(module: nn.Module, what: str = "model"):
+    """Each layer holding tensors checks them for NaN/Inf just before it first runs, then never
+    again: the check reads what the computation is about to read anyway, and weights never used
+    are never read. A damaged file still fails before any output, naming the tensors.
+    `finish_finite_checks(module)` runs the checks still pending at once."""
+    pending = {}
+
+    def check(layer, args=()):
+        name, handle = pending.pop(id(layer))
+        handle.remove()
+        own = [*layer.named_parameters(recurse=False), *layer.named_buffers(recurse=False)]
+        check_finite({f"{name}.{key}" if name else key: t for key, t in own}, what)
+
+    for name, layer in module.named_modules():
+        if next(layer.parameters(recurse=False), None) is not None or \
+                next(layer.buffers(recurse=False), None) is not None:
+            pending[id(layer)] = (name, layer.register_forward_pre_hook(check))
+    module._finite_checks = (pending, check)  # a plain attribute: read by finish_finite_checks
+
+
+def finish_finite_checks(module: nn.Module):
+    """Run now every finiteness check `check_finite_on_first_use` left pending (e.g. before compiling)."""
+    pending, check = module.__dict__.get("_finite_checks", ({}, None))
+    layers = {id(layer): layer for layer in module.modules()}
+    for key in list(pending):
+        check(layers[key])
 
 
 def check_conversion_paths(src, dst, overwrite: bool):

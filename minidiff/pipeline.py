@@ -394,12 +394,18 @@ def split_state_dict(sd: dict) -> dict:
     return parts
 
 
-def load(path, *, device="cpu", dtype: Optional[torch.dtype] = None, allow_nan: bool = False) -> Pipeline:
+def load(path, *, device="cpu", dtype: Optional[torch.dtype] = None, allow_nan: bool = False,
+         check: str = "first-use") -> Pipeline:
     """Load a native minidiff model folder (see convert/ for public checkpoints).
 
     `dtype` is the U-Net's and text encoder's precision, float32 unless given, whatever the file
     holds (a float16 file loads as float32 or, asked, as float16); the autoencoder stays float32.
+    Weights with NaN/Inf are refused (unless `allow_nan`): with `check="first-use"` by each layer
+    just before it first runs, so loading reads no weight it does not need yet; `check="now"`
+    reads them all before returning.
     """
+    if check not in ("first-use", "now"):
+        raise ValueError(f"check must be 'first-use' or 'now', got {check!r}")
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"model folder {path} does not exist")
@@ -425,7 +431,7 @@ def load(path, *, device="cpu", dtype: Optional[torch.dtype] = None, allow_nan: 
     # Built on the meta device, the mapped file's tensors become the parameters: one read, no copy
     # unless a dtype or device change needs one. The autoencoder stays float32 (see Pipeline.to).
     unet_dtype = torch.float32 if dtype is None else dtype
-    common = dict(device=device, allow_nan=allow_nan, source=str(weights))
+    common = dict(device=device, allow_nan=allow_nan, source=str(weights), check_on_first_use=check == "first-use")
     unet_config = UNetConfig.from_dict(config["unet"])
     unet = build_loaded(lambda: UNet(unet_config), parts.get("unet", {}), "U-Net", dtype=unet_dtype, **common)
     autoencoder = text_encoder = tokenizer = None

@@ -176,3 +176,61 @@ def test_default_tokenizer_equals_the_sd15_tokenizer():
         got = ours(prompts).tolist()
     assert len(prompts) > 300
     assert [i for i, (g, e) in enumerate(zip(got, expected)) if g != e] == []
+
+
+# -- finiteness checked by each layer before it first runs ----------------------------------------
+
+def _status_mib(field: str) -> float:
+    for line in open("/proc/self/status").read().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    pytest.skip(f"/proc/self/status has no {field} on this system")
+
+
+def test_loading_reads_no_weight_pages_until_they_are_used(tmp_path):
+    config = UNetConfig(model_channels=96, channel_mult=(1, 2, 2), num_res_blocks=2)  # ~55 MiB of weights
+    Pipeline(randomize(UNet(config)), SchedulerConfig()).save(tmp_path / "model")
+    size = (tmp_path / "model" / "model.safetensors").stat().st_size / 2**20
+    assert size > 40
+    before = _status_mib("RssFile") + _status_mib("RssAnon")
+    pipe = minidiff.load(tmp_path / "model")
+    after_load = _status_mib("RssFile") + _status_mib("RssAnon")
+    from minidiff.checkpoint import finish_finite_checks
+
+    finish_finite_checks(pipe.unet)  # the control: checking reads every page
+    after_check = _status_mib("RssFile") + _status_mib("RssAnon")
+    assert after_load - before < 0.25 * size, (after_load - before, size)
+    assert after_check - after_load > 0.75 * size, (after_check - after_load, size)
+
+
+def test_damaged_layers_are_refused_when_first_used_and_unused_ones_never_read(tmp_path, sd_like):
+    from minidiff.checkpoint import finish_finite_checks
+
+    damaged = Pipeline(sd_like.unet, sd_like.scheduler, autoencoder=randomize(Autoencoder(VAE), seed=9),
+                       text_encoder=sd_like.text_encoder, tokenizer=sd_like.tokenizer)
+    with torch.no_grad():
+        damaged.autoencoder.decoder.conv_out.bias[0] = float("inf")
+    damaged.save(tmp_path / "model")
+    pipe = minidiff.load(tmp_path / "model")
+    latents = pipe.generate(prompt="a red fox", steps=2, seed=0, progress=False, output="latent")
+    assert torch.isfinite(latents).all()  # the decoder was never needed, so never read
+    with pytest.raises(CheckpointError, match=r"autoencoder.*decoder\.conv_out\.bias.*allow_nan"):
+        pipe.generate(prompt="a red fox", steps=2, seed=0, progress=False)
+    with pytest.raises(CheckpointError, match=r"decoder\.conv_out\.bias"):
+        minidiff.load(tmp_path / "model", check="now")
+    with pytest.raises(CheckpointError, match=r"decoder\.conv_out\.bias"):
+        finish_finite_checks(minidiff.load(tmp_path / "model").autoencoder)
+    assert minidiff.load(tmp_path / "model", allow_nan=True).generate(
+        prompt="a red fox", steps=2, seed=0, progress=False).shape == (1, 3, 16, 16)
+
+
+def test_checks_run_once_and_leave_no_hooks_behind(tmp_path, sd_like):
+    sd_like.save(tmp_path / "model")
+    pipe = minidiff.load(tmp_path / "model")
+    hooked = lambda m: sum(len(layer._forward_pre_hooks) for layer in m.modules())  # noqa: E731
+    assert hooked(pipe.unet) > 10
+    pipe.generate(prompt="a red fox", steps=2, seed=0, progress=False)
+    assert hooked(pipe.unet) == hooked(pipe.text_encoder) == 0
+    assert hooked(pipe.autoencoder) > 0  # the encoder, unused by text-to-image, was never read
+    with pytest.raises(ValueError, match="first-use"):
+        minidiff.load(tmp_path / "model", check="later")
