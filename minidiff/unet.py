@@ -547,6 +547,9 @@ class UNet(nn.Module):
 
     def compile(self, **kwargs) -> "UNet":
         """torch.compile the full and the shallow path (each branch compiles once, on first use)."""
+        from .checkpoint import finish_finite_checks
+
+        finish_finite_checks(self)  # checks pending since a lazy load would break the compiled graph
         self._full = torch.compile(self._full, **kwargs)
         self._shallow = torch.compile(self._shallow, **kwargs)
         return self

@@ -234,3 +234,11 @@ def test_checks_run_once_and_leave_no_hooks_behind(tmp_path, sd_like):
     assert hooked(pipe.autoencoder) > 0  # the encoder, unused by text-to-image, was never read
     with pytest.raises(ValueError, match="first-use"):
         minidiff.load(tmp_path / "model", check="later")
+
+
+def test_compiling_runs_the_pending_checks_first(tmp_path, sd_like, monkeypatch):
+    sd_like.save(tmp_path / "model")
+    pipe = minidiff.load(tmp_path / "model")
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: fn)  # only the bookkeeping is under test
+    pipe.unet.compile()
+    assert sum(len(layer._forward_pre_hooks) for layer in pipe.unet.modules()) == 0
