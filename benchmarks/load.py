@@ -6,7 +6,8 @@ Builds once (cached under --work, default a folder in the system temp dir) a fac
 with random weights in every key and shape: a diffusers folder (UNet2DConditionModel, AutoencoderKL
 and CLIPTextModel built from the public configs, saved with save_pretrained as safetensors) and the
 same weights converted to minidiff's native folder. Then, in fresh subprocesses, alternating which
-goes first, each side loads U-Net + autoencoder + text encoder and runs one U-Net forward. Printed:
+goes first, each side loads U-Net, autoencoder, text encoder, tokenizer and noise schedule (what
+`minidiff.load` reads; no safety checker) and runs one U-Net forward. Printed:
 load + first forward time (after imports), the child's whole wall time, and its peak RSS
 (ru_maxrss), with minidiff / diffusers ratios. Goal: time <= 1, peak RSS <= 1.1.
 """
@@ -87,14 +88,16 @@ def child(side: str, work: Path, latent: int, batch: int, threads: int):
         with torch.inference_mode():
             out = pipe.unet(x, t, context)
     else:
-        from diffusers import AutoencoderKL, UNet2DConditionModel
-        from transformers import CLIPTextModel
+        from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
+        from transformers import CLIPTextModel, CLIPTokenizer
 
         imported = time.perf_counter()
-        folder = work / "diffusers"
+        folder = work / "diffusers"  # the components minidiff.load reads too
         unet = UNet2DConditionModel.from_pretrained(folder / "unet")
         AutoencoderKL.from_pretrained(folder / "vae")
         CLIPTextModel.from_pretrained(folder / "text_encoder")
+        CLIPTokenizer.from_pretrained(folder / "tokenizer")
+        PNDMScheduler.from_pretrained(folder / "scheduler")
         loaded = time.perf_counter()
         with torch.inference_mode():
             out = unet(x, t, encoder_hidden_states=context).sample

@@ -242,16 +242,12 @@ class CLIPTokenizer:
 
 def _parse_merges(lines: Sequence[str], source: Path, first_line: int) -> list[tuple[str, str]]:
     """Pairs from 'left right' lines; blank lines are skipped, anything else is an error."""
-    merges = []
-    for number, line in enumerate(lines, start=first_line):
-        if not line.strip():
-            continue
-        pair = line.split()
-        if len(pair) != 2:
+    pairs = [line.split() for line in lines]  # one pass; models load this file every time
+    for number, (line, pair) in enumerate(zip(lines, pairs), start=first_line):
+        if len(pair) not in (0, 2):
             raise ValueError(f"{source} line {number} should hold two tokens separated by a space, got "
                              f"{line[:80]!r}; the merges file is malformed.")
-        merges.append((pair[0], pair[1]))
-    return merges
+    return [(pair[0], pair[1]) for pair in pairs if pair]
 
 
 # ---------------------------------------------------------------------------------------------------
