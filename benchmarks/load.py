@@ -78,12 +78,13 @@ def child(side: str, work: Path, latent: int, batch: int, threads: int):
     x = torch.randn(batch, 4, latent, latent, generator=g)
     context = torch.randn(batch, 77, 768, generator=g)
     t = torch.full((batch,), 981)
-    if side == "minidiff":
+    if side.startswith("minidiff"):
         sys.path.insert(0, str(REPO))
         import minidiff
 
         imported = time.perf_counter()
-        pipe = minidiff.load(work / "minidiff")
+        # "minidiff-unchecked" skips the NaN/Inf check each layer makes before it first runs: its cost
+        pipe = minidiff.load(work / "minidiff", allow_nan=side == "minidiff-unchecked")
         loaded = time.perf_counter()
         with torch.inference_mode():
             out = pipe.unet(x, t, context)
@@ -126,7 +127,9 @@ def main(argv=None):
     parser.add_argument("--latent", type=int, default=32, help="latent side of the first forward (32 = 256 px)")
     parser.add_argument("--batch", type=int, default=2, help="batch of the first forward (2 = with guidance)")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--child", choices=["minidiff", "diffusers"], help=argparse.SUPPRESS)
+    parser.add_argument("--unchecked", action="store_true",
+                        help="also time minidiff.load(allow_nan=True), which skips the NaN/Inf check of the weights")
+    parser.add_argument("--child", choices=["minidiff", "minidiff-unchecked", "diffusers"], help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
         return child(args.child, args.work, args.latent, args.batch, args.threads)
@@ -149,23 +152,28 @@ def main(argv=None):
     print(f"weights: minidiff {sizes['minidiff'] / 2**30:.2f} GiB, diffusers {sizes['diffusers'] / 2**30:.2f} GiB; "
           f"first forward: batch {args.batch}, {args.latent}x{args.latent} latents; {args.threads} threads")
 
-    results = {"minidiff": [], "diffusers": []}
+    sides = ["minidiff", "diffusers"] + (["minidiff-unchecked"] if args.unchecked else [])
+    results = {side: [] for side in sides}
     for repeat in range(args.repeats):
-        order = ("minidiff", "diffusers") if repeat % 2 == 0 else ("diffusers", "minidiff")
+        order = sides[repeat % len(sides):] + sides[:repeat % len(sides)]  # each side goes first in turn
+        if repeat % 2:
+            order.reverse()
         for side in order:
             r = run_child(side, args)
             results[side].append(r)
-            print(f"  run {repeat + 1} {side:9s}: load {r['load_s']:6.2f} s + forward {r['forward_s']:6.2f} s = "
+            print(f"  run {repeat + 1} {side:18s}: load {r['load_s']:6.2f} s + forward {r['forward_s']:6.2f} s = "
                   f"{r['load_forward_s']:6.2f} s (imports {r['import_s']:.2f} s, process {r['process_s']:.2f} s), "
                   f"peak RSS {r['peak_rss_mib']:.0f} MiB", flush=True)
 
     print(f"\nmedians of {args.repeats} (ratio = minidiff / diffusers)")
-    print("| measure | minidiff | diffusers | ratio |\n|---|---|---|---|")
+    ours = [side for side in sides if side != "diffusers"]
+    print("| measure | " + " | ".join(sides) + " | " + " | ".join(f"ratio {side}" for side in ours) + " |")
+    print("|---" * (len(sides) + len(ours) + 1) + "|")
     for key, unit in (("load_s", "s"), ("forward_s", "s"), ("load_forward_s", "s"), ("import_s", "s"),
                       ("process_s", "s"), ("peak_rss_mib", "MiB")):
-        a = statistics.median(r[key] for r in results["minidiff"])
-        b = statistics.median(r[key] for r in results["diffusers"])
-        print(f"| {key} | {a:.2f} {unit} | {b:.2f} {unit} | {a / b:.2f} |")
+        median = {side: statistics.median(r[key] for r in results[side]) for side in sides}
+        print(f"| {key} | " + " | ".join(f"{median[side]:.2f} {unit}" for side in sides) + " | "
+              + " | ".join(f"{median[side] / median['diffusers']:.2f}" for side in ours) + " |")
 
 
 if __name__ == "__main__":
