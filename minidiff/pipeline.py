@@ -23,7 +23,7 @@ from typing import Optional, Sequence
 import torch
 
 from .cache import CachedUNet, load_calibrated, make_schedule
-from .checkpoint import (CheckpointError, atomic_folder, check_finite, load_weights, read_state_dict, save_json,
+from .checkpoint import (CheckpointError, atomic_folder, build_loaded, read_state_dict, save_json,
                          save_safetensors)
 from .samplers import SAMPLERS, num_model_calls, sampler_options, start_alpha_cumprod
 from .schedules import SchedulerConfig
@@ -399,12 +399,21 @@ class Pipeline:
                 sd.update({f"{name}.{k}": v for k, v in module.state_dict().items()})
         return sd
 
-    def save(self, dst, *, overwrite: bool = False):
-        """Write the native folder atomically: a crash leaves the old folder (or none), never half."""
+    def save(self, dst, *, overwrite: bool = False, dtype: Optional[torch.dtype] = None):
+        """Write the native folder atomically: a crash leaves the old folder (or none), never half.
+
+        `dtype=torch.float16` (or bfloat16) stores every float weight in that precision, a file half
+        the size, as the public `*-fp16` checkpoints; `load` reads it back in float32 or in that dtype.
+        """
+        if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
+            raise ValueError(f"dtype must be a floating-point torch.dtype such as torch.float16, got {dtype!r}")
+        state = self.state_dict()
+        if dtype is not None:
+            state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
         with atomic_folder(dst, overwrite=overwrite) as tmp:
             save_json(self.config_dict(), tmp / "config.json")
             save_json(self.scheduler.to_dict(), tmp / "scheduler.json")
-            save_safetensors(self.state_dict(), tmp / "model.safetensors")
+            save_safetensors(state, tmp / "model.safetensors")
             if self.tokenizer is not None:
                 self.tokenizer.save(tmp / "tokenizer")
             if self.calibration is not None:
@@ -498,8 +507,18 @@ def split_state_dict(sd: dict) -> dict:
     return parts
 
 
-def load(path, *, device="cpu", dtype: Optional[torch.dtype] = None, allow_nan: bool = False) -> Pipeline:
-    """Load a native minidiff model folder (see convert/ for public checkpoints)."""
+def load(path, *, device="cpu", dtype: Optional[torch.dtype] = None, allow_nan: bool = False,
+         check: str = "first-use") -> Pipeline:
+    """Load a native minidiff model folder (see convert/ for public checkpoints).
+
+    `dtype` is the U-Net's and text encoder's precision, float32 unless given, whatever the file
+    holds (a float16 file loads as float32 or, asked, as float16); the autoencoder stays float32.
+    Weights with NaN/Inf are refused (unless `allow_nan`): with `check="first-use"` by each layer
+    just before it first runs, so loading reads no weight it does not need yet; `check="now"`
+    reads them all before returning.
+    """
+    if check not in ("first-use", "now"):
+        raise ValueError(f"check must be 'first-use' or 'now', got {check!r}")
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"model folder {path} does not exist")
@@ -522,23 +541,26 @@ def load(path, *, device="cpu", dtype: Optional[torch.dtype] = None, allow_nan: 
     if unknown:
         raise CheckpointError(f"{weights} has weights for unknown component(s) {unknown}")
 
-    unet = UNet(UNetConfig.from_dict(config["unet"]))
-    load_weights(unet, parts.get("unet", {}), "U-Net")
+    # Built on the meta device, the mapped file's tensors become the parameters: one read, no copy
+    # unless a dtype or device change needs one. The autoencoder stays float32 (see Pipeline.to).
+    unet_dtype = torch.float32 if dtype is None else dtype
+    common = dict(device=device, allow_nan=allow_nan, source=str(weights), check_on_first_use=check == "first-use")
+    unet_config = UNetConfig.from_dict(config["unet"])
+    unet = build_loaded(lambda: UNet(unet_config), parts.get("unet", {}), "U-Net", dtype=unet_dtype, **common)
     autoencoder = text_encoder = tokenizer = None
     if config.get("autoencoder") is not None:
         from .autoencoder import Autoencoder, AutoencoderConfig
 
-        autoencoder = Autoencoder(AutoencoderConfig.from_dict(config["autoencoder"]))
-        load_weights(autoencoder, parts.get("autoencoder", {}), "autoencoder")
+        vae_config = AutoencoderConfig.from_dict(config["autoencoder"])
+        autoencoder = build_loaded(lambda: Autoencoder(vae_config), parts.get("autoencoder", {}), "autoencoder",
+                                   dtype=torch.float32, **common)
     if config.get("text_encoder") is not None:
         from .text import CLIPTextConfig, CLIPTextEncoder, CLIPTokenizer
 
-        text_encoder = CLIPTextEncoder(CLIPTextConfig.from_dict(config["text_encoder"]))
-        load_weights(text_encoder, parts.get("text_encoder", {}), "text encoder")
+        text_config = CLIPTextConfig.from_dict(config["text_encoder"])
+        text_encoder = build_loaded(lambda: CLIPTextEncoder(text_config), parts.get("text_encoder", {}),
+                                    "text encoder", dtype=unet_dtype, **common)
         tokenizer = CLIPTokenizer.from_folder(path / "tokenizer")
-    for name, module in (("U-Net", unet), ("autoencoder", autoencoder), ("text encoder", text_encoder)):
-        if module is not None and not allow_nan:
-            check_finite(module.state_dict(), f"{weights} ({name})")
     meta = {k: v for k, v in config.items() if k not in ("format", "format_version", "unet", "autoencoder",
                                                           "text_encoder", "null_class", "class_names")}
     check_dtype(torch.device(device), dtype)

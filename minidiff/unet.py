@@ -36,8 +36,8 @@ class UNetConfig:
     attention_levels: tuple = (1,)  # levels (0 = full resolution) with attention after each ResBlock
     mid_attention: bool = True
     attention_type: str = "self"  # "self": DDPM attention block; "transformer": spatial transformer
-    num_heads: Optional[int] = None  # heads per attention layer ...
-    head_channels: Optional[int] = None  # ... or channels per head; neither: one head
+    num_heads: Optional[int | tuple] = None  # heads per attention layer, or one count per level ...
+    head_channels: Optional[int | tuple] = None  # ... or channels per head (per level); neither: one head
     transformer_depth: int = 1
     context_dim: Optional[int] = None  # width of the cross-attention context (text or class tokens)
     use_linear_projection: bool = False
@@ -54,6 +54,9 @@ class UNetConfig:
     def __post_init__(self):
         self.channel_mult = tuple(self.channel_mult)
         self.attention_levels = tuple(self.attention_levels)
+        for name in ("num_heads", "head_channels"):  # per-level lists arrive from JSON as lists
+            if isinstance(getattr(self, name), list):
+                setattr(self, name, tuple(getattr(self, name)))
         self.validate()
 
     def validate(self):
@@ -72,11 +75,15 @@ class UNetConfig:
     def downsample_factor(self) -> int:
         return 2 ** (len(self.channel_mult) - 1)
 
-    def heads_for(self, channels: int) -> int:
+    def heads_for(self, channels: int, level: Optional[int] = None) -> int:
+        """Heads of an attention layer at `level`; None is the middle block, which takes the deepest
+        level's setting (as diffusers' per-level `attention_head_dim` does)."""
+        level = len(self.channel_mult) - 1 if level is None else level
         if self.num_heads is not None:
-            return self.num_heads
+            return self.num_heads[level] if isinstance(self.num_heads, tuple) else self.num_heads
         if self.head_channels is not None:
-            return max(1, channels // self.head_channels)
+            width = self.head_channels[level] if isinstance(self.head_channels, tuple) else self.head_channels
+            return max(1, channels // width)
         return 1
 
     def to_dict(self) -> dict:
@@ -258,8 +265,12 @@ class Upsample(nn.Module):
         super().__init__()
         self.conv = nn.Conv2d(channels, channels, 3, padding=1)
 
-    def forward(self, x, emb=None, context=None):
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+    def forward(self, x, emb=None, context=None, size=None):
+        """Nearest 2x, or to `size`, the next skip's, where an odd size was rounded going down
+        (as diffusers' `forward_upsample_size`)."""
+        if size is None or tuple(size) == (2 * x.shape[2], 2 * x.shape[3]):
+            return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+        return self.conv(F.interpolate(x, size=tuple(size), mode="nearest"))
 
 
 class InputConv(nn.Conv2d):
@@ -270,9 +281,9 @@ class InputConv(nn.Conv2d):
 class Layer(nn.ModuleList):
     """One entry of input_blocks / middle_block / output_blocks: its blocks applied in order."""
 
-    def forward(self, h, emb, context):
+    def forward(self, h, emb, context, size=None):
         for block in self:
-            h = block(h, emb, context)
+            h = block(h, emb, context, size) if isinstance(block, Upsample) else block(h, emb, context)
         return h
 
 
@@ -302,10 +313,11 @@ class UNet(nn.Module):
             width = emb_dim if cfg.class_cond == "add" else cfg.context_dim
             self.class_embed = nn.Embedding(cfg.num_classes, width)
 
-        def attn(ch):
+        def attn(ch, level=None):
+            heads = cfg.heads_for(ch, level)
             if cfg.attention_type == "self":
-                return AttentionBlock(ch, cfg.heads_for(ch), groups, eps)
-            return SpatialTransformer(ch, cfg.heads_for(ch), cfg.transformer_depth, cfg.context_dim, groups,
+                return AttentionBlock(ch, heads, groups, eps)
+            return SpatialTransformer(ch, heads, cfg.transformer_depth, cfg.context_dim, groups,
                                       cfg.use_linear_projection)
 
         def res(i, o):
@@ -320,7 +332,7 @@ class UNet(nn.Module):
                 blocks = [res(ch, out_ch)]
                 ch = out_ch
                 if level in cfg.attention_levels:
-                    blocks.append(attn(ch))
+                    blocks.append(attn(ch, level))
                 self.input_blocks.append(Layer(blocks))
                 skip_channels.append(ch)
             if level != len(levels) - 1:
@@ -336,7 +348,7 @@ class UNet(nn.Module):
                 blocks = [res(ch + skip_channels.pop(), out_ch)]
                 ch = out_ch
                 if level in cfg.attention_levels:
-                    blocks.append(attn(ch))
+                    blocks.append(attn(ch, level))
                 if level != 0 and i == cfg.num_res_blocks:
                     blocks.append(Upsample(ch))
                 self.output_blocks.append(Layer(blocks))
@@ -359,13 +371,13 @@ class UNet(nn.Module):
 
     def skip_shapes(self, height: int, width: int) -> list:
         """(C, H, W) of every skip connection for an input of the given size."""
-        shapes, f = [], 1
+        shapes = []
         for layer in self.input_blocks:
             last = layer[-1]
-            if isinstance(last, Downsample):
-                f *= 2
+            if isinstance(last, Downsample):  # a stride-2 3x3 conv: odd sizes round up (padding 1) or down
+                height, width = ((n + 1) // 2 if not last.asymmetric else n // 2 for n in (height, width))
             ch = last.out_channels if isinstance(last, InputConv) else _channels_of(last)
-            shapes.append((ch, height // f, width // f))
+            shapes.append((ch, height, width))
         return shapes
 
     # -- conditioning ---------------------------------------------------------------------------
@@ -418,9 +430,9 @@ class UNet(nn.Module):
         f = self.config.downsample_factor
         if x.ndim != 4 or x.shape[1] != self.config.in_channels:
             raise ValueError(f"x must have shape (B, {self.config.in_channels}, H, W), got {tuple(x.shape)}")
-        if x.shape[2] % f or x.shape[3] % f:
-            raise ValueError(f"image size {x.shape[2]}x{x.shape[3]} is not divisible by {f}, the network's "
-                             f"total downsampling; use a multiple of {f}")
+        if x.shape[2] < f or x.shape[3] < f:  # any size works (upsampling meets each skip's size); none below f
+            raise ValueError(f"image size {x.shape[2]}x{x.shape[3]} is smaller than {f}, the network's total "
+                             f"downsampling; use at least {f}x{f}")
 
     def _check_timesteps(self, t):
         """NaN, negative or past the schedule is an error. Checked where it costs no device sync:
@@ -484,7 +496,8 @@ class UNet(nn.Module):
         for i in range(start, len(self.output_blocks)):
             if i == cache_at:
                 cached = h
-            h = self.output_blocks[i](torch.cat([h, skips.pop()], dim=1), c.emb, c.context)
+            h = torch.cat([h, skips.pop()], dim=1)
+            h = self.output_blocks[i](h, c.emb, c.context, skips[-1].shape[2:] if skips else None)
             if self.recorder is not None:
                 self.recorder(f"dec.{i}", h)
         return self.out_conv(F.silu(self.out_norm(h), inplace=not torch.is_grad_enabled())).contiguous(), cached
@@ -531,6 +544,9 @@ class UNet(nn.Module):
         """torch.compile the full and the shallow path (each branch compiles once, on first use).
 
         Not `nn.Module.compile`, which compiles `__call__` in place; this returns the U-Net itself."""
+        from .checkpoint import finish_finite_checks
+
+        finish_finite_checks(self)  # checks pending since a lazy load would break the compiled graph
         self._full = torch.compile(self._full, **kwargs)
         self._shallow = torch.compile(self._shallow, **kwargs)
         return self
@@ -594,10 +610,14 @@ def check_config(self: UNetConfig):
     need(self.class_cond in ("add", "context"), f"class_cond must be 'add' or 'context', got {self.class_cond!r}")
     need(self.num_classes is None or (isinstance(self.num_classes, int) and 1 <= self.num_classes <= 10_000_000),
          f"num_classes must be None or a positive int, got {self.num_classes!r}")
-    need(self.num_heads is None or (isinstance(self.num_heads, int) and self.num_heads >= 1),
-         f"num_heads must be None or a positive int, got {self.num_heads!r}")
-    need(self.head_channels is None or (isinstance(self.head_channels, int) and self.head_channels >= 1),
-         f"head_channels must be None or a positive int, got {self.head_channels!r}")
+    for name in ("num_heads", "head_channels"):
+        value = getattr(self, name)
+        counts = value if isinstance(value, tuple) else (value,)
+        need(value is None or (all(isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 65_536
+                                   for v in counts)
+                               and (not isinstance(value, tuple) or len(value) == len(self.channel_mult))),
+             f"{name} must be None, a positive int or one positive int per level "
+             f"({len(self.channel_mult)}), got {value!r}")
     need(self.context_dim is None or (isinstance(self.context_dim, int) and self.context_dim >= 1),
          f"context_dim must be None or a positive int, got {self.context_dim!r}")
     need(self.context_dim is None or self.attention_type == "transformer",
@@ -625,7 +645,7 @@ def check_config(self: UNetConfig):
     widest = self.model_channels * max(self.channel_mult)
     need(widest <= 65_536, f"the widest level has {widest} channels (model_channels x max(channel_mult)); at "
                            "most 65536 are supported")
-    for ch in self.level_channels:
+    for level, ch in enumerate(self.level_channels):
         need(ch % self.norm_groups == 0, f"channels {ch} are not divisible by norm_groups {self.norm_groups}")
-        heads = self.heads_for(ch)
+        heads = self.heads_for(ch, level)
         need(ch % heads == 0, f"{ch} channels cannot be split into {heads} heads")

@@ -407,7 +407,9 @@ def test_non_finite_weights_are_refused_unless_allowed(tmp_path, bad):
     with torch.no_grad():
         pipe.unet.out_conv.bias.fill_(bad)
     pipe.save(tmp_path / "model")
-    clear_error(lambda: minidiff.load(tmp_path / "model"), "out_conv.bias", "allow_nan")
+    clear_error(lambda: minidiff.load(tmp_path / "model", check="now"), "out_conv.bias", "allow_nan")
+    lazy = minidiff.load(tmp_path / "model")  # checked by each layer before it first runs
+    clear_error(lambda: lazy.generate(steps=3, progress=False, seed=0), "out_conv.bias", "allow_nan")
     loaded = minidiff.load(tmp_path / "model", allow_nan=True)
     with time_limit(30), pytest.raises(FloatingPointError, match=r"at step 1 \(timestep \d+\)"):
         loaded.generate(steps=3, progress=False, seed=0)
