@@ -106,7 +106,8 @@ class CachedUNet:
         self.full_steps = frozenset(explicit_schedule(num_steps, full_steps))
         self.every_step_full = len(self.full_steps) == num_steps
         self.cache: Optional[FeatureCache] = None
-        self.history = History(check_order(forecast)) if forecast else None
+        self.forecast = check_order(forecast)
+        self.history = History(forecast) if forecast else None
         self.calls = self.full_calls = 0
 
     def __call__(self, x: torch.Tensor, t, cond=None) -> torch.Tensor:

@@ -24,7 +24,12 @@ def sample_main(argv=None) -> int:
     parser.add_argument("--eta", type=float, default=0.0)
     parser.add_argument("--cache-interval", type=int, default=1, help="N: one full U-Net step every N steps")
     parser.add_argument("--cache-branch", type=int, default=0, help="skip connection the shallow path keeps")
-    parser.add_argument("--cache-schedule", default="uniform", choices=["uniform", "nonuniform", "calibrated"])
+    parser.add_argument("--cache-schedule", default="uniform", choices=["uniform", "nonuniform", "calibrated", "adaptive"])
+    parser.add_argument("--cache-forecast", default=None, type=lambda v: v if v == "auto" else int(v),
+                        help="0: reuse the cached deep feature; 1, 2: extrapolate it through the last 2 or 3 full "
+                             "steps; auto: 2 for deterministic samplers, 0 for noisy ones (default: 0, auto if adaptive)")
+    parser.add_argument("--cache-threshold", type=float, help="adaptive: relative L1 staleness that triggers a refresh")
+    parser.add_argument("--cache-budget", type=float, help="adaptive: most MACs per sample, as a fraction of uncached")
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--class", dest="class_labels", type=int, nargs="+", help="class label(s)")
     parser.add_argument("--prompt", nargs="+", help="text prompt(s) for text-conditioned models")
@@ -54,7 +59,9 @@ def sample_main(argv=None) -> int:
         prompt = args.prompt[0] if args.prompt and len(args.prompt) == 1 else args.prompt
         images = pipe.generate(steps=args.steps, sampler=args.sampler, eta=args.eta,
                                cache_interval=args.cache_interval, cache_branch=args.cache_branch,
-                               cache_schedule=args.cache_schedule, seed=args.seed, batch_size=batch,
+                               cache_schedule=args.cache_schedule, cache_forecast=args.cache_forecast,
+                               cache_threshold=args.cache_threshold, cache_budget=args.cache_budget,
+                               seed=args.seed, batch_size=batch,
                                class_labels=labels, prompt=prompt, negative_prompt=args.negative_prompt,
                                guidance_scale=args.guidance_scale, height=args.height, width=args.width)
     except (CheckpointError, ValueError, FloatingPointError) as e:
@@ -66,28 +73,14 @@ def sample_main(argv=None) -> int:
 
     save_grid(images, args.out, nrow=math.ceil(math.sqrt(images.shape[0])))
     run = pipe.last_run
-    x = torch.zeros(1, pipe.unet.config.in_channels, images.shape[2] // pipe.latent_scale,
-                    images.shape[3] // pipe.latent_scale, device=pipe.device, dtype=pipe.dtype)
-    macs = pipe.unet.macs(x, 500, _example_cond(pipe), branch=args.cache_branch)
-    ratio = macs["shallow"] / macs["full"]
-    bound = run.model_calls / (run.full_calls + run.shallow_calls * ratio)
+    ratio = run.shallow_ratio
     print(f"wrote {args.out}: {run.model_calls} U-Net calls ({run.full_calls} full, {run.shallow_calls} shallow "
           f"at branch {args.cache_branch}), {run.seconds:.2f} s; shallow/full MACs {ratio:.3f}, "
-          f"MAC bound on speedup {bound:.2f}x (uniform N={args.cache_interval}: "
+          f"MAC bound on speedup {1 / run.mac_fraction:.2f}x (uniform N={args.cache_interval}: "
           f"{mac_bound(args.cache_interval, ratio):.2f}x)")
+    print(f"MACs {run.mac_fraction:.3f} of the uncached run, forecast order {run.forecast}; full steps per sample: "
+          + "; ".join(f"{i}: {steps}" for i, steps in enumerate(run.full_steps_per_sample)))
     return 0
-
-
-def _example_cond(pipe):
-    """A conditioning input of batch 1 shaped as the U-Net expects, for counting MACs."""
-    import torch
-
-    cfg = pipe.unet.config
-    if cfg.num_classes is not None:
-        return torch.zeros(1, dtype=torch.long, device=pipe.device)
-    if cfg.context_dim is not None:
-        return torch.zeros(1, 77, cfg.context_dim, device=pipe.device, dtype=pipe.dtype)
-    return None
 
 
 def main(argv=None) -> int:
