@@ -51,7 +51,7 @@ class Pacer:
 
     Credit accrues evenly (the allowance after step 0 over the remaining steps). A sample refreshes
     when its signal crosses the threshold and it has credit for one more step, or when unspent credit
-    reaches `slack` + 1 steps or would otherwise be lost at the end of the run (spend it or lose it).
+    reaches `slack` + 1 steps (spend it or lose it; the slack shrinks to 0 towards the end of the run).
     The allowance is a hard cap.
     """
 
@@ -68,8 +68,8 @@ class Pacer:
             return wants
         self.credit += self.rate
         self.steps_left -= 1
-        full = 1 + self.slack - 1e-9
-        due = (self.credit >= full) | ((self.credit >= 1 - 1e-9) & (self.credit + self.rate * self.steps_left < full))
+        # the reserve shrinks to nothing as the run ends, so no credit is left unspent
+        due = self.credit >= 1 + min(self.slack, self.rate * self.steps_left) - 1e-9
         go = ((wants & (self.credit >= 1 - 1e-9)) | due) & (self.spent < self.allowed)
         self.credit[go] -= 1
         return go

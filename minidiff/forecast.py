@@ -81,6 +81,15 @@ class History:
         if self.order == 0 or all(len(self.times[r]) == 1 for r in picked):
             return self.values[-1] if rows is None else self.values[-1, rows]
         slots = self.order + 1
+        times = self.times[picked[0]]
+        if all(self.times[r] == times for r in picked):  # the usual case: one set of weights, no temporaries
+            first = slots - len(times)
+            values = self.values if rows is None else self.values[:, rows]
+            weights = lagrange_weights(times, t)
+            out = values[first] * weights[0]
+            for j, w in enumerate(weights[1:], first + 1):
+                out.add_(values[j], alpha=w)
+            return out
         weights = torch.zeros(slots, len(picked), dtype=torch.float64)
         for i, r in enumerate(picked):
             ts = self.times[r]
