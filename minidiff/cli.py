@@ -24,10 +24,13 @@ def sample_main(argv=None) -> int:
     parser.add_argument("--eta", type=float, default=0.0)
     parser.add_argument("--cache-interval", type=int, default=1, help="N: one full U-Net step every N steps")
     parser.add_argument("--cache-branch", type=int, default=0, help="skip connection the shallow path keeps")
-    parser.add_argument("--cache-schedule", default="uniform", choices=["uniform", "nonuniform", "calibrated", "adaptive"])
-    parser.add_argument("--cache-forecast", default=None, type=lambda v: v if v == "auto" else int(v),
+    parser.add_argument("--cache-schedule", default="uniform",
+                        choices=["uniform", "nonuniform", "calibrated", "adaptive"])
+    parser.add_argument("--cache-forecast", default=None, choices=[0, 1, 2, "auto"],
+                        type=lambda v: v if v == "auto" else int(v) if v.isdigit() else v,
                         help="0: reuse the cached deep feature; 1, 2: extrapolate it through the last 2 or 3 full "
-                             "steps; auto: 2 for deterministic samplers, 0 for noisy ones (default: 0, auto if adaptive)")
+                             "steps; auto: 2 for deterministic samplers, 0 for noisy ones (default: 0; auto if "
+                             "adaptive)")
     parser.add_argument("--cache-threshold", type=float, help="adaptive: relative L1 staleness that triggers a refresh")
     parser.add_argument("--cache-budget", type=float, help="adaptive: most MACs per sample, as a fraction of uncached")
     parser.add_argument("--batch-size", type=int, default=None)
