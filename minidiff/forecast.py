@@ -39,35 +39,39 @@ def check_order(order) -> int:
 class History:
     """The last `order + 1` full-step values of one per-row tensor, each with its timestep.
 
-    values[j] holds slot j for every row; a row with n values keeps them in the last n slots,
-    oldest first. Rows with fewer than order + 1 values are forecast at a lower order.
+    slots[j] holds slot j for every row (in the memory layout of the values pushed, so forecasts
+    come out channels-last like the features they stand for); a row with n values keeps them in
+    the last n slots, oldest first. Rows with fewer than order + 1 values are forecast at a lower
+    order.
     """
 
     def __init__(self, order: int):
         self.order = order
-        self.values: Optional[torch.Tensor] = None  # (order + 1, rows, ...)
+        self.slots: list = []  # order + 1 tensors of shape (rows, ...)
         self.times: list = []  # per row, oldest first
 
     def empty_rows(self, rows: int) -> list:
         """Rows with nothing to forecast from (they must refresh)."""
-        if self.values is None:
+        if not self.slots:
             return list(range(rows))
         return [r for r, ts in enumerate(self.times) if not ts]
 
     def push(self, rows: torch.Tensor, t: float, value: torch.Tensor, batch: int):
         """Record `value` (one entry per index in `rows`) computed at timestep t."""
-        if self.values is None:
-            self.values = value.new_zeros((self.order + 1, batch) + tuple(value.shape[1:]))
+        if not self.slots:
+            shape = (batch,) + tuple(value.shape[1:])
+            self.slots = [torch.zeros(shape, dtype=value.dtype, device=value.device).to(
+                memory_format=_layout(value)) for _ in range(self.order + 1)]
             self.times = [[] for _ in range(batch)]
-        every_row = len(rows) == batch
         shift = [r for r in rows.tolist() if self.times[r] and self.times[r][-1] != t]
         if shift and self.order > 0:  # a revisited timestep overwrites its slot instead of shifting
-            idx = torch.tensor(shift, device=self.values.device)
-            self.values[:-1, idx] = self.values[1:, idx].clone()
-        if every_row:
-            self.values[-1] = value
+            idx = torch.tensor(shift, device=value.device)
+            for older, newer in zip(self.slots, self.slots[1:]):
+                older[idx] = newer[idx]
+        if len(rows) == batch:
+            self.slots[-1].copy_(value)
         else:
-            self.values[-1, rows] = value
+            self.slots[-1][rows] = value
         for r in rows.tolist():
             ts = self.times[r]
             if ts and ts[-1] == t:
@@ -78,22 +82,31 @@ class History:
     def forecast(self, rows: Optional[torch.Tensor], t: float) -> torch.Tensor:
         """The value at timestep t for `rows` (None: every row), from each row's own history."""
         picked = range(len(self.times)) if rows is None else rows.tolist()
+        slots = self.slots if rows is None else [slot[rows] for slot in self.slots]
         if self.order == 0 or all(len(self.times[r]) == 1 for r in picked):
-            return self.values[-1] if rows is None else self.values[-1, rows]
-        slots = self.order + 1
+            return slots[-1]
         times = self.times[picked[0]]
-        if all(self.times[r] == times for r in picked):  # the usual case: one set of weights, no temporaries
-            first = slots - len(times)
-            values = self.values if rows is None else self.values[:, rows]
+        if all(self.times[r] == times for r in picked):  # the usual case: one set of weights
+            first = len(slots) - len(times)
             weights = lagrange_weights(times, t)
-            out = values[first] * weights[0]
-            for j, w in enumerate(weights[1:], first + 1):
-                out.add_(values[j], alpha=w)
+            out = slots[first] * weights[0]
+            for slot, w in zip(slots[first + 1:], weights[1:]):
+                out.add_(slot, alpha=w)
             return out
-        weights = torch.zeros(slots, len(picked), dtype=torch.float64)
+        weights = torch.zeros(len(slots), len(picked), dtype=torch.float64)
         for i, r in enumerate(picked):
             ts = self.times[r]
-            weights[slots - len(ts):, i] = torch.tensor(lagrange_weights(ts, t), dtype=torch.float64)
-        values = self.values if rows is None else self.values[:, rows]
-        weights = weights.to(values.device, values.dtype).view(slots, len(picked), *([1] * (values.ndim - 2)))
-        return (values * weights).sum(0)
+            weights[len(slots) - len(ts):, i] = torch.tensor(lagrange_weights(ts, t), dtype=torch.float64)
+        weights = weights.to(slots[0].device, slots[0].dtype).view(len(slots), len(picked),
+                                                                   *([1] * (slots[0].ndim - 1)))
+        out = slots[0] * weights[0]
+        for slot, w in zip(slots[1:], weights[1:]):
+            out.addcmul_(slot, w)
+        return out
+
+
+def _layout(value: torch.Tensor):
+    """channels_last for 4-d tensors stored that way, else the default layout."""
+    if value.ndim == 4 and value.is_contiguous(memory_format=torch.channels_last) and not value.is_contiguous():
+        return torch.channels_last
+    return torch.contiguous_format
