@@ -161,9 +161,10 @@ def main(argv=None) -> int:
         labels = (torch.arange(args.batch) % pipe._num_real_classes()).tolist()
         pipe.generate(steps=args.steps, sampler=args.sampler, seed=args.seeds[0], class_labels=labels,
                       cache_schedule="adaptive", cache_budget=budget, cache_branch=args.branch, progress=False)
+        chosen = pipe.last_run.full_steps_per_sample  # before the uncached recording run replaces last_run
         similarity = adjacent_similarity(pipe, sampler=args.sampler, steps=args.steps, branch=args.branch,
                                          seed=args.seeds[0], batch=args.batch)
-        path = plot_refreshes(pipe.last_run.full_steps_per_sample, similarity, args.plot,
+        path = plot_refreshes(chosen, similarity, args.plot,
                               f"{args.sampler} {args.steps}, budget {budget}: adaptive full steps per sample")
         print(f"wrote {path}" if path else "matplotlib is not installed: no plot")
     return 0
