@@ -98,6 +98,9 @@ class AdaptiveUNet:
                  threshold: Optional[float] = None, budget: Optional[float] = None,
                  shallow_ratio: Optional[float] = None, signal: str = "forecast", slack: float = 1.0):
         unet._check_branch(branch)
+        if budget is not None and shallow_ratio is None:
+            raise ValueError("a cache budget needs shallow_ratio, the MACs of a shallow step over a full one "
+                             "(Pipeline.shallow_ratio counts them)")
         if signal not in SIGNALS:
             raise ValueError(f"unknown adaptive signal {signal!r}; use one of {SIGNALS}")
         self.unet, self.branch, self.samples, self.num_steps = unet, branch, samples, num_steps
@@ -150,8 +153,3 @@ class AdaptiveUNet:
         out[fresh_rows] = fresh_out
         out[stale_rows] = stale_out
         return out
-
-    @property
-    def full_calls(self) -> int:
-        """Full steps summed over samples."""
-        return sum(len(steps) for steps in self.full_steps)
