@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from .checkpoint import save_json
+from .forecast import History, check_order
 from .unet import FeatureCache, UNet
 
 CALIBRATION_FORMAT = "minidiff-calibration"
@@ -198,14 +199,18 @@ class CachedUNet:
     """`unet` as an `(x, t, cond)` callable that runs full or shallow steps by a schedule.
 
     The call counter is the step index; one instance serves one sampling run of `num_calls` calls.
+    `forecast` = k > 0 extrapolates the deep feature through the last k+1 full steps (minidiff.forecast)
+    instead of reusing the last one; the cache then holds k+1 deep features.
     """
 
-    def __init__(self, unet: UNet, num_calls: int, full_steps: Sequence[int], branch: int = 0):
+    def __init__(self, unet: UNet, num_calls: int, full_steps: Sequence[int], branch: int = 0, forecast: int = 0):
         unet._check_branch(branch)
         self.unet, self.branch = unet, branch
         self.full_steps = frozenset(explicit_schedule(num_calls, full_steps))
         self.every_step_full = len(self.full_steps) == num_calls
         self.cache: Optional[FeatureCache] = None
+        self.forecast = check_order(forecast)
+        self.history = History(forecast) if forecast else None
         self.calls = self.full_calls = 0
 
     def __call__(self, x: torch.Tensor, t, cond=None) -> torch.Tensor:
@@ -217,7 +222,12 @@ class CachedUNet:
         if step in self.full_steps or self.cache is None:
             self.full_calls += 1
             out, self.cache = self.unet.forward_full(x, t, cond, branch=self.branch)
+            if self.history is not None:
+                self.history.push(torch.arange(x.shape[0]), float(t), self.cache.hidden, x.shape[0])
             return out
+        if self.history is not None:
+            return self.unet.forward_shallow(x, t, cond, cache=FeatureCache(self.branch,
+                                                                            self.history.forecast(None, float(t))))
         return self.unet.forward_shallow(x, t, cond, cache=self.cache)
 
     @property

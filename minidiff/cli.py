@@ -32,7 +32,15 @@ def sample_main(argv=None) -> int:
                         "(euler, heun, dpmpp_2m, unipc)")
     parser.add_argument("--cache-interval", type=int, default=1, help="N: one full U-Net step every N steps")
     parser.add_argument("--cache-branch", type=int, default=0, help="skip connection the shallow path keeps")
-    parser.add_argument("--cache-schedule", default="uniform", choices=["uniform", "nonuniform", "calibrated"])
+    parser.add_argument("--cache-schedule", default="uniform",
+                        choices=["uniform", "nonuniform", "calibrated", "adaptive"])
+    parser.add_argument("--cache-forecast", default=None, choices=[0, 1, 2, "auto"],
+                        type=lambda v: v if v == "auto" else int(v) if v.isdigit() else v,
+                        help="0: reuse the cached deep feature; 1, 2: extrapolate it through the last 2 or 3 full "
+                             "steps; auto: 2 for deterministic samplers, 0 for noisy ones (default: 0; auto if "
+                             "adaptive)")
+    parser.add_argument("--cache-threshold", type=float, help="adaptive: relative L1 staleness that triggers a refresh")
+    parser.add_argument("--cache-budget", type=float, help="adaptive: most MACs per sample, as a fraction of uncached")
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--class", dest="class_labels", type=int, nargs="+", help="class label(s)")
     parser.add_argument("--prompt", nargs="+", help="text prompt(s) for text-conditioned models")
@@ -62,7 +70,9 @@ def sample_main(argv=None) -> int:
         prompt = args.prompt[0] if args.prompt and len(args.prompt) == 1 else args.prompt
         images = pipe.generate(steps=args.steps, sampler=args.sampler, eta=args.eta, karras_sigmas=args.karras_sigmas,
                                cache_interval=args.cache_interval, cache_branch=args.cache_branch,
-                               cache_schedule=args.cache_schedule, seed=args.seed, batch_size=batch,
+                               cache_schedule=args.cache_schedule, cache_forecast=args.cache_forecast,
+                               cache_threshold=args.cache_threshold, cache_budget=args.cache_budget,
+                               seed=args.seed, batch_size=batch,
                                class_labels=labels, prompt=prompt, negative_prompt=args.negative_prompt,
                                guidance_scale=args.guidance_scale, height=args.height, width=args.width)
     except (CheckpointError, ValueError, FloatingPointError) as e:
@@ -74,28 +84,15 @@ def sample_main(argv=None) -> int:
 
     save_grid(images, args.out, nrow=math.ceil(math.sqrt(images.shape[0])))
     run = pipe.last_run
-    x = torch.zeros(1, pipe.unet.config.in_channels, images.shape[2] // pipe.latent_scale,
-                    images.shape[3] // pipe.latent_scale, device=pipe.device, dtype=pipe.dtype)
-    macs = pipe.unet.macs(x, 500, _example_cond(pipe), branch=args.cache_branch)
-    ratio = macs["shallow"] / macs["full"]
-    bound = mac_bound(run.full_calls, run.shallow_calls, ratio)
+    ratio = run.shallow_ratio
     print(f"wrote {args.out}: {run.model_calls} U-Net calls ({run.full_calls} full, {run.shallow_calls} shallow "
           f"at branch {args.cache_branch}), {run.seconds:.2f} s; shallow/full MACs {ratio:.3f}, "
-          f"MAC bound on speedup {bound:.2f}x (uniform N={args.cache_interval}: "
+          f"MAC bound on speedup {1 / run.mac_fraction:.2f}x (uniform N={args.cache_interval}: "
           f"{mac_bound(1, args.cache_interval - 1, ratio):.2f}x)")
+    print(f"MACs {run.mac_fraction:.3f} of the uncached run, forecast order {run.forecast}; full steps per sample: "
+          + "; ".join(f"{i}: {steps}" for i, steps in enumerate(run.full_steps_per_sample)))
     return 0
 
-
-def _example_cond(pipe):
-    """A conditioning input of batch 1 shaped as the U-Net expects, for counting MACs."""
-    import torch
-
-    cfg = pipe.unet.config
-    if cfg.num_classes is not None:
-        return torch.zeros(1, dtype=torch.long, device=pipe.device)
-    if cfg.context_dim is not None:
-        return torch.zeros(1, 77, cfg.context_dim, device=pipe.device, dtype=pipe.dtype)
-    return None
 
 
 # -- demo ------------------------------------------------------------------------------------------
@@ -404,7 +401,9 @@ def _bench_parser() -> argparse.ArgumentParser:
 
 
 def bench_main(argv=None) -> int:
-    """`minidiff bench frontier --model DIR ...`"""
+    """`minidiff bench frontier --model DIR ...` (or `bench adaptive ...`)"""
+    if argv and argv[0] == "adaptive":
+        return bench_adaptive_main(argv[1:])
     args = _bench_parser().parse_args(argv)
     try:
         pipe = _load(args)
@@ -469,6 +468,49 @@ def main(argv=None) -> int:
     retain_freed_memory()  # an application may tune its own process: large activations stay mapped
     status = COMMANDS[command][0](rest)
     return status if isinstance(status, int) else 0  # some mains return their results for callers
+
+
+def bench_adaptive_main(argv=None) -> int:
+    """`minidiff bench adaptive --model DIR ...`: reuse vs forecast, fixed vs adaptive, vs fewer steps."""
+    import torch
+
+    from . import forecast_bench
+    from .pipeline import load
+
+    p = argparse.ArgumentParser(prog="minidiff bench adaptive",
+                                description="Cached sampling at equal MACs: DeepCache reuse, forecast orders, "
+                                            "fixed and adaptive schedules, and fewer steps (PSNR vs uncached).")
+    p.add_argument("--model", required=True)
+    p.add_argument("--sampler", default="ddim", choices=sorted(SAMPLERS))
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--budgets", type=float, nargs="+", default=[0.1, 0.2, 0.3, 0.4, 0.5])
+    p.add_argument("--branch", type=int, default=0)
+    p.add_argument("--plot", help="also draw where the adaptive schedule refreshes (PNG path)")
+    args = p.parse_args(argv)
+    torch.set_num_threads(1)
+    try:
+        pipe = load(args.model)
+        rows = forecast_bench.compare(pipe, sampler=args.sampler, steps=args.steps, seeds=args.seeds,
+                                      batch=args.batch, budgets=args.budgets, branch=args.branch)
+    except (CheckpointError, ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(format_rows(rows, ["budget", "method", "mac_fraction", "psnr", "psnr_min", "seconds",
+                             "distinct_schedules"]))
+    if args.plot:
+        budget = args.budgets[math.ceil(len(args.budgets) / 2) - 1]
+        labels = (torch.arange(args.batch) % pipe.num_real_classes()).tolist()
+        pipe.generate(steps=args.steps, sampler=args.sampler, seed=args.seeds[0], class_labels=labels,
+                      cache_schedule="adaptive", cache_budget=budget, cache_branch=args.branch, progress=False)
+        chosen = pipe.last_run.full_steps_per_sample  # before the uncached recording run replaces last_run
+        similarity = forecast_bench.adjacent_similarity(pipe, sampler=args.sampler, steps=args.steps,
+                                                        branch=args.branch, seed=args.seeds[0], batch=args.batch)
+        path = forecast_bench.plot_refreshes(chosen, similarity, args.plot, f"{args.sampler} {args.steps}, "
+                                             f"budget {budget}: adaptive full steps per sample")
+        print(f"wrote {path}" if path else "matplotlib is not installed: no plot")
+    return 0
 
 
 COMMANDS = {

@@ -18,13 +18,15 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 
+from .adaptive import AdaptiveUNet
 from .cache import CachedUNet, load_calibrated, make_schedule
 from .checkpoint import (CheckpointError, atomic_folder, build_loaded, read_state_dict, save_json,
                          save_safetensors)
+from .forecast import check_order
 from .samplers import SAMPLERS, num_model_calls, sampler_options, start_alpha_cumprod
 from .schedules import SchedulerConfig
 from .unet import UNet, UNetConfig
@@ -33,9 +35,17 @@ FORMAT = "minidiff"
 FORMAT_VERSION = 1
 
 
+STOCHASTIC_SAMPLERS = {"ddpm", "euler_a"}  # they inject noise every step; ddim too when eta > 0
+
+
 @dataclass
 class RunStats:
-    """What the last `generate` call did: how many full and shallow U-Net calls, and how long."""
+    """What the last `generate` call did: how many full and shallow U-Net calls, and how long.
+
+    full_calls / shallow_calls count U-Net calls; with the adaptive schedule a call can be full for
+    some samples and shallow for others, and full_steps_per_sample says which steps each sample ran
+    in full (full_steps is then their union).
+    """
 
     steps: int
     model_calls: int
@@ -43,6 +53,25 @@ class RunStats:
     shallow_calls: int
     seconds: float
     full_steps: list = field(default_factory=list)
+    full_steps_per_sample: list = field(default_factory=list)
+    forecast: int = 0
+    measure_shallow_ratio: Optional[Callable[[], float]] = field(default=None, repr=False)
+
+    @property
+    def shallow_ratio(self) -> float:
+        """MACs of a shallow step over a full one at this run's branch and size."""
+        return self.measure_shallow_ratio() if self.measure_shallow_ratio is not None else 1.0
+
+    @property
+    def mac_fraction(self) -> float:
+        """U-Net MACs spent over those of the uncached run, over all samples (forecasting's
+        element-wise arithmetic is not counted; it is measured in benchmarks/forecast_overhead.py)."""
+        per_sample = [len(s) for s in self.full_steps_per_sample]
+        if not per_sample or min(per_sample) == self.model_calls:
+            return 1.0
+        ratio = self.shallow_ratio
+        spent = sum(n + (self.model_calls - n) * ratio for n in per_sample)
+        return spent / (len(per_sample) * self.model_calls)
 
 
 class Pipeline:
@@ -62,6 +91,7 @@ class Pipeline:
         self.meta = dict(meta or {})
         self.last_run: Optional[RunStats] = None
         unet.num_train_timesteps = scheduler.num_train_timesteps  # lets the U-Net refuse timesteps past it
+        self._shallow_ratios: dict = {}
 
     # -- properties ---------------------------------------------------------------------------
 
@@ -191,8 +221,38 @@ class Pipeline:
         return guided
 
     @torch.inference_mode()
+    def shallow_ratio(self, branch: int, x: torch.Tensor, cond=None) -> float:
+        """MACs of a shallow step at `branch` over a full step, for one sample shaped like x[:1]
+        (counted once per branch, size and kind of conditioning, then remembered)."""
+        key = (branch, tuple(x.shape[1:]), None if cond is None else tuple(cond.shape[1:]))
+        if key not in self._shallow_ratios:
+            macs = self.unet.macs(torch.zeros_like(x[:1]), 500, None if cond is None else cond[:1], branch=branch)
+            self._shallow_ratios[key] = macs["shallow"] / macs["full"]
+        return self._shallow_ratios[key]
+
+    def _cached_model(self, calls, sampler, eta, x, cond, *, schedule, interval, branch,
+                      center, power, forecast, threshold, budget):
+        """The U-Net callable for a run: a fixed schedule (CachedUNet) or run-time decisions (AdaptiveUNet)."""
+        stochastic = sampler in STOCHASTIC_SAMPLERS or (sampler == "ddim" and eta > 0)
+        if forecast == "auto" or (forecast is None and schedule == "adaptive"):
+            forecast = 0 if stochastic else 2  # injected noise makes extrapolation worse than reuse (docs/adaptive.md)
+        forecast = 0 if forecast is None else forecast
+        if schedule == "adaptive":
+            ratio = self.shallow_ratio(branch, x, cond) if budget is not None else None
+            return AdaptiveUNet(self.unet, calls, branch, x.shape[0], forecast=forecast, threshold=threshold,
+                                budget=budget, shallow_ratio=ratio)
+        if threshold is not None or budget is not None:
+            raise ValueError("cache_threshold and cache_budget apply to cache_schedule='adaptive' only")
+        calibrated = self.calibration if schedule == "calibrated" else None
+        full_steps = make_schedule(schedule, calls, interval, center=center, power=power, calibrated=calibrated,
+                                   branch=branch)
+        return CachedUNet(self.unet, calls, full_steps, branch, forecast)
+
+    @torch.inference_mode()
     def generate(self, *, steps: int = 50, sampler: str = "ddim", eta: float = 0.0, karras_sigmas: bool = False,
-                 cache_interval: int = 1, cache_branch: int = 0, cache_schedule="uniform", seed: Optional[int] = None,
+                 cache_interval: int = 1, cache_branch: int = 0, cache_schedule="uniform", cache_forecast=None,
+                 cache_threshold: Optional[float] = None, cache_budget: Optional[float] = None,
+                 seed: Optional[int] = None,
                  noise: Optional[torch.Tensor] = None, batch_size: int = 1, class_labels=None,
                  guidance_scale: Optional[float] = None, prompt=None, negative_prompt=None,
                  height: Optional[int] = None, width: Optional[int] = None, output: str = "image",
@@ -206,6 +266,13 @@ class Pipeline:
         `strength` of the `steps` remain, and denoised from there; `noise` is then the noise added.
         `center`/`power` are the old names of `cache_center`/`cache_power` (deprecated).
         Sampler options (`eta`, `karras_sigmas`) are refused where the sampler does not take them.
+
+        Caching: `cache_schedule` names the full steps ("uniform", "nonuniform", "calibrated", a list)
+        or "adaptive": each sample refreshes when its features at the cut stray from their forecast
+        by more than `cache_threshold`, spending at most `cache_budget` of the uncached run's MACs.
+        `cache_forecast` = 0 reuses the deep feature (DeepCache), 1 or 2 extrapolates it through the
+        last 2 or 3 full steps, "auto" picks 2 for deterministic samplers and 0 for noisy ones;
+        None (default) means 0 for fixed schedules and "auto" for the adaptive one.
         """
         if center is not None or power is not None:
             warnings.warn("generate(center=, power=) are deprecated: use cache_center= and cache_power=",
@@ -253,10 +320,10 @@ class Pipeline:
         calls = num_model_calls(sampler, steps - start_step)
         if cache_schedule == "calibrated" and self.calibration is None and self.calibration_error:
             raise ValueError(self.calibration_error)
-        calibrated = self.calibration if cache_schedule == "calibrated" else None
-        full_steps = make_schedule(cache_schedule, calls, cache_interval, center=cache_center, power=cache_power,
-                                   calibrated=calibrated, branch=cache_branch)
-        cached = CachedUNet(self.unet, calls, full_steps, cache_branch)
+        _check_cache_args(cache_forecast, cache_threshold, cache_budget)
+        cached = self._cached_model(calls, sampler, eta, x, cond, schedule=cache_schedule,
+                                    interval=cache_interval, branch=cache_branch, center=cache_center, power=cache_power,
+                                    forecast=cache_forecast, threshold=cache_threshold, budget=cache_budget)
         causes = ["U-Net weights that are not finite or overflow", "noise that is not finite"]
         if uncond is not None:
             causes.insert(0, f"guidance_scale={guidance_scale} too large")
@@ -275,8 +342,17 @@ class Pipeline:
                         guidance_scale=guidance_scale, generator=generator, progress=progress, callback=checked,
                         start_step=start_step, **options)
         result = x if output == "latent" else self.decode(x)
-        self.last_run = RunStats(steps, cached.calls, cached.full_calls, cached.shallow_calls,
-                                 time.perf_counter() - start, sorted(cached.full_steps))
+        seconds = time.perf_counter() - start
+        if isinstance(cached, AdaptiveUNet):
+            per_sample = [list(s) for s in cached.full_steps]
+            full_steps = sorted(set().union(*map(set, per_sample)))
+            forecast = cached.deep.order
+        else:
+            full_steps = sorted(cached.full_steps)
+            per_sample, forecast = [list(full_steps) for _ in range(x.shape[0])], cached.forecast
+        self.last_run = RunStats(steps, cached.calls, len(full_steps), cached.calls - len(full_steps), seconds,
+                                 full_steps, per_sample, forecast,
+                                 lambda: self.shallow_ratio(cache_branch, x, cond))
         return result
 
     @torch.inference_mode()
@@ -418,6 +494,16 @@ class Pipeline:
                 self.tokenizer.save(tmp / "tokenizer")
             if self.calibration is not None:
                 save_json(self.calibration, tmp / "calibration.json")
+
+
+def _check_cache_args(forecast, threshold, budget):
+    if forecast not in (None, "auto"):
+        check_order(forecast)
+    if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, (int, float))
+                                  or not 0 <= threshold < math.inf):
+        raise ValueError(f"cache_threshold must be a number >= 0 (a relative L1 change), got {threshold!r}")
+    if budget is not None and (isinstance(budget, bool) or not isinstance(budget, (int, float))):
+        raise ValueError(f"cache_budget must be a fraction of the uncached run's MACs in (0, 1], got {budget!r}")
 
 
 def _check_args(*, steps, sampler, eta, cache_interval, batch_size, guidance_scale, output, seed, cache_power):

@@ -302,6 +302,23 @@ class _Cond:
     context: Optional[torch.Tensor]
 
 
+@dataclass
+class CutState:
+    """A step after `input_blocks[:branch + 1]`: what every step computes before it must choose
+    between continuing into the deep part (a refresh) and decoding from a cached feature."""
+
+    branch: int
+    h: torch.Tensor
+    skips: list
+    cond: _Cond
+
+    def rows(self, index: torch.Tensor) -> "CutState":
+        """The same state for a subset of the batch (a sub-batch that refreshes, or one that does not)."""
+        context = None if self.cond.context is None else self.cond.context[index]
+        return CutState(self.branch, self.h[index], [s[index] for s in self.skips],
+                        _Cond(self.cond.emb[index], context))
+
+
 class UNet(nn.Module):
     def __init__(self, config: UNetConfig):
         super().__init__()
@@ -481,9 +498,9 @@ class UNet(nn.Module):
         if isinstance(branch, bool) or not isinstance(branch, int) or not 0 <= branch < self.num_branches:
             raise ValueError(f"cache branch must be an int in [0, {self.num_branches - 1}], got {branch!r}")
 
-    def _encode(self, h, c: _Cond, layers):
+    def _encode(self, h, c: _Cond, layers, start: int = 0):
         skips = []
-        for i, layer in enumerate(layers):
+        for i, layer in enumerate(layers, start):
             h = layer(h, c.emb, c.context)
             skips.append(h)
             if self.recorder is not None:
@@ -502,14 +519,23 @@ class UNet(nn.Module):
                 self.recorder(f"dec.{i}", h)
         return self.out_conv(F.silu(self.out_norm(h), inplace=not torch.is_grad_enabled())).contiguous(), cached
 
-    def _full(self, x, t, cond, cache_at):
+    def _cut(self, x, t, cond, branch) -> CutState:
         x = x.contiguous(memory_format=torch.channels_last)
         c = self.embed(x, t, cond)
-        h, skips = self._encode(x, c, self.input_blocks)
+        h, skips = self._encode(x, c, self.input_blocks[: branch + 1])
+        return CutState(branch, h, skips, c)
+
+    def _rest(self, state: CutState, cache_at):
+        """Everything after the cut: the rest of the encoder, the middle and the whole decoder."""
+        c = state.cond
+        h, deeper = self._encode(state.h, c, self.input_blocks[state.branch + 1:], start=state.branch + 1)
         h = self.middle_block(h, c.emb, c.context)
         if self.recorder is not None:
             self.recorder("mid", h)
-        return self._decode(h, skips, c, 0, cache_at)
+        return self._decode(h, state.skips + deeper, c, 0, cache_at)
+
+    def _full(self, x, t, cond, cache_at):
+        return self._rest(self._cut(x, t, cond, 0), cache_at)
 
     def forward(self, x, t, cond=None):
         """The whole network, nothing kept."""
@@ -535,10 +561,29 @@ class UNet(nn.Module):
         return self._shallow(x, t, cond, cache.hidden, cache.branch)
 
     def _shallow(self, x, t, cond, hidden, branch):
-        x = x.contiguous(memory_format=torch.channels_last)
-        c = self.embed(x, t, cond)
-        _, skips = self._encode(x, c, self.input_blocks[: branch + 1])
-        return self._decode(hidden, skips, c, len(self.output_blocks) - 1 - branch)[0]
+        return self._from_cache(self._cut(x, t, cond, branch), hidden)
+
+    def _from_cache(self, state: CutState, hidden):
+        return self._decode(hidden, list(state.skips), state.cond, len(self.output_blocks) - 1 - state.branch)[0]
+
+    # A step split at the cut, for callers that decide between the two paths per sample at run time:
+    # forward_cut, then forward_rest (what forward_full computes, nothing recomputed) or
+    # forward_from_cache (what forward_shallow computes).
+
+    def forward_cut(self, x, t, cond=None, *, branch: int = 0) -> CutState:
+        """Only input_blocks[:branch + 1], the part a full and a shallow step share."""
+        self._check_branch(branch)
+        self._check_input(x)
+        return self._cut(x, t, cond, branch)
+
+    def forward_rest(self, state: CutState):
+        """Continue a cut into the deep part: (output, FeatureCache), equal to forward_full's."""
+        out, hidden = self._rest(state, len(self.output_blocks) - 1 - state.branch)
+        return out, FeatureCache(state.branch, hidden)
+
+    def forward_from_cache(self, state: CutState, hidden: torch.Tensor) -> torch.Tensor:
+        """Finish a cut from a deep feature (cached or forecast), as forward_shallow does."""
+        return self._from_cache(state, hidden)
 
     def compile_paths(self, **kwargs) -> "UNet":
         """torch.compile the full and the shallow path (each branch compiles once, on first use).
