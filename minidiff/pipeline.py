@@ -20,10 +20,10 @@ from typing import Optional, Sequence
 
 import torch
 
-from .cache import CachedUNet, load_calibrated, make_schedule
+from .cache import CachedUNet, check_calibration, load_calibrated, make_schedule
 from .checkpoint import (CheckpointError, atomic_folder, check_finite, load_weights, read_state_dict, save_json,
                          save_safetensors)
-from .samplers import SAMPLERS, num_model_calls, sampler_options, start_alpha_cumprod
+from .samplers import SAMPLERS, changed_options, num_model_calls, sampler_options, start_alpha_cumprod
 from .schedules import SchedulerConfig
 from .unet import UNet, UNetConfig
 
@@ -211,11 +211,6 @@ class Pipeline:
                     batch_size=batch_size, guidance_scale=guidance_scale, output=output, seed=seed,
                     cache_power=cache_power)
         options = sampler_options(sampler, eta=eta, karras_sigmas=karras_sigmas)
-        if cache_schedule == "calibrated" and isinstance(self.calibration, dict) \
-                and self.calibration.get("sampler", sampler) != sampler:
-            raise ValueError(f"this model's cache calibration was measured with the {self.calibration['sampler']} "
-                             f"sampler, not {sampler}; calibrate again with `minidiff analyze calibrate --sampler "
-                             f"{sampler}` or use another cache schedule")
         if isinstance(cache_branch, bool) or not isinstance(cache_branch, int) \
                 or not 0 <= cache_branch < self.unet.num_branches:
             raise ValueError(f"cache_branch must be an int in [0, {self.unet.num_branches - 1}], got {cache_branch!r}")
@@ -245,6 +240,8 @@ class Pipeline:
 
         calls = num_model_calls(sampler, steps - start_step)
         calibrated = self.calibration if cache_schedule == "calibrated" else None
+        if isinstance(calibrated, dict):
+            check_calibration(calibrated, sampler, changed_options(options), calls, steps)
         full_steps = make_schedule(cache_schedule, calls, cache_interval, center=cache_center, power=cache_power,
                                    calibrated=calibrated, branch=cache_branch)
         cached = CachedUNet(self.unet, calls, full_steps, cache_branch)
