@@ -80,8 +80,9 @@ class _Rollouts:
     the shallow path together, `max_batch` rows at a time.
     """
 
-    def __init__(self, pipe, trajectory: Trajectory, branch: int, guidance_scale, max_batch: int):
+    def __init__(self, pipe, trajectory: Trajectory, branch: int, guidance_scale, max_batch: int, on_input=None):
         self.pipe, self.trajectory, self.branch, self.guidance_scale = pipe, trajectory, branch, guidance_scale
+        self.on_input = on_input  # on_input(j, x) sees every run's state entering model call j
         self.halves = 1 if trajectory.uncond is None else 2  # guidance: the U-Net sees [uncond; cond] rows
         self.batch = trajectory.noise.shape[0]
         self.group = max(1, max_batch // (self.batch * self.halves))
@@ -90,6 +91,8 @@ class _Rollouts:
     def __call__(self, x, t, cond=None):  # each run's conditioning comes from the trajectory
         j, b = self.calls, self.batch
         self.calls += 1
+        if self.on_input is not None:
+            self.on_input(j, x)
         runs = len(self.trajectory.outputs)
         out = _tile(self.trajectory.outputs[j], runs)
         hidden = self.trajectory.hidden[self.branch]
@@ -108,8 +111,10 @@ class _Rollouts:
 @torch.inference_mode()
 def rollout_costs(pipe, trajectory: Trajectory, branch: int, *, steps: int, sampler: str, guidance_scale=None,
                   max_batch: int = 256, seed: int = 0, **options) -> np.ndarray:
-    """segments[s, e]: mean squared distance of the sample after model call e-1 from the uncached
-    sample, when full step s is followed by shallow steps reusing its cache (and nothing else changed).
+    """segments[s, e]: mean squared distance of the state entering model call e (for e = S: the final
+    sample) from the uncached one, when full step s is followed by shallow steps reusing its cache
+    (and nothing else changed). Every sampler feeds the model x_t, so costs share one scale across
+    the run; the samplers' own states do not (Euler/Heun step x_t * sqrt(1 + sigma^2)).
 
     Every start s is rolled out at once as one batched sampling run, so a segment's cost includes
     how its errors add up and carry through the sampler's own updates. A sampler that draws noise
@@ -120,17 +125,20 @@ def rollout_costs(pipe, trajectory: Trajectory, branch: int, *, steps: int, samp
     runs, b = len(trajectory.outputs), trajectory.noise.shape[0]
     segments = np.zeros((runs, runs + 1))
 
-    def measure(i, t, x):
+    def distance(x):  # (runs,): each run's mean squared distance from the reference run (the last)
         reference = x[(runs - 1) * b:].double()
-        distance = ((x.double().unflatten(0, (runs, b)) - reference) ** 2).flatten(1).mean(1)  # (runs,)
-        segments[: i + 1, i + 1] = distance[: i + 1].numpy()
+        return ((x.double().unflatten(0, (runs, b)) - reference) ** 2).flatten(1).mean(1).numpy()
 
-    model = _Rollouts(pipe, trajectory, branch, guidance_scale, max_batch)
+    def measure(j, x):  # runs s < j have reused the cache of step s for calls s + 1 .. j - 1
+        segments[:j, j] = distance(x)[:j]
+
+    model = _Rollouts(pipe, trajectory, branch, guidance_scale, max_batch, on_input=measure)
     generator = torch.Generator().manual_seed(seed)
     if draws_noise(sampler, **options):
         generator = SharedNoise(generator, runs)
-    pipe.sample(model, _tile(trajectory.noise, runs), steps=steps, sampler=sampler, generator=generator,
-                progress=False, callback=measure, **options)
+    final = pipe.sample(model, _tile(trajectory.noise, runs), steps=steps, sampler=sampler, generator=generator,
+                        progress=False, **options)
+    segments[:, runs] = distance(final)
     return segments
 
 
@@ -142,8 +150,8 @@ def drift_costs(trajectory: Trajectory, branch: int) -> np.ndarray:
     return np.concatenate([np.zeros((len(drift), 1)), np.cumsum(drift, axis=1)], axis=1)
 
 
-COSTS = {"output": "mean squared distance from the uncached sample after step e-1 when steps s+1 .. e-1 reuse "
-                   "the cache of full step s (batched rollouts along the uncached run)",
+COSTS = {"output": "mean squared distance from the uncached x_t entering step e (the final sample for e = S) when "
+                   "steps s+1 .. e-1 reuse the cache of full step s (batched rollouts along the uncached run)",
          "feature": "sum over steps j in s .. e-1 of 1 - cos(cached feature at s, at j)"}
 
 

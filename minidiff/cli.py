@@ -13,8 +13,8 @@ from pathlib import Path
 
 from .calibration import COSTS, calibrate
 from . import analysis, cache, metrics, plots
-from .checkpoint import CheckpointError
-from .frontier import SCHEDULES, format_rows, frontier
+from .checkpoint import CheckpointError, atomic_path
+from .frontier import SCHEDULES, format_budgets, format_rows, frontier
 from .samplers import SAMPLERS
 
 
@@ -455,6 +455,12 @@ def bench_main(argv=None) -> int:
         print(format_rows(rows, columns))
         analysis.write_csv(rows, out / "frontier.csv")
         written = [out / "frontier.csv"]
+        if args.fewer_steps:
+            budgets = format_budgets(rows)
+            print("\nPSNR (dB) against the uncached run at each budget:\n" + budgets)
+            with atomic_path(out / "budgets.md") as tmp:
+                tmp.write_text(budgets)
+            written.append(out / "budgets.md")
         if not args.samplers:
             written.append(plots.plot_frontier(rows, out / "frontier.png", title=f"{args.model}: {args.sampler}, "
                                                f"{args.steps} steps, batch {args.batch}"))

@@ -147,6 +147,36 @@ def _accuracy(classifier, images, labels):
     return float((classifier(images) == torch.as_tensor(labels).cpu()).float().mean())
 
 
+def format_budgets(rows: list) -> str:
+    """Markdown, one table per sampler: for each budget (branch, interval), the PSNR of every cache
+    schedule next to the fewer-steps baseline at no more MACs; the best of them in bold."""
+    kinds = [k for k in SCHEDULES if any(r["schedule"] == k for r in rows)]
+    out = []
+    for sampler, steps in dict.fromkeys((r["sampler"], r["reference_steps"]) for r in rows):
+        mine = [r for r in rows if (r["sampler"], r["reference_steps"]) == (sampler, steps)]
+        calls = mine[0]["full_steps"]
+        out += [f"{sampler}, {steps} steps ({calls} model calls)", "",
+                "| branch | 1:N | full calls | MACs | " + " | ".join(kinds) + " | fewer steps | their MACs | their PSNR |",
+                "|---" * (7 + len(kinds)) + "|"]
+        budgets = dict.fromkeys((r["branch"], r["interval"]) for r in mine if r["schedule"] != "none")
+        for b, n in budgets:
+            here = {r["schedule"]: r for r in mine if (r["branch"], r["interval"]) == (b, n)}
+            cached = next((here[k] for k in kinds if k in here), None)
+            fewer = here.get(FEWER)
+            best = max(r["psnr"] for r in here.values())
+
+            def cell(r):
+                return "-" if r is None else (f"**{r['psnr']:.2f}**" if r["psnr"] == best else f"{r['psnr']:.2f}")
+
+            out.append(f"| {b} | {n} | {cached['full_steps'] if cached else '-'} | "
+                       f"{'-' if cached is None else format(cached['mac_fraction'], '.1%')} | "
+                       + " | ".join(cell(here.get(k)) for k in kinds)
+                       + (f" | {fewer['steps']} | {fewer['mac_fraction']:.1%} | {cell(fewer)} |" if fewer else
+                          " | - | - | - |"))
+        out.append("")
+    return "\n".join(out)
+
+
 def format_rows(rows: list, columns: Sequence[str]) -> str:
     """A fixed-width text table of the given columns."""
     def cell(v):

@@ -36,8 +36,8 @@ def _call(model, x, t):
 
 def _noise_like(x, generator):
     """Standard normal noise drawn as diffusers' randn_tensor does: on the generator's device, then moved.
-    A `SharedNoise` gives every stacked run the same draw."""
-    if isinstance(generator, SharedNoise):
+    `generator` may instead be a noise source with a `like(x)` method, e.g. `SharedNoise`."""
+    if hasattr(generator, "like"):
         return generator.like(x)
     device = generator.device if generator is not None else x.device
     return torch.randn(x.shape, generator=generator, dtype=x.dtype, device=device).to(x.device)

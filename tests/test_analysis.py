@@ -171,7 +171,8 @@ def test_dynamic_programme_is_optimal():
 
 @pytest.mark.parametrize("guidance_scale", [None, 3.0])
 def test_rollout_costs_match_a_cached_generate_run(pipe, guidance_scale):
-    """segments[s, e] is the distance after call e-1 of the run that is full up to s, then reuses s's cache."""
+    """segments[s, e] is the distance entering call e (for DDIM: after call e-1) of the run that is full up
+    to s, then reuses s's cache."""
     labels, noise = [5, 6], pipe.initial_noise(2, generator=torch.Generator().manual_seed(1))
     cond, uncond = pipe.conditioning(2, class_labels=labels, guidance_scale=guidance_scale)
     trajectory = C.trace(pipe, noise, steps=6, sampler="ddim", branches=[1], cond=cond, uncond=uncond,

@@ -130,6 +130,32 @@ def test_stochastic_calibration_shares_the_noise(pipe):
     assert segments[0, 6] > segments[0, 3] > 0
 
 
+@pytest.mark.parametrize("sampler", ["euler", "heun"])
+def test_sigma_space_costs_are_measured_on_x_t(pipe, sampler):
+    """Euler/Heun step x_t * sqrt(1 + sigma^2); a cost is the distance of the U-Net's input x_t (or of the
+    final sample), so a segment ending early (sigma ~ 150) weighs no more than one ending late."""
+    noise = pipe.initial_noise(2, generator=torch.Generator().manual_seed(1))
+    cond, _ = pipe.conditioning(2, class_labels=[1, 2])
+    steps, calls = 5, num_model_calls(sampler, 5)
+    trajectory = C.trace(pipe, noise, steps=steps, sampler=sampler, branches=[0], cond=cond)
+    segments = C.rollout_costs(pipe, trajectory, 0, steps=steps, sampler=sampler)
+
+    def states(full):  # the U-Net's input at every call, then the final sample
+        cached, seen = cache.CachedUNet(pipe.unet, calls, full, 0), []
+
+        def model(x, t, c=None):
+            seen.append(x.double())
+            return cached(x, t, c)
+
+        final = pipe.sample(model, noise.clone(), steps=steps, sampler=sampler, cond=cond, progress=False)
+        return seen + [final.double()]
+
+    reference = states(list(range(calls)))
+    for s, e in [(0, 3), (1, calls), (2, 4)]:
+        got = states(list(range(s + 1)) + list(range(e, calls)))  # full up to s, reusing s's cache until e
+        assert segments[s, e] == pytest.approx(float(((got[e] - reference[e]) ** 2).mean()), rel=1e-3)
+
+
 def test_calibration_of_other_options_is_refused(pipe):
     pipe.calibration = C.calibrate(pipe, steps=6, sampler="ddim", eta=0.5, batch_size=1, seed=0)
     try:
@@ -179,5 +205,9 @@ def test_bench_frontier_with_several_samplers(pipe, tmp_path, capsys):
     heun = {r["schedule"]: r for r in rows if r["sampler"] == "heun"}
     assert heun["none"]["full_steps"] == "5" and heun["uniform"]["full_steps"] == "3"
     assert (out / "psnr_vs_macs.png").stat().st_size > 0 and not (out / "frontier.png").exists()
+    budgets = (out / "budgets.md").read_text()
+    fewer = next(r for r in rows if r["sampler"] == "heun" and r["schedule"] == FEWER)
+    assert budgets.count("| 0 | 2 | ") == 3  # one budget line per sampler
+    assert f"| {fewer['steps']} | {float(fewer['mac_fraction']):.1%} |" in budgets.split("heun, 3 steps")[1]
     assert cli.bench_main(["frontier", "--model", str(model), "--samplers", "ddim:4,nope", "--out", str(out)]) == 2
     assert "unknown sampler 'nope'" in capsys.readouterr().err
