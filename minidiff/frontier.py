@@ -7,9 +7,9 @@ from typing import Optional, Sequence
 
 import torch
 
-from .cache import calibrated_full_steps, mac_bound, make_schedule
+from .cache import calibrated_full_steps, check_calibration, mac_bound, make_schedule
 from .metrics import psnr
-from .samplers import SAMPLERS, num_model_calls, sampler_options
+from .samplers import SAMPLERS, changed_options, num_model_calls, sampler_options
 
 
 SCHEDULES = ("uniform", "nonuniform", "calibrated")
@@ -68,6 +68,8 @@ def frontier(pipe, *, steps: int = 50, sampler: str = "ddim", intervals=(2, 3, 5
     unet = pipe.unet
     options = sampler_options(sampler, eta=eta, karras_sigmas=karras_sigmas)
     calls = num_model_calls(sampler, steps)
+    if calibration is not None and "calibrated" in schedules:
+        check_calibration(calibration, sampler, changed_options(options), calls, steps)
     kept = [b for b in branches if 0 <= b < unet.num_branches]
     if len(kept) < len(branches):
         log(f"skipping branches {sorted(set(branches) - set(kept))}: this U-Net has branches 0-{unet.num_branches - 1}")

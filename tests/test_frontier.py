@@ -1,6 +1,7 @@
 """The frontier's fewer-steps baseline (its step count, its MACs, its samples), calibration per
 sampler and step count, stochastic samplers in calibration, and `minidiff bench frontier --samplers`."""
 import csv
+import json
 import math
 import warnings
 
@@ -187,7 +188,27 @@ def test_calibration_of_another_step_count_is_resampled_with_a_warning(pipe):
         pipe.calibration = None
 
 
+def test_frontier_checks_its_calibration(pipe):
+    calibration = C.calibrate(pipe, steps=4, sampler="ddim", batch_size=1, seed=0)
+    with pytest.raises(ValueError, match="measured with the ddim sampler, not euler"):
+        frontier(pipe, steps=4, sampler="euler", intervals=(2,), branches=(0,), batch_size=1, repeats=0,
+                 calibration=calibration, log=lambda *_: None)
+
+
 # -- the command line -------------------------------------------------------------------------------
+
+def test_analyze_calibrate_takes_any_sampler_and_its_options(pipe, tmp_path, capsys):
+    model = tmp_path / "model"
+    pipe.save(model)
+    args = ["calibrate", "--model", str(model), "--steps", "4", "--batch", "1", "--branches", "0"]
+    assert cli.analyze_main([*args, "--sampler", "dpmpp_2m", "--karras-sigmas"]) == 0
+    written = json.loads((model / "calibration.json").read_text())
+    assert written["sampler"] == "dpmpp_2m" and written["sampler_options"] == {"karras_sigmas": True}
+    assert cli.analyze_main([*args, "--sampler", "euler_a", "--overwrite"]) == 0
+    assert "noise drawn from seed 0" in capsys.readouterr().out
+    assert cli.analyze_main([*args, "--sampler", "ddim", "--karras-sigmas", "--overwrite"]) == 2
+    assert "karras_sigmas=True does not apply to the ddim sampler" in capsys.readouterr().err
+
 
 def test_bench_frontier_with_several_samplers(pipe, tmp_path, capsys):
     pytest.importorskip("matplotlib")
