@@ -185,8 +185,8 @@ def resample_segments(segments: np.ndarray, num_calls: int) -> np.ndarray:
 
 
 def check_calibration(calibration: dict, sampler: str, options: dict, num_calls: int, steps: Optional[int] = None):
-    """A calibration is per sampler and step count. Another sampler or other sampler options (only
-    those set off their default count, e.g. eta > 0) is refused: the costs measured another run.
+    """A calibration is per sampler and step count. Another sampler or other sampler options (as
+    `samplers.changed_options` gives them, e.g. {"eta": 0.5}) is refused: the costs describe another run.
     Another number of model calls over the same sampler is resampled (`resample_segments`) with a
     warning, since the chosen steps then come from interpolated, not measured, costs."""
     measured = calibration.get("sampler", sampler)
