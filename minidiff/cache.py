@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -182,6 +183,29 @@ def resample_segments(segments: np.ndarray, num_calls: int) -> np.ndarray:
     by_start = np.stack([np.interp(starts, np.arange(size), column) for column in segments.T], axis=1)
     out = np.stack([np.interp(ends, np.arange(size + 1), row) for row in by_start])  # (num_calls, num_calls + 1)
     return np.triu(out, 1)
+
+
+def check_calibration(calibration: dict, sampler: str, options: dict, num_calls: int, steps: Optional[int] = None):
+    """A calibration is per sampler and step count. Another sampler or other sampler options (as
+    `samplers.changed_options` gives them, e.g. {"eta": 0.5}) is refused: the costs describe another run.
+    Another number of model calls over the same sampler is resampled (`resample_segments`) with a
+    warning, since the chosen steps then come from interpolated, not measured, costs."""
+    measured = calibration.get("sampler", sampler)
+    measured_options = calibration.get("sampler_options", {})
+    if measured != sampler or measured_options != options:
+        def described(name, opts):
+            return name + "".join(f", {k}={v}" for k, v in sorted(opts.items()))
+        raise ValueError(f"this model's cache calibration was measured with the {described(measured, measured_options)} "
+                         f"sampler, not {described(sampler, options)}; calibrate again with `minidiff analyze "
+                         f"calibrate --sampler {sampler}` or use another cache schedule")
+    calls = calibration.get("model_calls", num_calls)
+    if calls != num_calls:
+        asked = f"{steps} steps, " if steps is not None else ""
+        warnings.warn(f"the cache calibration was measured over {calls} model calls ({sampler}, "
+                      f"{calibration.get('steps')} steps) but this run makes {num_calls} ({asked}{sampler}): its costs "
+                      f"are resampled to {num_calls} calls, so the calibrated full steps are interpolated, not "
+                      f"measured; run `minidiff analyze calibrate --sampler {sampler} --steps {steps or num_calls}` "
+                      "for this setting", UserWarning, stacklevel=4)  # past generate and inference_mode
 
 
 def calibrated_full_steps(calibration: dict, num_calls: int, interval: int, branch: Optional[int] = None) -> list:

@@ -15,6 +15,7 @@ import torch
 
 from .analysis import cached_layer, cosine_matrix, recording
 from .cache import CALIBRATION_FORMAT, CALIBRATION_VERSION, pack_segments
+from .samplers import SharedNoise, changed_options, draws_noise, sampler_options
 from .unet import FeatureCache
 
 
@@ -31,8 +32,10 @@ class Trajectory:
 
 
 @torch.inference_mode()
-def trace(pipe, noise, *, steps, sampler, branches, cond=None, uncond=None, guidance_scale=None, seed=0) -> Trajectory:
-    """Run the uncached network once, keeping what calibration needs."""
+def trace(pipe, noise, *, steps, sampler, branches, cond=None, uncond=None, guidance_scale=None, seed=0,
+          **options) -> Trajectory:
+    """Run the uncached network once, keeping what calibration needs (a stochastic sampler draws its
+    noise from `seed`, as the rollouts will)."""
     layer_of = {b: cached_layer(pipe.unet, b) for b in branches}
     hidden: dict = {b: [] for b in branches}
     outputs = []
@@ -49,7 +52,7 @@ def trace(pipe, noise, *, steps, sampler, branches, cond=None, uncond=None, guid
 
     with recording(pipe.unet, recorder):
         pipe.sample(tapped, noise.clone(), steps=steps, sampler=sampler, generator=torch.Generator().manual_seed(seed),
-                    progress=False)
+                    progress=False, **options)
     return Trajectory(noise, outputs, hidden, cond, uncond)
 
 
@@ -77,8 +80,9 @@ class _Rollouts:
     the shallow path together, `max_batch` rows at a time.
     """
 
-    def __init__(self, pipe, trajectory: Trajectory, branch: int, guidance_scale, max_batch: int):
+    def __init__(self, pipe, trajectory: Trajectory, branch: int, guidance_scale, max_batch: int, on_input=None):
         self.pipe, self.trajectory, self.branch, self.guidance_scale = pipe, trajectory, branch, guidance_scale
+        self.on_input = on_input  # on_input(j, x) sees every run's state entering model call j
         self.halves = 1 if trajectory.uncond is None else 2  # guidance: the U-Net sees [uncond; cond] rows
         self.batch = trajectory.noise.shape[0]
         self.group = max(1, max_batch // (self.batch * self.halves))
@@ -87,6 +91,8 @@ class _Rollouts:
     def __call__(self, x, t, cond=None):  # each run's conditioning comes from the trajectory
         j, b = self.calls, self.batch
         self.calls += 1
+        if self.on_input is not None:
+            self.on_input(j, x)
         runs = len(self.trajectory.outputs)
         out = _tile(self.trajectory.outputs[j], runs)
         hidden = self.trajectory.hidden[self.branch]
@@ -104,27 +110,35 @@ class _Rollouts:
 
 @torch.inference_mode()
 def rollout_costs(pipe, trajectory: Trajectory, branch: int, *, steps: int, sampler: str, guidance_scale=None,
-                  max_batch: int = 256) -> np.ndarray:
-    """segments[s, e]: mean squared distance of the sample after model call e-1 from the uncached
-    sample, when full step s is followed by shallow steps reusing its cache (and nothing else changed).
+                  max_batch: int = 256, seed: int = 0, **options) -> np.ndarray:
+    """segments[s, e]: mean squared distance of the state entering model call e (for e = S: the final
+    sample) from the uncached one, when full step s is followed by shallow steps reusing its cache
+    (and nothing else changed). Every sampler feeds the model x_t, so costs share one scale across
+    the run; the samplers' own states do not (Euler/Heun step x_t * sqrt(1 + sigma^2)).
 
     Every start s is rolled out at once as one batched sampling run, so a segment's cost includes
-    how its errors add up and carry through the sampler's own updates. Needs a deterministic sampler.
+    how its errors add up and carry through the sampler's own updates. A sampler that draws noise
+    (`samplers.draws_noise`) gives every rolled-out run the noise the traced run drew from `seed`
+    (`SharedNoise`), so a cost is the cache's error alone, as a cached run and an uncached run from
+    one seed differ.
     """
-    if sampler == "ddpm":
-        raise ValueError("the 'output' calibration cost compares deterministic runs; calibrate with "
-                         "--sampler ddim (the schedule is over model calls and carries over) or --cost feature")
     runs, b = len(trajectory.outputs), trajectory.noise.shape[0]
     segments = np.zeros((runs, runs + 1))
 
-    def measure(i, t, x):
+    def distance(x):  # (runs,): each run's mean squared distance from the reference run (the last)
         reference = x[(runs - 1) * b:].double()
-        distance = ((x.double().unflatten(0, (runs, b)) - reference) ** 2).flatten(1).mean(1)  # (runs,)
-        segments[: i + 1, i + 1] = distance[: i + 1].numpy()
+        return ((x.double().unflatten(0, (runs, b)) - reference) ** 2).flatten(1).mean(1).numpy()
 
-    model = _Rollouts(pipe, trajectory, branch, guidance_scale, max_batch)
-    pipe.sample(model, _tile(trajectory.noise, runs), steps=steps, sampler=sampler,
-                generator=torch.Generator().manual_seed(0), progress=False, callback=measure)
+    def measure(j, x):  # runs s < j have reused the cache of step s for calls s + 1 .. j - 1
+        segments[:j, j] = distance(x)[:j]
+
+    model = _Rollouts(pipe, trajectory, branch, guidance_scale, max_batch, on_input=measure)
+    generator = torch.Generator().manual_seed(seed)
+    if draws_noise(sampler, **options):
+        generator = SharedNoise(generator, runs)
+    final = pipe.sample(model, _tile(trajectory.noise, runs), steps=steps, sampler=sampler, generator=generator,
+                        progress=False, **options)
+    segments[:, runs] = distance(final)
     return segments
 
 
@@ -136,19 +150,22 @@ def drift_costs(trajectory: Trajectory, branch: int) -> np.ndarray:
     return np.concatenate([np.zeros((len(drift), 1)), np.cumsum(drift, axis=1)], axis=1)
 
 
-COSTS = {"output": "mean squared distance from the uncached sample after step e-1 when steps s+1 .. e-1 reuse "
-                   "the cache of full step s (batched rollouts along the uncached run)",
+COSTS = {"output": "mean squared distance from the uncached x_t entering step e (the final sample for e = S) when "
+                   "steps s+1 .. e-1 reuse the cache of full step s (batched rollouts along the uncached run)",
          "feature": "sum over steps j in s .. e-1 of 1 - cos(cached feature at s, at j)"}
 
 
 def calibrate(pipe, *, steps: int = 50, sampler: str = "ddim", branch: int = 0, branches=None, cost: str = "output",
-              batch_size: int = 8, seed: int = 0, class_labels=None, prompt=None, guidance_scale=None) -> dict:
+              batch_size: int = 8, seed: int = 0, class_labels=None, prompt=None, guidance_scale=None,
+              eta: float = 0.0, karras_sigmas: bool = False) -> dict:
     """Measure, for each branch, the cost of every segment (a full step s whose cache serves steps up
     to e-1); return the calibration dict `calibrated_full_steps` (cache_schedule="calibrated") reads.
 
     `branch` is the default branch the schedule is chosen for; `branches` (default: just `branch`)
-    are all branches measured. Calibrate on other noise (seed) than you evaluate on.
+    are all branches measured. Calibrate on other noise (seed) than you evaluate on. The result holds
+    for this sampler, its options and step count (`cache.check_calibration` enforces it).
     """
+    options = sampler_options(sampler, eta=eta, karras_sigmas=karras_sigmas)
     if cost not in COSTS:
         raise ValueError(f"unknown calibration cost {cost!r}; choose one of {sorted(COSTS)}")
     branches = sorted({branch, *(branches or [])})
@@ -161,11 +178,13 @@ def calibrate(pipe, *, steps: int = 50, sampler: str = "ddim", branch: int = 0, 
     noise = pipe.initial_noise(batch_size, generator=torch.Generator().manual_seed(seed))
     start = time.perf_counter()
     trajectory = trace(pipe, noise, steps=steps, sampler=sampler, branches=branches,
-                       cond=cond, uncond=uncond, guidance_scale=guidance_scale, seed=seed)
-    segments = {b: rollout_costs(pipe, trajectory, b, steps=steps, sampler=sampler, guidance_scale=guidance_scale)
+                       cond=cond, uncond=uncond, guidance_scale=guidance_scale, seed=seed, **options)
+    segments = {b: rollout_costs(pipe, trajectory, b, steps=steps, sampler=sampler, guidance_scale=guidance_scale,
+                                 seed=seed, **options)
                 if cost == "output" else drift_costs(trajectory, b) for b in branches}
     return {"format": CALIBRATION_FORMAT, "version": CALIBRATION_VERSION, "cost": cost, "cost_meaning": COSTS[cost],
-            "steps": steps, "model_calls": len(trajectory.outputs), "sampler": sampler, "branch": branch,
+            "steps": steps, "model_calls": len(trajectory.outputs), "sampler": sampler,
+            "sampler_options": changed_options(options), "draws_noise": draws_noise(sampler, **options), "branch": branch,
             "batch_size": batch_size, "seed": seed,
             "class_labels": None if cond is None or prompt is not None else cond.tolist(),
             "prompt": prompt, "guidance_scale": guidance_scale, "seconds": round(time.perf_counter() - start, 2),

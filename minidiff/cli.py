@@ -13,8 +13,8 @@ from pathlib import Path
 
 from .calibration import COSTS, calibrate
 from . import analysis, cache, metrics, plots
-from .checkpoint import CheckpointError
-from .frontier import SCHEDULES, format_rows, frontier
+from .checkpoint import CheckpointError, atomic_path
+from .frontier import SCHEDULES, format_budgets, format_rows, frontier
 from .samplers import SAMPLERS
 
 
@@ -236,6 +236,12 @@ def _model_args(p: argparse.ArgumentParser, batch: int = 8):
     p.add_argument("--threads", type=int, help="torch CPU threads")
 
 
+def _sampler_option_args(p: argparse.ArgumentParser):
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM noise (ddim only; > 0 draws noise every step)")
+    p.add_argument("--karras-sigmas", action="store_true", help="Karras et al. 2022 noise levels "
+                   "(euler, heun, dpmpp_2m, unipc)")
+
+
 def _classifier_arg(p: argparse.ArgumentParser):
     p.add_argument("--classifier", help="toy-metric classifier folder (default: DATASET-classifier beside the model)")
 
@@ -265,6 +271,7 @@ def _analyze_parser() -> argparse.ArgumentParser:
     _model_args(q)
     q.add_argument("--branch", type=int, default=0, help="the branch cache_schedule='calibrated' uses by default")
     q.add_argument("--branches", type=int, nargs="+", help="all branches to measure (default 0 1 2 3)")
+    _sampler_option_args(q)
     q.add_argument("--cost", default="output", choices=sorted(COSTS))
     q.add_argument("--out", help="where to write (default: MODEL/calibration.json)")
     q.add_argument("--overwrite", action="store_true", help="replace an existing calibration")
@@ -294,10 +301,11 @@ def _load(args):
     return load(args.model)
 
 
-def _labels_from(args, pipe):
+def _labels_from(args, pipe, batch=None):
+    batch = batch or args.batch
     if args.class_label is None:
-        return None if pipe.unet.config.num_classes is None else pipe.default_labels(args.batch)
-    return [args.class_label] * args.batch
+        return None if pipe.unet.config.num_classes is None else pipe.default_labels(batch)
+    return [args.class_label] * batch
 
 
 def _record_from(args, pipe):
@@ -370,10 +378,11 @@ def _calibrate_cmd(pipe, args) -> int:
     calibration = calibrate(pipe, steps=args.steps, sampler=args.sampler, branch=args.branch, branches=branches,
                             cost=args.cost, batch_size=args.batch, seed=args.seed,
                             class_labels=_labels_from(args, pipe), prompt=args.prompt,
-                            guidance_scale=args.guidance_scale)
+                            guidance_scale=args.guidance_scale, eta=args.eta, karras_sigmas=args.karras_sigmas)
     cache.save_calibrated(target, calibration)
     calls = calibration["model_calls"]
-    print(f"measured {args.cost} costs of branches {branches} over {calls} model calls in "
+    print(f"measured {args.cost} costs of branches {branches} over {calls} model calls ({args.sampler}, "
+          f"{args.steps} steps{', noise drawn from seed ' + str(args.seed) if calibration['draws_noise'] else ''}) in "
           f"{calibration['seconds']:.1f}s; wrote {target}")
     for n in (2, 3, 5, 10):
         if n < calls:
@@ -385,60 +394,125 @@ def _calibrate_cmd(pipe, args) -> int:
 def _bench_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="minidiff bench", description="Benchmarks of cached sampling.")
     sub = p.add_subparsers(dest="command", required=True)
-    q = sub.add_parser("frontier", help="speedup, MAC bound and quality of cache schedules at several budgets")
+    q = sub.add_parser("frontier", help="speedup, MAC bound and quality of cache schedules at several budgets, "
+                       "against fewer uncached steps at the same MACs")
     _model_args(q)
     _classifier_arg(q)
+    _sampler_option_args(q)
     q.set_defaults(seed=1)
+    q.add_argument("--samplers", help="several samplers, each NAME or NAME:STEPS (default steps: --steps), e.g. "
+                   "ddim:50,dpmpp_2m:20,euler_a:30,plms:50; replaces --sampler. --eta/--karras-sigmas apply to "
+                   "those that take them")
     q.add_argument("--intervals", type=int, nargs="+", default=[2, 3, 5, 10], help="N: ceil(steps/N) full steps")
     q.add_argument("--branches", type=int, nargs="+", default=[0, 1, 3])
     q.add_argument("--schedules", nargs="+", default=list(SCHEDULES), choices=SCHEDULES)
+    q.add_argument("--no-fewer-steps", dest="fewer_steps", action="store_false",
+                   help="leave out the baseline rows (fewer uncached steps at each schedule's MACs)")
     q.add_argument("--repeats", type=int, default=2,
-                   help="time every run this many times, alternating with the uncached run; keep the best")
+                   help="time every run this many times, alternating with the uncached run; keep the best "
+                        "(0: no timing, quality only)")
     q.add_argument("--calibration-seed", type=int, default=0,
                    help="noise for calibrating when the model has no calibration.json for a branch")
+    q.add_argument("--calibration-batch", type=int, help="images in that calibration run (default: --batch)")
     q.add_argument("--out", default="out/frontier")
     return p
+
+
+FRONTIER_COLUMNS = ["schedule", "branch", "interval", "full_steps", "seconds", "uncached_seconds", "speedup",
+                    "mac_speedup", "psnr", "accuracy", "steps"]
 
 
 def bench_main(argv=None) -> int:
     """`minidiff bench frontier --model DIR ...` (or `bench adaptive ...`)"""
     if argv and argv[0] == "adaptive":
         return bench_adaptive_main(argv[1:])
+    from .frontier import parse_samplers
+    from .samplers import SAMPLER_OPTIONS, num_model_calls, sampler_options
+
     args = _bench_parser().parse_args(argv)
     try:
+        if args.repeats < 0:
+            raise ValueError(f"--repeats must be 0 (no timing) or more, got {args.repeats}")
+        runs = parse_samplers(args.samplers, args.steps) if args.samplers else [(args.sampler, args.steps)]
         pipe = _load(args)
         labels = _labels_from(args, pipe)
-        calibration = pipe.calibration
+        classifier = metrics.toy_classifier(pipe, args.model, args.classifier)
         branches = [b for b in args.branches if 0 <= b < pipe.unet.num_branches]
         if not branches:
             raise ValueError(f"none of the branches {args.branches} exists; this U-Net has branches "
                              f"0-{pipe.unet.num_branches - 1}")
-        if "calibrated" in args.schedules and (calibration is None or
-                                               any(str(b) not in calibration.get("segments", {}) for b in branches)):
-            print(f"the model's calibration does not cover branches {branches}: calibrating them on seed "
-                  f"{args.calibration_seed} (the bench uses seed {args.seed})")
-            calibration = calibrate(pipe, steps=args.steps, sampler=args.sampler, branch=branches[0], branches=branches,
-                                    batch_size=args.batch, seed=args.calibration_seed, class_labels=labels,
-                                    prompt=args.prompt, guidance_scale=args.guidance_scale)
-        elif calibration is not None and calibration.get("seed") == args.seed:
-            print(f"note: the calibration was measured on seed {args.seed}, the noise this bench uses; pass another "
-                  "--seed for an honest comparison")
-        rows = frontier(pipe, steps=args.steps, sampler=args.sampler, intervals=args.intervals,
-                        branches=args.branches, schedules=args.schedules, batch_size=args.batch, seed=args.seed,
-                        class_labels=labels, prompt=args.prompt, guidance_scale=args.guidance_scale,
-                        classifier=metrics.toy_classifier(pipe, args.model, args.classifier),
-                        calibration=calibration, repeats=args.repeats)
+        rows = []
+        for sampler, steps in runs:
+            given = dict(eta=args.eta, karras_sigmas=args.karras_sigmas)
+            if args.samplers:  # several samplers: each takes the options that apply to it
+                given = {k: v for k, v in given.items() if k in SAMPLER_OPTIONS[sampler]}
+            options = sampler_options(sampler, **given)
+            calibration = _frontier_calibration(pipe, args, sampler, steps, options, branches,
+                                                num_model_calls(sampler, steps))
+            print(f"{sampler}, {steps} steps ({num_model_calls(sampler, steps)} model calls): measuring")
+            rows += frontier(pipe, steps=steps, sampler=sampler, intervals=args.intervals, branches=args.branches,
+                             schedules=args.schedules, batch_size=args.batch, seed=args.seed, class_labels=labels,
+                             prompt=args.prompt, guidance_scale=args.guidance_scale, classifier=classifier,
+                             calibration=calibration, repeats=args.repeats, baseline=args.fewer_steps,
+                             on_row=_progress, **options)
         out = Path(args.out)
-        print(format_rows(rows, ["schedule", "branch", "interval", "full_steps", "seconds", "uncached_seconds",
-                                 "speedup", "mac_speedup", "psnr", "accuracy"]))
+        columns = (["sampler"] if args.samplers else []) + FRONTIER_COLUMNS
+        print(format_rows(rows, columns))
         analysis.write_csv(rows, out / "frontier.csv")
-        plots.plot_frontier(rows, out / "frontier.png", title=f"{args.model}: {args.sampler}, {args.steps} steps, "
-                      f"batch {args.batch}")
+        written = [out / "frontier.csv"]
+        if args.fewer_steps:
+            budgets = format_budgets(rows)
+            print("\nPSNR (dB) against the uncached run at each budget:\n" + budgets)
+            with atomic_path(out / "budgets.md") as tmp:
+                tmp.write_text(budgets)
+            written.append(out / "budgets.md")
+        if not args.samplers:
+            written.append(plots.plot_frontier(rows, out / "frontier.png", title=f"{args.model}: {args.sampler}, "
+                                               f"{args.steps} steps, batch {args.batch}"))
+        written.append(plots.plot_psnr_vs_macs(rows, out / "psnr_vs_macs.png",
+                                               title=f"{args.model}: batch {args.batch}, seed {args.seed}"))
     except (CheckpointError, ValueError, ImportError) as e:
         print(f"minidiff bench {args.command}: {e}", file=sys.stderr)
         return 2
-    print(f"wrote {out / 'frontier.csv'}, {out / 'frontier.png'}")
+    print(f"wrote {', '.join(str(p) for p in written)}")
     return 0
+
+
+def _frontier_calibration(pipe, args, sampler, steps, options, branches, calls):
+    """The model's calibration where it was measured for this sampler, options and step count at these
+    branches; otherwise a fresh one on --calibration-seed (None when no calibrated schedule is asked)."""
+    from .samplers import changed_options
+
+    if "calibrated" not in args.schedules:
+        return None
+    calibration = pipe.calibration
+    if calibration is not None and calibration.get("sampler", sampler) == sampler \
+            and calibration.get("sampler_options", {}) == changed_options(options) \
+            and calibration.get("model_calls") == calls \
+            and all(str(b) in calibration.get("segments", {}) for b in branches):
+        if calibration.get("seed") == args.seed:
+            print(f"note: the calibration was measured on seed {args.seed}, the noise this bench uses; pass another "
+                  "--seed for an honest comparison")
+        return calibration
+    batch = args.calibration_batch or args.batch
+    print(f"the model's calibration does not cover {sampler} at {steps} steps on branches {branches}: calibrating "
+          f"them on seed {args.calibration_seed}, {batch} images (the bench uses seed {args.seed})")
+    start = time.perf_counter()
+    calibration = calibrate(pipe, steps=steps, sampler=sampler, branch=branches[0], branches=branches,
+                            batch_size=batch, seed=args.calibration_seed, class_labels=_labels_from(args, pipe, batch),
+                            prompt=args.prompt, guidance_scale=args.guidance_scale, **options)
+    print(f"  calibrated in {time.perf_counter() - start:.1f}s")
+    return calibration
+
+
+def _progress(row):
+    """One line per measured frontier row, as it finishes."""
+    where = "uncached" if row["schedule"] == "none" else f"{row['schedule']}, branch {row['branch']}, 1:{row['interval']}"
+    quality = "" if row["psnr"] == float("inf") else f", PSNR {row['psnr']:.2f} dB"
+    accuracy = "" if row["accuracy"] is None else f", toy accuracy {row['accuracy']:.3f}"
+    speed = "" if row["speedup"] is None or row["schedule"] == "none" else f", measured {row['speedup']:.2f}x"
+    print(f"  {row['sampler']}-{row['steps']} {where}: {row['full_steps']} full calls, MACs "
+          f"{row['mac_fraction']:.1%}{quality}{accuracy}{speed}", flush=True)
 
 
 # -- convert -------------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ from .analysis import cached_layer, record_features
 from .frontier import format_rows
 from .metrics import psnr
 from .cache import CachedUNet
-from .samplers import num_model_calls
+from .samplers import draws_noise, num_model_calls
 
 
 # Each signal's threshold, chosen on calibration seeds 11-13 (DDIM 50, budget of uniform N=5).
@@ -77,7 +77,7 @@ def compare(pipe, *, sampler: str = "ddim", steps: int = 50, seeds: Sequence[int
     """One row per (budget, method): MAC fraction spent, mean PSNR vs the uncached run, seconds per run."""
     labels = torch.arange(batch) % pipe.num_real_classes()
     calls = num_model_calls(sampler, steps)
-    stochastic = sampler == "ddpm"
+    stochastic = draws_noise(sampler)
     noises = {seed: _noise(pipe, batch, seed) for seed in seeds}
     ratio = pipe.shallow_ratio(branch, noises[seeds[0]], labels)
     references = {seed: _images(pipe, pipe.unet, noises[seed], steps=steps, sampler=sampler, cond=labels,

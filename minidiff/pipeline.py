@@ -23,19 +23,16 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from .adaptive import AdaptiveUNet
-from .cache import CachedUNet, load_calibrated, make_schedule
+from .cache import CachedUNet, check_calibration, load_calibrated, make_schedule
 from .checkpoint import (CheckpointError, atomic_folder, build_loaded, read_state_dict, save_json,
                          save_safetensors)
 from .forecast import check_order
-from .samplers import SAMPLERS, num_model_calls, sampler_options, start_alpha_cumprod
+from .samplers import SAMPLERS, changed_options, draws_noise, num_model_calls, sampler_options, start_alpha_cumprod
 from .schedules import SchedulerConfig
 from .unet import UNet, UNetConfig
 
 FORMAT = "minidiff"
 FORMAT_VERSION = 1
-
-
-STOCHASTIC_SAMPLERS = {"ddpm", "euler_a"}  # they inject noise every step; ddim too when eta > 0
 
 
 @dataclass
@@ -233,7 +230,7 @@ class Pipeline:
     def _cached_model(self, calls, sampler, eta, x, cond, *, schedule, interval, branch,
                       center, power, forecast, threshold, budget):
         """The U-Net callable for a run: a fixed schedule (CachedUNet) or run-time decisions (AdaptiveUNet)."""
-        stochastic = sampler in STOCHASTIC_SAMPLERS or (sampler == "ddim" and eta > 0)
+        stochastic = draws_noise(sampler, eta=eta)
         if forecast == "auto" or (forecast is None and schedule == "adaptive"):
             forecast = 0 if stochastic else 2  # injected noise makes extrapolation worse than reuse (docs/adaptive.md)
         forecast = 0 if forecast is None else forecast
@@ -283,11 +280,6 @@ class Pipeline:
                     batch_size=batch_size, guidance_scale=guidance_scale, output=output, seed=seed,
                     cache_power=cache_power)
         options = sampler_options(sampler, eta=eta, karras_sigmas=karras_sigmas)
-        if cache_schedule == "calibrated" and isinstance(self.calibration, dict) \
-                and self.calibration.get("sampler", sampler) != sampler:
-            raise ValueError(f"this model's cache calibration was measured with the {self.calibration['sampler']} "
-                             f"sampler, not {sampler}; calibrate again with `minidiff analyze calibrate --sampler "
-                             f"{sampler}` or use another cache schedule")
         if isinstance(cache_branch, bool) or not isinstance(cache_branch, int) \
                 or not 0 <= cache_branch < self.unet.num_branches:
             raise ValueError(f"cache_branch must be an int in [0, {self.unet.num_branches - 1}], got {cache_branch!r}")
@@ -320,6 +312,8 @@ class Pipeline:
         calls = num_model_calls(sampler, steps - start_step)
         if cache_schedule == "calibrated" and self.calibration is None and self.calibration_error:
             raise ValueError(self.calibration_error)
+        if cache_schedule == "calibrated" and isinstance(self.calibration, dict):
+            check_calibration(self.calibration, sampler, changed_options(options), calls, steps)
         _check_cache_args(cache_forecast, cache_threshold, cache_budget)
         cached = self._cached_model(calls, sampler, eta, x, cond, schedule=cache_schedule,
                                     interval=cache_interval, branch=cache_branch, center=cache_center, power=cache_power,

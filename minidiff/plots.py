@@ -144,6 +144,42 @@ def plot_frontier(rows: list, path, title: str = "") -> Path:
     return _save_figure(fig, path)
 
 
+def plot_psnr_vs_macs(rows: list, path, title: str = "") -> Path:
+    """PSNR against the MAC fraction of the uncached run, one panel per sampler (and step count), one
+    line per cache schedule and branch, and the fewer-steps baseline as a black line."""
+    runs = list(dict.fromkeys((r["sampler"], r["reference_steps"]) for r in rows))
+    fig = _figure(4.2 * len(runs) + 0.6, 4.4)
+    axes = fig.subplots(1, len(runs), squeeze=False)[0]
+    colours = {"uniform": "tab:blue", "nonuniform": "tab:orange", "calibrated": "tab:green"}
+    styles = ["-", "--", ":", "-."]
+    for ax, (sampler, steps) in zip(axes, runs):
+        mine = [r for r in rows if (r["sampler"], r["reference_steps"]) == (sampler, steps) and r["schedule"] != "none"]
+        branches = sorted({r["branch"] for r in mine})
+        for kind, colour in colours.items():
+            for i, b in enumerate(branches):
+                sel = sorted((r for r in mine if r["schedule"] == kind and r["branch"] == b),
+                             key=lambda r: r["mac_fraction"])
+                if sel:
+                    ax.plot([r["mac_fraction"] for r in sel], [r["psnr"] for r in sel], marker="o", ms=3,
+                            ls=styles[i % len(styles)], color=colour, label=f"{kind}, branch {b}")
+        fewer = {r["steps"]: r for r in mine if r["schedule"] == "fewer_steps"}
+        if fewer:
+            sel = sorted(fewer.values(), key=lambda r: r["mac_fraction"])
+            ax.plot([r["mac_fraction"] for r in sel], [r["psnr"] for r in sel], "k^-", ms=5, lw=1.6,
+                    label="fewer steps (uncached)")
+            for r in sel:
+                ax.annotate(str(r["steps"]), (r["mac_fraction"], r["psnr"]), fontsize=6, xytext=(3, -8),
+                            textcoords="offset points")
+        ax.set_title(f"{sampler}, {steps} steps", fontsize=9)
+        ax.set_xlabel("MACs / uncached run's MACs")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("PSNR vs the uncached full-step run (dB)")
+    axes[-1].legend(fontsize=6, loc="lower right")
+    fig.suptitle(title or "quality against compute: caching and fewer steps", fontsize=10)
+    fig.tight_layout()
+    return _save_figure(fig, path)
+
+
 def plot_loss(losses, png_path, *, missing_ok: bool = False):
     """Draw the loss curve from rows (step, loss, ...) or a loss.csv path (needs matplotlib, the `plot` extra)."""
     try:

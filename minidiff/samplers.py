@@ -35,9 +35,27 @@ def _call(model, x, t):
 
 
 def _noise_like(x, generator):
-    """Standard normal noise drawn as diffusers' randn_tensor does: on the generator's device, then moved."""
+    """Standard normal noise drawn as diffusers' randn_tensor does: on the generator's device, then moved.
+    `generator` may instead be a noise source with a `like(x)` method, e.g. `SharedNoise`."""
+    if hasattr(generator, "like"):
+        return generator.like(x)
     device = generator.device if generator is not None else x.device
     return torch.randn(x.shape, generator=generator, dtype=x.dtype, device=device).to(x.device)
+
+
+class SharedNoise:
+    """A noise source for `copies` sampling runs stacked along the batch: each run gets the draw a
+    single run would get from `generator`, so the stacked runs differ only by their model. Pass it as
+    a sampler's `generator` (calibration rolls out many cached runs of a stochastic sampler this way)."""
+
+    def __init__(self, generator, copies: int):
+        self.generator, self.copies = generator, copies
+
+    def like(self, x):
+        rows = x.shape[0] // self.copies
+        if rows * self.copies != x.shape[0]:
+            raise ValueError(f"a batch of {x.shape[0]} rows does not split into {self.copies} stacked runs")
+        return _noise_like(x[:rows], self.generator).repeat(self.copies, *[1] * (x.ndim - 1))
 
 
 def _timesteps_from(config, steps, start_step):
@@ -446,6 +464,23 @@ def sampler_options(name, **options):
     if "karras_sigmas" in options and not isinstance(options["karras_sigmas"], bool):
         raise ValueError(f"karras_sigmas must be True or False, got {options['karras_sigmas']!r}")
     return {option: value for option, value in options.items() if option in SAMPLER_OPTIONS[name]}
+
+
+# Samplers that add fresh noise at every step (DDIM does too when eta > 0): two runs from one starting
+# noise agree only if their generators draw alike.
+STOCHASTIC = {"ddpm", "euler_a"}
+
+
+def draws_noise(name, **options) -> bool:
+    """Whether sampler `name` with these options draws random noise while sampling."""
+    if name not in SAMPLERS:
+        raise ValueError(f"Unknown sampler {name!r}; choose one of {sorted(SAMPLERS)}")
+    return name in STOCHASTIC or ("eta" in SAMPLER_OPTIONS[name] and options.get("eta", 0.0) > 0)
+
+
+def changed_options(options) -> dict:
+    """The options set to something other than their no-op default (what makes a run different)."""
+    return {k: v for k, v in options.items() if v != OPTION_DEFAULTS[k]}
 
 
 MULTISTEP = {"dpmpp_2m", "unipc"}  # timesteps spaced as diffusers' DPM-Solver/UniPC schedulers

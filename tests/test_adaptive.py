@@ -7,12 +7,12 @@ from conftest import randomize
 
 from minidiff import load
 from minidiff.adaptive import AdaptiveUNet, full_step_allowance
-from minidiff.cache import CachedUNet, make_schedule
+from minidiff.cache import make_schedule
 from minidiff.forecast import History, lagrange_weights
 from minidiff.pipeline import Pipeline
 from minidiff.samplers import num_model_calls
 from minidiff.schedules import SchedulerConfig
-from minidiff.unet import FeatureCache, UNet, UNetConfig
+from minidiff.unet import UNet, UNetConfig
 
 SHIPPED = Path(__file__).resolve().parents[1] / "weights" / "digits-cond"
 
