@@ -22,9 +22,12 @@ import torch
 from .cache import CachedUNet, load_calibrated, make_schedule
 from .checkpoint import (CheckpointError, atomic_folder, check_finite, load_weights, read_state_dict, save_json,
                          save_safetensors)
+from .dit import DiT, DiTConfig
 from .samplers import SAMPLERS, num_model_calls
 from .schedules import NoiseSchedule, SchedulerConfig, make_timesteps
 from .unet import UNet, UNetConfig
+
+DENOISERS = ("unet", "dit")  # config.json section (and weight prefix) of the denoising network
 
 FORMAT = "minidiff"
 FORMAT_VERSION = 1
@@ -308,8 +311,13 @@ class Pipeline:
 
     # -- saving -------------------------------------------------------------------------------
 
+    @property
+    def denoiser_kind(self) -> str:
+        """"unet" or "dit": the config section and weight prefix of `self.unet`, whichever network it is."""
+        return "dit" if isinstance(self.unet, DiT) else "unet"
+
     def config_dict(self) -> dict:
-        d = {"format": FORMAT, "format_version": FORMAT_VERSION, "unet": self.unet.config.to_dict(),
+        d = {"format": FORMAT, "format_version": FORMAT_VERSION, self.denoiser_kind: self.unet.config.to_dict(),
              "null_class": self.null_class, "class_names": self.class_names, **self.meta}
         if self.autoencoder is not None:
             d["autoencoder"] = self.autoencoder.config.to_dict()
@@ -318,7 +326,7 @@ class Pipeline:
         return d
 
     def state_dict(self) -> dict:
-        sd = {f"unet.{k}": v for k, v in self.unet.state_dict().items()}
+        sd = {f"{self.denoiser_kind}.{k}": v for k, v in self.unet.state_dict().items()}
         for name in ("autoencoder", "text_encoder"):
             module = getattr(self, name)
             if module is not None:
@@ -397,20 +405,26 @@ def load(path, *, device="cpu", dtype: Optional[torch.dtype] = None, allow_nan: 
     if config.get("format") != FORMAT:
         raise CheckpointError(f"{path / 'config.json'} is not a minidiff config (format={config.get('format')!r}); "
                               "convert the model with the scripts in convert/ first")
-    if not isinstance(config.get("unet"), dict):
-        raise CheckpointError(f"{path / 'config.json'} has no \"unet\" section; the folder is damaged or not a "
-                              "minidiff model")
+    kinds = [k for k in DENOISERS if k in config]
+    if len(kinds) != 1 or not isinstance(config[kinds[0]], dict):
+        raise CheckpointError(f"{path / 'config.json'} needs exactly one \"unet\" or \"dit\" section (the denoising "
+                              f"network), found {kinds or 'none'}; the folder is damaged or not a minidiff model")
+    kind = kinds[0]
     scheduler = SchedulerConfig.from_dict(_read_json(path / "scheduler.json", "noise schedule"))
     weights = path / "model.safetensors"
     if not weights.exists():
         raise CheckpointError(f"{weights} is missing")
     parts = split_state_dict(read_state_dict(weights, allow_nan=True))
-    unknown = sorted(set(parts) - {"unet", "autoencoder", "text_encoder"})
+    unknown = sorted(set(parts) - {kind, "autoencoder", "text_encoder"})
     if unknown:
         raise CheckpointError(f"{weights} has weights for unknown component(s) {unknown}")
 
-    unet = UNet(UNetConfig.from_dict(config["unet"]))
-    load_weights(unet, parts.get("unet", {}), "U-Net")
+    if kind == "dit":
+        unet = DiT(DiTConfig.from_dict(config["dit"]))
+    else:
+        unet = UNet(UNetConfig.from_dict(config["unet"]))
+    network = "U-Net" if kind == "unet" else "DiT"
+    load_weights(unet, parts.get(kind, {}), network)
     autoencoder = text_encoder = tokenizer = None
     if config.get("autoencoder") is not None:
         from .autoencoder import Autoencoder, AutoencoderConfig
@@ -423,10 +437,10 @@ def load(path, *, device="cpu", dtype: Optional[torch.dtype] = None, allow_nan: 
         text_encoder = CLIPTextEncoder(CLIPTextConfig.from_dict(config["text_encoder"]))
         load_weights(text_encoder, parts.get("text_encoder", {}), "text encoder")
         tokenizer = CLIPTokenizer.from_folder(path / "tokenizer")
-    for name, module in (("U-Net", unet), ("autoencoder", autoencoder), ("text encoder", text_encoder)):
+    for name, module in ((network, unet), ("autoencoder", autoencoder), ("text encoder", text_encoder)):
         if module is not None and not allow_nan:
             check_finite(module.state_dict(), f"{weights} ({name})")
-    meta = {k: v for k, v in config.items() if k not in ("format", "format_version", "unet", "autoencoder",
+    meta = {k: v for k, v in config.items() if k not in ("format", "format_version", *DENOISERS, "autoencoder",
                                                           "text_encoder", "null_class", "class_names")}
     pipe = Pipeline(unet, scheduler, autoencoder=autoencoder, text_encoder=text_encoder, tokenizer=tokenizer,
                     null_class=config.get("null_class"), class_names=config.get("class_names"),
