@@ -68,7 +68,7 @@ def plot(rows: list, path: Path):
 
     models = sorted({r["model"] for r in rows})
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), dpi=110)
-    styles = {"uniform": "o-", "calibrated": "s-", "fewer steps": "k^--", "nonuniform": "D-", "adaptive": "v-"}
+    styles = {"uniform": "o-", "calibrated": "s-", "fewer steps": "^--", "nonuniform": "D-", "adaptive": "v-"}
     for ax, metric, label in ((axes[0], "psnr", "PSNR vs uncached DDIM-50 (dB)"),
                               (axes[1], "accuracy", "toy class accuracy")):
         for m, colour in zip(models, ("tab:blue", "tab:red", "tab:green")):

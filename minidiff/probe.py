@@ -156,7 +156,8 @@ def probe_trajectories(pipe, *, per_class: int = 20, steps: int = 50, every: int
             states[i] = (int(t), x.detach().cpu().clone())
 
     with torch.inference_mode():
-        SAMPLERS["ddim"](model, noise.to(pipe.device, pipe.dtype), pipe.scheduler, steps, callback=callback)
+        SAMPLERS["ddim"](model, noise.to(pipe.device, pipe.dtype), pipe.scheduler, steps, callback=callback,
+                         progress=False)
     train = split_mask(len(labels), seed)
     rows = []
     for i, (t, x) in sorted(states.items()):
