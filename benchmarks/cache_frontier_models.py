@@ -68,16 +68,18 @@ def plot(rows: list, path: Path):
 
     models = sorted({r["model"] for r in rows})
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), dpi=110)
-    styles = {"uniform": "o-", "calibrated": "s-", "fewer steps": "^--", "nonuniform": "D-", "adaptive": "v-"}
+    markers = {"uniform": "o", "calibrated": "s", "fewer steps": "^", "nonuniform": "D", "adaptive": "v"}
+    lines = {"-": "--", "0": "-", "1": "-.", "2": ":", "3": (0, (1, 3))}
     for ax, metric, label in ((axes[0], "psnr", "PSNR vs uncached DDIM-50 (dB)"),
                               (axes[1], "accuracy", "toy class accuracy")):
         for m, colour in zip(models, ("tab:blue", "tab:red", "tab:green")):
-            for kind, style in styles.items():
+            for kind, marker in markers.items():
                 for branch in sorted({r["branch"] for r in rows if r["model"] == m and r["schedule"] == kind}, key=str):
                     sel = sorted((r for r in rows if r["model"] == m and r["schedule"] == kind
                                   and r["branch"] == branch), key=lambda r: r["mac_fraction"])
                     if sel:
-                        ax.plot([r["mac_fraction"] for r in sel], [r[metric] for r in sel], style, color=colour,
+                        ax.plot([r["mac_fraction"] for r in sel], [r[metric] for r in sel], marker=marker,
+                                ls=lines.get(str(branch), "-"), color=colour,
                                 alpha=0.5 if kind == "fewer steps" else 0.9, ms=4,
                                 label=f"{m}: {kind}" + ("" if branch == "-" else f", branch {branch}"))
         ax.set_xlabel("fraction of the uncached run's MACs")
@@ -98,11 +100,18 @@ def main():
     p.add_argument("--schedules", nargs="+", default=["uniform", "calibrated"])
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--out", default="out/frontier-models")
+    p.add_argument("--from-csv", nargs="+", help="only merge these frontier_models.csv files and plot them")
     args = p.parse_args()
     torch.set_num_threads(1)
-    metric = load_metric(args.classifier)
-    rows = []
-    for model in args.models:
+    rows = [] if args.from_csv else None
+    for path in args.from_csv or []:
+        with open(path) as f:
+            rows += [{**r, **{k: float(r[k]) for k in ("mac_fraction", "psnr", "confident", "accuracy")}}
+                     for r in csv.DictReader(f)]
+    models = [] if args.from_csv else args.models
+    metric = None if args.from_csv else load_metric(args.classifier)
+    rows = rows or []
+    for model in models:
         rows += rows_for(model, per_class=args.per_class, intervals=args.intervals, branches=args.branches,
                          schedules=args.schedules, seed=args.seed, metric=metric)
     out = Path(args.out)
