@@ -207,7 +207,7 @@ def summarize(real: ProbeResult, trajectory: Optional[ProbeResult] = None, *, dd
         earliest = {n: readable_from(rows, n, level) for n in [CONTROL, *layers]}
         reached = {n: t for n, t in earliest.items() if t is not None}
         if reached:
-            first = max(reached, key=lambda n: (reached[n], n != CONTROL))
+            first = max(reached, key=lambda n: (reached[n], n != CONTROL, at[(n, reached[n])]))
             lines.append(f"accuracy >= {level}: first (noisiest) at t={reached[first]} in {first} "
                          f"(pixels from t={earliest[CONTROL]})")
     if ddim_timesteps is not None:
