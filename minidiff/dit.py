@@ -154,7 +154,8 @@ class DiT(nn.Module):
         for module in self.modules():
             if isinstance(module, nn.Linear):
                 nn.init.xavier_uniform_(module.weight)
-                nn.init.zeros_(module.bias) if module.bias is not None else None
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
         for linear in [block.ada for block in self.blocks] + [self.final.ada, self.final.linear]:
             nn.init.zeros_(linear.weight)
             nn.init.zeros_(linear.bias)
