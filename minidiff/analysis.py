@@ -41,13 +41,17 @@ THRESHOLD = 0.95  # "similar" in DeepCache's sense
 # -- layers ---------------------------------------------------------------------------------------
 
 def layer_names(unet: UNet) -> list:
-    """Recorder names in depth order: enc.0 .. enc.n-1, mid, dec.0 .. dec.n-1."""
+    """Recorder names in depth order: enc.0 .. enc.n-1, mid, dec.0 .. dec.n-1 (a DiT names its own)."""
+    if hasattr(unet, "layer_names"):
+        return unet.layer_names()
     return ([f"enc.{i}" for i in range(len(unet.input_blocks))] + ["mid"]
             + [f"dec.{i}" for i in range(len(unet.output_blocks))])
 
 
 def cached_layer(unet: UNet, branch: int) -> str:
     """The layer whose output a shallow step at `branch` reuses (what FeatureCache.hidden holds)."""
+    if hasattr(unet, "cached_layer"):
+        return unet.cached_layer(branch)
     unet._check_branch(branch)
     i = len(unet.output_blocks) - 2 - branch
     return "mid" if i < 0 else f"dec.{i}"
@@ -55,6 +59,8 @@ def cached_layer(unet: UNet, branch: int) -> str:
 
 def layer_role(unet: UNet, name: str) -> str:
     """What a layer is in DeepCache's terms, for tables."""
+    if hasattr(unet, "layer_role"):
+        return unet.layer_role(name)
     n = len(unet.output_blocks)
     if name == "mid":
         return f"bottleneck, cached at branch {n - 1}"
@@ -72,8 +78,7 @@ def _check_layers(unet: UNet, layers) -> list:
     layers = [layers] if isinstance(layers, str) else list(layers)
     unknown = [name for name in layers if name not in names]
     if unknown or not layers:
-        raise ValueError(f"unknown layer(s) {unknown}; this U-Net records {names[0]} .. {names[-1]} "
-                         f"(enc.0-{len(unet.input_blocks) - 1}, mid, dec.0-{len(unet.output_blocks) - 1})")
+        raise ValueError(f"unknown layer(s) {unknown}; this model records {names[0]} .. {names[-1]}")
     return [name for name in names if name in layers]  # depth order, no repeats
 
 

@@ -222,6 +222,41 @@ def toy_metric_main(argv=None):
     return metric
 
 
+def probe_main(argv=None) -> int:
+    """`minidiff analyze probe`: linear probes of the class at every layer and timestep (minidiff.probe)."""
+    parser = argparse.ArgumentParser(prog="minidiff analyze probe", description="Linear probes of the class label "
+                                     "from every recorded layer at every timestep, on real digits noised to x_t and "
+                                     "along sampling runs, with the model conditioned on the null class.")
+    parser.add_argument("--model", required=True, help="class-conditional minidiff model folder with a null class")
+    parser.add_argument("--out", default="out/probe", help="folder for probe.csv, heatmaps and summary.txt")
+    parser.add_argument("--timesteps", type=int, nargs="+",
+                        default=[999, 900, 800, 700, 600, 500, 400, 300, 200, 100, 50, 0])
+    parser.add_argument("--count", type=int, help="real digits to use, class-balanced (default all 1,797)")
+    parser.add_argument("--per-class", type=int, default=20, help="sampling runs per class for trajectory probes")
+    parser.add_argument("--steps", type=int, default=50, help="DDIM steps of the trajectories")
+    parser.add_argument("--every", type=int, default=5, help="probe every N-th trajectory step")
+    parser.add_argument("--no-trajectories", action="store_true")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, help="torch CPU threads")
+    args = parser.parse_args(argv)
+
+    import torch
+
+    from .checkpoint import CheckpointError
+    from .pipeline import load
+    from .probe import run
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        run(load(args.model), args.out, timesteps=args.timesteps, count=args.count, per_class=args.per_class,
+            steps=args.steps, every=args.every, seed=args.seed, trajectories=not args.no_trajectories)
+    except (CheckpointError, ValueError, ImportError) as e:
+        print(f"minidiff analyze probe: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
 # -- analyze and bench -----------------------------------------------------------------------------
 
 def _model_args(p: argparse.ArgumentParser, batch: int = 8):
@@ -540,6 +575,8 @@ def main(argv=None) -> int:
     from .allocator import retain_freed_memory
 
     retain_freed_memory()  # an application may tune its own process: large activations stay mapped
+    if command == "analyze" and rest[:1] == ["probe"]:
+        return probe_main(rest[1:])
     status = COMMANDS[command][0](rest)
     return status if isinstance(status, int) else 0  # some mains return their results for callers
 

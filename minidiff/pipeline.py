@@ -26,10 +26,13 @@ from .adaptive import AdaptiveUNet
 from .cache import CachedUNet, check_calibration, load_calibrated, make_schedule
 from .checkpoint import (CheckpointError, atomic_folder, build_loaded, read_state_dict, save_json,
                          save_safetensors)
+from .dit import DiT, DiTConfig
 from .forecast import check_order
 from .samplers import SAMPLERS, changed_options, draws_noise, num_model_calls, sampler_options, start_alpha_cumprod
 from .schedules import SchedulerConfig
 from .unet import UNet, UNetConfig
+
+DENOISERS = ("unet", "dit")  # config.json section (and weight prefix) of the denoising network
 
 FORMAT = "minidiff"
 FORMAT_VERSION = 1
@@ -452,8 +455,13 @@ class Pipeline:
 
     # -- saving -------------------------------------------------------------------------------
 
+    @property
+    def denoiser_kind(self) -> str:
+        """"unet" or "dit": the config section and weight prefix of `self.unet`, whichever network it is."""
+        return "dit" if isinstance(self.unet, DiT) else "unet"
+
     def config_dict(self) -> dict:
-        d = {"format": FORMAT, "format_version": FORMAT_VERSION, "unet": self.unet.config.to_dict(),
+        d = {"format": FORMAT, "format_version": FORMAT_VERSION, self.denoiser_kind: self.unet.config.to_dict(),
              "null_class": self.null_class, "class_names": self.class_names, **self.meta}
         if self.autoencoder is not None:
             d["autoencoder"] = self.autoencoder.config.to_dict()
@@ -462,7 +470,7 @@ class Pipeline:
         return d
 
     def state_dict(self) -> dict:
-        sd = {f"unet.{k}": v for k, v in self.unet.state_dict().items()}
+        sd = {f"{self.denoiser_kind}.{k}": v for k, v in self.unet.state_dict().items()}
         for name in ("autoencoder", "text_encoder"):
             module = getattr(self, name)
             if module is not None:
@@ -610,15 +618,17 @@ def load(path, *, device="cpu", dtype: Optional[torch.dtype] = None, allow_nan: 
     if config.get("format") != FORMAT:
         raise CheckpointError(f"{path / 'config.json'} is not a minidiff config (format={config.get('format')!r}); "
                               "convert the model with the scripts in convert/ first")
-    if not isinstance(config.get("unet"), dict):
-        raise CheckpointError(f"{path / 'config.json'} has no \"unet\" section; the folder is damaged or not a "
-                              "minidiff model")
+    kinds = [k for k in DENOISERS if k in config]
+    if len(kinds) != 1 or not isinstance(config[kinds[0]], dict):
+        raise CheckpointError(f"{path / 'config.json'} needs exactly one \"unet\" or \"dit\" section (the denoising "
+                              f"network), found {kinds or 'none'}; the folder is damaged or not a minidiff model")
+    kind = kinds[0]
     scheduler = SchedulerConfig.from_dict(_read_json(path / "scheduler.json", "noise schedule"))
     weights = path / "model.safetensors"
     if not weights.exists():
         raise CheckpointError(f"{weights} is missing")
     parts = split_state_dict(read_state_dict(weights, allow_nan=True))
-    unknown = sorted(set(parts) - {"unet", "autoencoder", "text_encoder"})
+    unknown = sorted(set(parts) - {kind, "autoencoder", "text_encoder"})
     if unknown:
         raise CheckpointError(f"{weights} has weights for unknown component(s) {unknown}")
 
@@ -626,8 +636,9 @@ def load(path, *, device="cpu", dtype: Optional[torch.dtype] = None, allow_nan: 
     # unless a dtype or device change needs one. The autoencoder stays float32 (see Pipeline.to).
     unet_dtype = torch.float32 if dtype is None else dtype
     common = dict(device=device, allow_nan=allow_nan, source=str(weights), check_on_first_use=check == "first-use")
-    unet_config = UNetConfig.from_dict(config["unet"])
-    unet = build_loaded(lambda: UNet(unet_config), parts.get("unet", {}), "U-Net", dtype=unet_dtype, **common)
+    network, config_class, model_class = ("DiT", DiTConfig, DiT) if kind == "dit" else ("U-Net", UNetConfig, UNet)
+    net_config = config_class.from_dict(config[kind])
+    unet = build_loaded(lambda: model_class(net_config), parts.get(kind, {}), network, dtype=unet_dtype, **common)
     autoencoder = text_encoder = tokenizer = None
     if config.get("autoencoder") is not None:
         from .autoencoder import Autoencoder, AutoencoderConfig
@@ -642,7 +653,7 @@ def load(path, *, device="cpu", dtype: Optional[torch.dtype] = None, allow_nan: 
         text_encoder = build_loaded(lambda: CLIPTextEncoder(text_config), parts.get("text_encoder", {}),
                                     "text encoder", dtype=unet_dtype, **common)
         tokenizer = CLIPTokenizer.from_folder(path / "tokenizer")
-    meta = {k: v for k, v in config.items() if k not in ("format", "format_version", "unet", "autoencoder",
+    meta = {k: v for k, v in config.items() if k not in ("format", "format_version", *DENOISERS, "autoencoder",
                                                           "text_encoder", "null_class", "class_names")}
     try:
         calibration, calibration_error = load_calibrated(path / "calibration.json"), None

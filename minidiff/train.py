@@ -49,6 +49,7 @@ from .data import ImageSet, load_dataset, save_grid
 from .pipeline import Pipeline, load
 from .plots import plot_loss
 from .schedules import NoiseSchedule, SchedulerConfig
+from .dit import DiT, DiTConfig
 from .unet import UNet, UNetConfig
 
 
@@ -58,7 +59,8 @@ class TrainConfig:
     dataset: str = "digits"          # "digits", "shapes" or a folder of images (sub-folders = classes)
     image_size: int = 32
     channels: Optional[int] = None   # None: the dataset's own (1 for digits, 3 otherwise)
-    # model (UNetConfig fields)
+    # model: "unet" (UNetConfig fields below) or "dit" (DiTConfig fields further down)
+    arch: str = "unet"
     model_channels: int = 32
     channel_mult: tuple = (1, 2, 2)
     num_res_blocks: int = 2
@@ -66,6 +68,11 @@ class TrainConfig:
     mid_attention: bool = True
     norm_groups: int = 8
     dropout: float = 0.0
+    patch_size: int = 2
+    hidden_size: int = 128
+    depth: int = 8
+    num_heads: int = 4
+    mlp_ratio: int = 4
     # conditioning: labels are replaced by the null class K with this probability (classifier-free guidance)
     class_cond: bool = True
     label_dropout: float = 0.1
@@ -103,6 +110,8 @@ class TrainConfig:
             raise ValueError(f"TrainConfig: label_dropout must be in [0, 1), got {self.label_dropout}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"TrainConfig: ema_decay must be in [0, 1), got {self.ema_decay}")
+        if self.arch not in ("unet", "dit"):
+            raise ValueError(f"TrainConfig: arch must be 'unet' or 'dit', got {self.arch!r}")
         if not self.lr > 0 or not self.grad_clip > 0:
             raise ValueError(f"TrainConfig: lr and grad_clip must be > 0, got {self.lr}, {self.grad_clip}")
 
@@ -118,6 +127,7 @@ PRESETS = {
     "small": dict(model_channels=32, channel_mult=(1, 2, 2), num_res_blocks=2, attention_levels=(2,), norm_groups=8),
     "base": dict(model_channels=64, channel_mult=(1, 2, 2, 2), num_res_blocks=2, attention_levels=(2,),
                  norm_groups=16),
+    "dit-small": dict(arch="dit", patch_size=2, hidden_size=64, depth=8, num_heads=4, mlp_ratio=4),
 }
 
 
@@ -128,6 +138,18 @@ def unet_config(cfg: TrainConfig, data: ImageSet) -> UNetConfig:
                       attention_levels=cfg.attention_levels, mid_attention=cfg.mid_attention,
                       num_classes=data.num_classes + 1 if cfg.class_cond else None, class_cond="add",
                       dropout=cfg.dropout, norm_groups=cfg.norm_groups, sample_size=cfg.image_size)
+
+
+def dit_config(cfg: TrainConfig, data: ImageSet) -> DiTConfig:
+    """The DiT for this data, with the same K + 1 classes as `unet_config`."""
+    return DiTConfig(in_channels=data.channels, out_channels=data.channels, patch_size=cfg.patch_size,
+                     hidden_size=cfg.hidden_size, depth=cfg.depth, num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_ratio,
+                     num_classes=data.num_classes + 1 if cfg.class_cond else None, sample_size=cfg.image_size)
+
+
+def build_model(cfg: TrainConfig, data: ImageSet):
+    """A freshly initialised U-Net or DiT, as `cfg.arch` says."""
+    return DiT(dit_config(cfg, data)) if cfg.arch == "dit" else UNet(unet_config(cfg, data))
 
 
 def scheduler_config(cfg: TrainConfig) -> SchedulerConfig:
@@ -162,7 +184,7 @@ class Trained:
     """What `train` returns: the EMA pipeline, the raw model and optimizer, and the loss log."""
 
     pipeline: Pipeline
-    model: UNet
+    model: torch.nn.Module  # UNet or DiT
     optimizer: torch.optim.Optimizer
     step: int
     losses: list = field(default_factory=list)  # rows (step, loss, images_per_s, seconds)
@@ -220,7 +242,7 @@ def train(config: TrainConfig, resume=None, *, overwrite: bool = False) -> Train
         torch.manual_seed(cfg.seed)
         np.random.seed(cfg.seed)
         random.seed(cfg.seed)
-        model = UNet(unet_config(cfg, data)).to(device)
+        model = build_model(cfg, data).to(device)
         ema = copy.deepcopy(model).eval().requires_grad_(False)
         optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         order = BatchOrder(len(data), cfg.seed)
@@ -476,7 +498,8 @@ def _read_checkpoint(path, cfg: TrainConfig) -> dict:
     """The saved state, after checking it was made by the same config (up to RESUMABLE fields)."""
     path = checkpoint_dir(path)
     meta = json.loads((path / "train_state.json").read_text())
-    saved, now = meta["config"], cfg.to_dict()
+    defaults = TrainConfig().to_dict()  # fields added since the checkpoint was written held their defaults
+    saved, now = {**defaults, **meta["config"]}, cfg.to_dict()
     differing = [f"{k}: checkpoint {saved.get(k)!r}, now {now.get(k)!r}" for k in sorted(set(saved) | set(now))
                  if k not in RESUMABLE and saved.get(k) != now.get(k)]
     if differing:

@@ -601,18 +601,24 @@ class UNet(nn.Module):
     @torch.no_grad()
     def macs(self, x: torch.Tensor, t=500, cond=None, *, branch: int = 0) -> dict:
         """Multiply-accumulates of one full and one shallow step at `branch`, counted by running them."""
-        from torch.utils.flop_counter import FlopCounterMode
+        return count_macs(self, x, t, cond, branch)
 
-        # torch's counter knows the GPU attention kernels but not the CPU one, which it counts as 0
-        cpu_attention = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _attention_flops}
-        counts = {}
-        with FlopCounterMode(display=False, custom_mapping=cpu_attention) as counter:
-            _, cache = self.forward_full(x, t, cond, branch=branch)
-        counts["full"] = counter.get_total_flops() // 2
-        with FlopCounterMode(display=False, custom_mapping=cpu_attention) as counter:
-            self.forward_shallow(x, t, cond, cache=cache)
-        counts["shallow"] = counter.get_total_flops() // 2
-        return counts
+
+@torch.no_grad()
+def count_macs(model: nn.Module, x: torch.Tensor, t, cond, branch: int) -> dict:
+    """{"full", "shallow"}: multiply-accumulates of one forward_full and one forward_shallow of `model`."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    # torch's counter knows the GPU attention kernels but not the CPU one, which it counts as 0
+    cpu_attention = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _attention_flops}
+    counts = {}
+    with FlopCounterMode(display=False, custom_mapping=cpu_attention) as counter:
+        _, cache = model.forward_full(x, t, cond, branch=branch)
+    counts["full"] = counter.get_total_flops() // 2
+    with FlopCounterMode(display=False, custom_mapping=cpu_attention) as counter:
+        model.forward_shallow(x, t, cond, cache=cache)
+    counts["shallow"] = counter.get_total_flops() // 2
+    return counts
 
 
 def _channels_of(block: nn.Module) -> int:
