@@ -17,9 +17,9 @@ from pathlib import Path
 import torch
 
 from minidiff import load
-from minidiff.analysis import psnr
+from minidiff.metrics import psnr
 from minidiff.cache import make_schedule
-from minidiff.toy_metric import load_metric
+from minidiff.metrics import load_metric
 
 
 def rows_for(model: str, *, per_class: int, intervals, branches, schedules, seed: int, metric) -> list:
@@ -35,7 +35,7 @@ def rows_for(model: str, *, per_class: int, intervals, branches, schedules, seed
     def add(kind, branch, interval, fraction, images, steps=50):
         scores = metric.score(images, labels)
         rows.append({"model": name, "schedule": kind, "branch": branch, "interval": interval, "steps": steps,
-                     "mac_fraction": round(fraction, 4), "psnr": round(psnr(images, reference), 2),
+                     "mac_fraction": round(fraction, 4), "psnr": round(psnr(images, reference, per_image=True), 2),
                      "confident": round(scores.confident, 3), "accuracy": round(scores.accuracy, 3)})
         print(" ".join(f"{k}={v}" for k, v in rows[-1].items()), flush=True)
 

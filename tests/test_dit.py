@@ -6,7 +6,8 @@ import torch
 from conftest import randomize
 
 from minidiff import load
-from minidiff.analysis import cached_layer, calibrate, depth_profile, record_features, similarity_matrices
+from minidiff.analysis import cached_layer, depth_profile, record_features, similarity_matrices
+from minidiff.calibration import calibrate
 from minidiff.cache import CachedUNet
 from minidiff.dit import DiT, DiTConfig
 from minidiff.pipeline import Pipeline
