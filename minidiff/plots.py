@@ -198,3 +198,30 @@ def plot_loss(losses, png_path, *, missing_ok: bool = False):
     ax.grid(alpha=0.3)
     fig.tight_layout()
     _save_figure(fig, png_path)
+
+
+def plot_probe(result, path, title: str = "", source: str = "real"):
+    """Layer x timestep heatmap of held-out probe accuracy (noisy on the left, clean on the right)."""
+    rows = [r for r in result.rows if r["source"] == source]
+    key = "step" if source == "trajectory" else "timestep"
+    columns = sorted({r[key] for r in rows}, reverse=key == "timestep")
+    grid = np.full((len(result.layers), len(columns)), np.nan)
+    for r in rows:
+        grid[result.layers.index(r["layer"]), columns.index(r[key])] = r["accuracy"]
+    fig = _figure(max(5.0, 0.45 * len(columns) + 2), max(3.0, 0.26 * len(result.layers) + 1.2))
+    ax = fig.subplots()
+    image = ax.imshow(grid, vmin=0, vmax=1, cmap="viridis", aspect="auto")
+    for i in range(grid.shape[0]):
+        for j in range(grid.shape[1]):
+            if not math.isnan(grid[i, j]):
+                ax.text(j, i, f"{grid[i, j]:.2f}"[1:] if grid[i, j] < 1 else "1", ha="center", va="center",
+                        fontsize=5.5, color="white" if grid[i, j] < 0.6 else "black")
+    ax.set_xticks(range(len(columns)))
+    ax.set_xticklabels(columns, fontsize=7, rotation=60)
+    ax.set_yticks(range(len(result.layers)))
+    ax.set_yticklabels(result.layers, fontsize=7)
+    ax.set_xlabel("sampling step (DDIM 50)" if key == "step" else "timestep t (noisy -> clean)")
+    ax.set_title(title or f"held-out linear-probe accuracy of the class ({source}; chance {result.chance:.2f})",
+                 fontsize=9)
+    fig.colorbar(image, ax=ax, shrink=0.8, label="accuracy")
+    return _save_figure(fig, path)

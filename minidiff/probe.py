@@ -21,6 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from . import plots
 from .analysis import layer_names, recording
 from .samplers import SAMPLERS
 from .schedules import NoiseSchedule, make_timesteps
@@ -231,35 +232,6 @@ def summarize(real: ProbeResult, trajectory: Optional[ProbeResult] = None, *, dd
     return "\n".join(lines)
 
 
-def plot_probe(result: ProbeResult, path, title: str = "", source: str = "real"):
-    """Layer x timestep heatmap of held-out probe accuracy (noisy on the left, clean on the right)."""
-    from .analysis import _figure, _save_figure
-
-    rows = [r for r in result.rows if r["source"] == source]
-    key = "step" if source == "trajectory" else "timestep"
-    columns = sorted({r[key] for r in rows}, reverse=key == "timestep")
-    grid = np.full((len(result.layers), len(columns)), np.nan)
-    for r in rows:
-        grid[result.layers.index(r["layer"]), columns.index(r[key])] = r["accuracy"]
-    fig = _figure(max(5.0, 0.45 * len(columns) + 2), max(3.0, 0.26 * len(result.layers) + 1.2))
-    ax = fig.subplots()
-    image = ax.imshow(grid, vmin=0, vmax=1, cmap="viridis", aspect="auto")
-    for i in range(grid.shape[0]):
-        for j in range(grid.shape[1]):
-            if not math.isnan(grid[i, j]):
-                ax.text(j, i, f"{grid[i, j]:.2f}"[1:] if grid[i, j] < 1 else "1", ha="center", va="center",
-                        fontsize=5.5, color="white" if grid[i, j] < 0.6 else "black")
-    ax.set_xticks(range(len(columns)))
-    ax.set_xticklabels(columns, fontsize=7, rotation=60)
-    ax.set_yticks(range(len(result.layers)))
-    ax.set_yticklabels(result.layers, fontsize=7)
-    ax.set_xlabel("sampling step (DDIM 50)" if key == "step" else "timestep t (noisy -> clean)")
-    ax.set_title(title or f"held-out linear-probe accuracy of the class ({source}; chance {result.chance:.2f})",
-                 fontsize=9)
-    fig.colorbar(image, ax=ax, shrink=0.8, label="accuracy")
-    return _save_figure(fig, path)
-
-
 def real_digits(pipe, count: Optional[int] = None, seed: int = 0) -> tuple:
     """(images in [-1, 1], labels): the digits dataset at the model's size, `count` of them class-balanced."""
     from .data import load_dataset
@@ -295,9 +267,9 @@ def run(pipe, out, *, timesteps=(999, 900, 800, 700, 600, 500, 400, 300, 200, 10
         if trajectories else None
     rows = real.rows + (trajectory.rows if trajectory else [])
     write_rows(rows, out / "probe.csv")
-    plot_probe(real, out / "probe_heatmap.png")
+    plots.plot_probe(real, out / "probe_heatmap.png")
     if trajectory:
-        plot_probe(trajectory, out / "probe_trajectory.png", source="trajectory")
+        plots.plot_probe(trajectory, out / "probe_trajectory.png", source="trajectory")
     text = summarize(real, trajectory, ddim_timesteps=make_timesteps(pipe.scheduler, steps).tolist())
     (out / "summary.txt").write_text(text + "\n")
     log(text)
