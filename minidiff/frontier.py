@@ -17,13 +17,14 @@ SCHEDULES = ("uniform", "nonuniform", "calibrated")
 def frontier(pipe, *, steps: int = 50, sampler: str = "ddim", intervals=(2, 3, 5, 10), branches=(0, 1, 3),
              schedules=SCHEDULES, batch_size: int = 8, seed: int = 1, class_labels=None, prompt=None,
              guidance_scale=None, classifier=None, calibration: Optional[dict] = None, repeats: int = 2,
-             log=print) -> list:
+             log=print, on_row=None) -> list:
     """One row per (schedule, branch, interval): measured speedup against the uncached run, the MAC
     bound of that schedule, and the PSNR of the final images against the uncached run from the same
     noise (plus the toy classifier's accuracy where there is one).
 
     Every cached run is timed alternately with an uncached run, `repeats` times each, and the
     speedup is the ratio of the best times: on a shared machine both sides then see the same load.
+    `on_row(row)` is called with each cached row as soon as it is measured.
     """
     unet = pipe.unet
     calls = num_model_calls(sampler, steps)
@@ -67,6 +68,8 @@ def frontier(pipe, *, steps: int = 50, sampler: str = "ddim", intervals=(2, 3, 5
                              "uncached_seconds": base, "speedup": base / seconds,
                              "mac_speedup": mac_bound(count, calls - count, ratio),
                              "psnr": psnr(images, reference, per_image=True), "accuracy": _accuracy(classifier, images, labels)})
+                if on_row is not None:
+                    on_row(rows[-1])
     rows[0]["seconds"] = rows[0]["uncached_seconds"] = min([r["uncached_seconds"] for r in rows[1:]], default=None)
     return rows
 

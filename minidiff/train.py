@@ -39,6 +39,7 @@ from .checkpoint import CheckpointError, atomic_folder, atomic_path, load_weight
     save_safetensors
 from .config import config_to_dict
 from .data import ImageSet, load_dataset, save_grid
+from .grid import class_titles
 from .pipeline import Pipeline, load
 from .plots import plot_loss
 from .schedules import NoiseSchedule, SchedulerConfig
@@ -80,6 +81,7 @@ class TrainConfig:
     sample_every: int = 500          # sample grid + loss plot every this many steps (0: never)
     ckpt_every: int = 500
     sample_steps: int = 25           # DDIM steps for the periodic sample grids
+    grid_scale: int = 0              # sample grids: nearest-neighbour upscaling (0: tiles of at least 128 px)
     progress: bool = True
 
     def __post_init__(self):
@@ -90,6 +92,8 @@ class TrainConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"TrainConfig: {name} must be a positive int, got {value!r}")
+        if not isinstance(self.grid_scale, int) or self.grid_scale < 0:
+            raise ValueError(f"TrainConfig: grid_scale must be an int >= 0 (0: readable tiles), got {self.grid_scale!r}")
         if not isinstance(self.sample_every, int) or self.sample_every < 0:
             raise ValueError(f"TrainConfig: sample_every must be an int >= 0 (0: never), got {self.sample_every!r}")
         if not 0.0 <= self.label_dropout < 1.0:
@@ -246,7 +250,7 @@ def train(config: TrainConfig, resume=None) -> Trained:
                 bar.set_postfix(loss=f"{float(mean_loss):.4f}", img_s=f"{rate:.0f}")
             bar.update(1)
             if main and cfg.sample_every and (step % cfg.sample_every == 0 or step == cfg.steps):
-                _sample_grid(pipeline, out_dir / "samples" / f"step_{step:06d}.png", cfg.sample_steps)
+                _sample_grid(pipeline, out_dir / "samples" / f"step_{step:06d}.png", cfg.sample_steps, cfg.grid_scale)
                 plot_loss(losses, out_dir / "loss.png", missing_ok=True)
             if step % cfg.ckpt_every == 0 or step == cfg.steps:
                 now = time.perf_counter()
@@ -279,13 +283,15 @@ def _update_ema(ema: UNet, model: UNet, decay: float):
         e.lerp_(p, 1 - decay)
 
 
-def _sample_grid(pipeline: Pipeline, path: Path, steps: int):
-    """40 samples from the EMA model, 4 per class (classes as columns), fixed seed."""
+def _sample_grid(pipeline: Pipeline, path: Path, steps: int, scale: int = 0):
+    """40 samples from the EMA model, 4 per class (classes as columns, titled), fixed seed."""
     classes = pipeline.null_class
     labels = torch.arange(classes).repeat(max(1, 40 // classes)) if classes else None
     count = 40 if labels is None else len(labels)
     images = pipeline.generate(steps=steps, seed=1234, batch_size=count, class_labels=labels, progress=False)
-    save_grid(images, path, nrow=classes if classes and classes <= 16 else 8)
+    titles = class_titles(pipeline.class_names, range(classes)) if classes and classes <= 16 else None
+    save_grid(images, path, nrow=classes if classes and classes <= 16 else 8, scale=scale or None,
+              column_titles=titles)
 
 
 # -- checkpoints --------------------------------------------------------------------------------------
