@@ -69,8 +69,9 @@ def cli_message(error: BaseException, parser: Optional[argparse.ArgumentParser] 
             names[api] = flag
     plain = {dest: flag for dest, flag in flags.items() if "_" not in dest}
     text = re.sub(r"(?<![\w.-])([a-z]+(?:_[a-z]+)+)\b(?!\.\w)", lambda m: names.get(m[1], m[1]), text)
-    # one-word parameters only where they are plainly the subject ("steps must be ...", "seed=3")
-    return re.sub(r"(?<![\w.-])([a-z]+)\b(?= must\b|=)", lambda m: plain.get(m[1], m[1]), text)
+    # one-word parameters only where they are plainly named: a clause's subject ("steps must be ...") or "seed=3"
+    text = re.sub(r"(^|[:;(]\s*)([a-z]+)\b(?= must\b)", lambda m: m[1] + plain.get(m[2], m[2]), text)
+    return re.sub(r"(?<![\w.-])([a-z]+)(?==)", lambda m: plain.get(m[1], m[1]), text)
 
 
 def _flags(parser: argparse.ArgumentParser) -> dict:
