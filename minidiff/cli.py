@@ -552,7 +552,7 @@ def _add_calibrate(sub):
 
     q = sub.add_parser("calibrate", help="measure cache reuse costs; write calibration.json into the model folder")
     _model_args(q)
-    q.add_argument("--branch", type=int, default=0, help="the branch cache_schedule='calibrated' uses by default")
+    q.add_argument("--branch", type=int, default=0, help="the branch --cache-schedule calibrated uses by default")
     q.add_argument("--branches", type=int, nargs="+", help="all branches to measure (default 0 1 2 3)")
     q.add_argument("--cost", default="output", choices=sorted(COSTS),
                    help="output: how far the final sample moves when a segment reuses the cache, measured by "
