@@ -252,3 +252,22 @@ def test_python_dash_m_version_and_a_user_error_without_traceback(tmp_path):
     assert done.stderr.strip() == f"error: model folder {tmp_path / 'nowhere'} does not exist"
     done = run_minidiff("--help")
     assert done.returncode == 0 and "info" in done.stdout
+
+
+# -- examples need nothing from outside the repository -------------------------------------------------
+
+def test_example_03_tiny_builds_its_own_tokenizer():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("example_03", REPO / "examples" / "03_sd15_deepcache.py")
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    tokenizer = example.byte_tokenizer()
+    ids = tokenizer(["a horse"])[0].tolist()
+    words = ["a</w>", "h", "o", "r", "s", "e</w>"]  # no merges: every byte is its own token
+    assert ids[:8] == [tokenizer.bos_id, *(tokenizer.vocab[w] for w in words), tokenizer.eos_id]
+    assert len(ids) == 77 and max(ids) < len(tokenizer.vocab) == 514
+    pipe = example.tiny_pipeline()
+    image = pipe.generate(prompt="a horse", guidance_scale=7.5, sampler="plms", steps=2, height=64, width=64,
+                          seed=0, progress=False)
+    assert image.shape == (1, 3, 64, 64) and torch.isfinite(image).all()
