@@ -837,7 +837,7 @@ def guarded(work: Callable, parser: Optional[argparse.ArgumentParser] = None):
 def run(name: str, argv=None):
     """Run command `name` on `argv`: parse (usage errors exit 2), set threads, then its work."""
     command = COMMANDS[name]
-    argv = list(sys.argv[2:] if argv is None else argv)
+    argv = list(sys.argv[1:] if argv is None else argv)  # as argparse: a module's own command line
     if command.parser is None:
         return command.run(argv)
     parser = command.parser()
