@@ -47,7 +47,7 @@ API_NAMES = {
     "batch_size": ("batch_size", "batch"),
     "negative_prompt": ("negative_prompt",),
 }
-LITERALS = {"TrainConfig: ": ""}  # prefixes that mean nothing on the command line
+LITERALS = {"TrainConfig: ": "", "prompt='...'": '--prompt "..."'}  # API phrasing with a CLI form
 
 
 def cli_message(error: BaseException, parser: Optional[argparse.ArgumentParser] = None) -> str:
@@ -362,8 +362,7 @@ def _info(args) -> int:
                                                 if m is not None]
     print(f"  parameters:  {', '.join(parts)}")
     size, latent = pipe.default_size, cfg.sample_size or 32
-    channels = pipe.autoencoder.config.out_channels if pipe.autoencoder is not None and hasattr(
-        pipe.autoencoder.config, "out_channels") else cfg.out_channels
+    channels = pipe.autoencoder.config.out_channels if pipe.autoencoder is not None else cfg.out_channels
     extra = f" from {latent}x{latent}x{cfg.in_channels} latents" if pipe.autoencoder is not None else ""
     print(f"  samples:     {size}x{size} px, {channels} channel(s){extra}; --height/--width in multiples of "
           f"{pipe.latent_scale * cfg.downsample_factor}")
