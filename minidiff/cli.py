@@ -756,7 +756,7 @@ def _bench(args) -> int:
     bar = tqdm(total=len(branches) * len(args.schedules) * len(args.intervals), desc="schedules", unit="run",
                file=sys.stderr, dynamic_ncols=True)
 
-    widths = [max(len(c), 8) for c in FRONTIER_COLUMNS]
+    widths = [max(len(c), 10) for c in FRONTIER_COLUMNS]
 
     def line(cells):
         return "  ".join(c.rjust(w) for c, w in zip(cells, widths))
@@ -773,7 +773,8 @@ def _bench(args) -> int:
                     calibration=calibration, repeats=args.repeats, log=bar.write, on_row=finished)
     bar.close()
     out = Path(args.out)
-    print(format_rows(rows, FRONTIER_COLUMNS))
+    print(line(format_rows(rows[:1], FRONTIER_COLUMNS).splitlines()[1].split()), "(the uncached run: best of its "
+          "paired timings)")
     analysis.write_csv(rows, out / "frontier.csv")
     plots.plot_frontier(rows, out / "frontier.png", title=f"{args.model}: {args.sampler}, {args.steps} steps, "
                         f"batch {args.batch}")
