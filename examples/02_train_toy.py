@@ -26,7 +26,7 @@ config = TrainConfig(dataset="digits", image_size=16, **PRESETS["small"], batch_
                      steps=300, ema_decay=0.99, log_every=25, sample_every=100, ckpt_every=100, sample_steps=25,
                      out_dir=str(out))
 print(f"training on digits at {config.image_size}px for {config.steps} steps; writing to {out}/")
-result = train(config)
+result = train(config, overwrite=True)  # an example starts afresh each time; a real run would refuse
 
 first, last = result.losses[0], result.losses[-1]
 print(f"loss (mean squared error of the predicted noise): {first[1]:.3f} at step {first[0]} -> "

@@ -21,7 +21,7 @@ from torch import nn
 from .checkpoint import check_state_dict
 from .config import config_from_dict, config_to_dict
 
-NORM_GROUPS = 32  # every LDM / diffusers VAE uses GroupNorm(32, C, eps=1e-6)
+NORM_GROUPS = 32  # LDM's and SD's VAEs use GroupNorm(32, C, eps=1e-6); diffusers' norm_num_groups can differ
 SD_SCALE_FACTOR = 0.18215  # Stable Diffusion's KL-f8 latents; LDM's VQ-f4 models use 1.0
 
 
@@ -43,6 +43,7 @@ class AutoencoderConfig:
     dropout: float = 0.0
     n_embed: int | None = None  # VQ codebook size
     scale_factor: float = SD_SCALE_FACTOR
+    norm_groups: int = NORM_GROUPS  # GroupNorm groups in every norm (diffusers' norm_num_groups)
 
     def __post_init__(self):
         for name in ("channel_mult", "attn_resolutions"):
@@ -53,17 +54,18 @@ class AutoencoderConfig:
         if self.kind not in ("kl", "vq"):
             raise ValueError(f"AutoencoderConfig.kind must be 'kl' or 'vq', got {self.kind!r}.")
         for name in ("in_channels", "out_channels", "base_channels", "num_res_blocks", "z_channels",
-                     "embed_dim", "resolution"):
+                     "embed_dim", "resolution", "norm_groups"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"AutoencoderConfig.{name} must be a positive int, got {value!r}.")
         if not self.channel_mult or not all(isinstance(m, int) and m >= 1 for m in self.channel_mult):
             raise ValueError("AutoencoderConfig.channel_mult must be a non-empty sequence of positive "
                              f"ints, got {self.channel_mult!r}.")
-        bad = [self.base_channels * m for m in self.channel_mult if (self.base_channels * m) % NORM_GROUPS]
+        groups = self.norm_groups
+        bad = [self.base_channels * m for m in self.channel_mult if (self.base_channels * m) % groups]
         if bad:
             raise ValueError(f"AutoencoderConfig.base_channels * channel_mult gives {bad}, which GroupNorm"
-                             f"({NORM_GROUPS}) cannot split; use multiples of {NORM_GROUPS}.")
+                             f"({groups}) cannot split; use multiples of norm_groups={groups}.")
         if not all(isinstance(r, int) and r >= 1 for r in self.attn_resolutions):
             raise ValueError("AutoencoderConfig.attn_resolutions must hold positive ints (feature-map "
                              f"sizes, as in LDM's ddconfig), got {self.attn_resolutions!r}.")
@@ -96,19 +98,19 @@ class AutoencoderConfig:
         return config_to_dict(self)
 
 
-def group_norm(channels: int) -> nn.GroupNorm:
-    """GroupNorm with LDM's autoencoder settings (32 groups, eps 1e-6)."""
-    return nn.GroupNorm(NORM_GROUPS, channels, eps=1e-6)
+def group_norm(channels: int, groups: int = NORM_GROUPS) -> nn.GroupNorm:
+    """GroupNorm with LDM's autoencoder settings (32 groups unless told, eps 1e-6)."""
+    return nn.GroupNorm(groups, channels, eps=1e-6)
 
 
 class ResnetBlock(nn.Module):
     """Pre-activation residual block; no time embedding, unlike the U-Net's."""
 
-    def __init__(self, in_channels: int, out_channels: int, dropout: float = 0.0):
+    def __init__(self, in_channels: int, out_channels: int, dropout: float = 0.0, groups: int = NORM_GROUPS):
         super().__init__()
-        self.norm1 = group_norm(in_channels)
+        self.norm1 = group_norm(in_channels, groups)
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
-        self.norm2 = group_norm(out_channels)
+        self.norm2 = group_norm(out_channels, groups)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
         if in_channels != out_channels:  # a 1x1 conv matches widths on the skip path
@@ -124,9 +126,9 @@ class ResnetBlock(nn.Module):
 class AttnBlock(nn.Module):
     """Single-head self-attention over all pixels; q/k/v/proj_out are 1x1 convs as in LDM checkpoints."""
 
-    def __init__(self, channels: int):
+    def __init__(self, channels: int, groups: int = NORM_GROUPS):
         super().__init__()
-        self.norm = group_norm(channels)
+        self.norm = group_norm(channels, groups)
         self.q = nn.Conv2d(channels, channels, 1)
         self.k = nn.Conv2d(channels, channels, 1)
         self.v = nn.Conv2d(channels, channels, 1)
@@ -169,11 +171,11 @@ class Level(nn.Module):
     """One resolution level: residual blocks, each optionally followed by attention, then a resample."""
 
     def __init__(self, in_channels: int, out_channels: int, num_blocks: int, use_attn: bool,
-                 dropout: float, resample: str | None):
+                 dropout: float, resample: str | None, groups: int = NORM_GROUPS):
         super().__init__()
         widths = [in_channels] + [out_channels] * num_blocks
-        self.block = nn.ModuleList(ResnetBlock(a, b, dropout) for a, b in zip(widths, widths[1:]))
-        self.attn = nn.ModuleList(AttnBlock(out_channels) for _ in range(num_blocks) if use_attn)
+        self.block = nn.ModuleList(ResnetBlock(a, b, dropout, groups) for a, b in zip(widths, widths[1:]))
+        self.attn = nn.ModuleList(AttnBlock(out_channels, groups) for _ in range(num_blocks) if use_attn)
         if resample == "down":
             self.downsample = Downsample(out_channels)
         elif resample == "up":
@@ -194,11 +196,11 @@ class Level(nn.Module):
 class MidBlock(nn.Module):
     """Residual block, single-head attention, residual block at the lowest resolution."""
 
-    def __init__(self, channels: int, dropout: float):
+    def __init__(self, channels: int, dropout: float, groups: int = NORM_GROUPS):
         super().__init__()
-        self.block_1 = ResnetBlock(channels, channels, dropout)
-        self.attn_1 = AttnBlock(channels)
-        self.block_2 = ResnetBlock(channels, channels, dropout)
+        self.block_1 = ResnetBlock(channels, channels, dropout, groups)
+        self.attn_1 = AttnBlock(channels, groups)
+        self.block_2 = ResnetBlock(channels, channels, dropout, groups)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         return self.block_2(self.attn_1(self.block_1(h)))
@@ -217,10 +219,10 @@ class Encoder(nn.Module):
         for level, width in enumerate(widths):
             self.down.append(Level(in_channels, width, config.num_res_blocks,
                                    resolution in config.attn_resolutions, config.dropout,
-                                   resample="down" if level != last else None))
+                                   resample="down" if level != last else None, groups=config.norm_groups))
             in_channels, resolution = width, resolution // 2
-        self.mid = MidBlock(widths[-1], config.dropout)
-        self.norm_out = group_norm(widths[-1])
+        self.mid = MidBlock(widths[-1], config.dropout, config.norm_groups)
+        self.norm_out = group_norm(widths[-1], config.norm_groups)
         out = 2 * config.z_channels if config.double_z else config.z_channels
         self.conv_out = nn.Conv2d(widths[-1], out, 3, padding=1)
 
@@ -239,17 +241,17 @@ class Decoder(nn.Module):
         super().__init__()
         widths = [config.base_channels * m for m in config.channel_mult]
         self.conv_in = nn.Conv2d(config.z_channels, widths[-1], 3, padding=1)
-        self.mid = MidBlock(widths[-1], config.dropout)
+        self.mid = MidBlock(widths[-1], config.dropout, config.norm_groups)
         levels: list[Level | None] = [None] * len(widths)
         in_channels = widths[-1]
         resolution = config.resolution // 2 ** (len(widths) - 1)
         for level in reversed(range(len(widths))):  # built in processing order, lowest resolution first
             levels[level] = Level(in_channels, widths[level], config.num_res_blocks + 1,
                                   resolution in config.attn_resolutions, config.dropout,
-                                  resample="up" if level != 0 else None)
+                                  resample="up" if level != 0 else None, groups=config.norm_groups)
             in_channels, resolution = widths[level], resolution * 2
         self.up = nn.ModuleList(levels)  # indexed by resolution level: up[0] is full resolution
-        self.norm_out = group_norm(widths[0])
+        self.norm_out = group_norm(widths[0], config.norm_groups)
         self.conv_out = nn.Conv2d(widths[0], config.out_channels, 3, padding=1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:

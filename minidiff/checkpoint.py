@@ -3,7 +3,9 @@
 - `.safetensors` is read memory-mapped after its header is checked against the file size, so a
   truncated or hostile file is a clear error, never a huge allocation.
 - `.ckpt` / `.pt` / `.pth` / `.bin` pickles go through `torch.load(weights_only=True)`, which refuses
-  to build anything but tensors and plain containers, so no code in the file can run.
+  to build anything but tensors and plain containers, so no code in the file can run. PyTorch
+  Lightning checkpoints (CompVis LDM, SD 1.x `.ckpt`) also name Lightning's ModelCheckpoint class and
+  numpy scalars; those few names resolve to inert stand-ins here, never to Lightning or numpy code.
 - State dicts are checked key by key (missing, unexpected, mis-shaped, wrong kind of dtype) before
   any weight is assigned. A float tensor of another precision is cast (fp16 files into fp32 models).
 - Writes go to a temporary sibling `.NAME.PID.RANDOM.tmp`, are fsynced, then renamed into place;
@@ -131,9 +133,69 @@ def _byte_range(path: Path, name: str, info, data_len: int) -> tuple:
     return begin, end
 
 
+class _LightningClass:
+    """Stands in for a class a Lightning checkpoint names (its callbacks dict is keyed by the class);
+    it only remembers what the file gave it, so naming it runs nothing."""
+
+    def __init__(self, *args, **kwargs):
+        self.args, self.kwargs = args, kwargs
+
+    def __setstate__(self, state):
+        self.state = state
+
+
+class _NumpyDtype:
+    """Stands in for `numpy.dtype(code, align, copy)` and its pickled state; holds the type code only."""
+
+    code = None
+
+    def __init__(self, code=None, *args):
+        if code is not None:
+            self.code = code
+
+    def __setstate__(self, state):  # numpy's state: (version, byte order, ...)
+        self.byte_order = state[1] if isinstance(state, tuple) and len(state) > 1 else "|"
+
+
+_NUMPY_SCALAR = re.compile(r"[biuf][1248]|b1|\?")
+
+
+def _numpy_scalar(dtype, data=None):
+    """Stands in for numpy's scalar reconstructor: the number as a Python int/float/bool.
+
+    Only plain numeric codes are decoded; anything else comes back as the raw value (it is dropped
+    with the other non-tensor entries anyway)."""
+    import numpy
+
+    code = getattr(dtype, "code", None)
+    if not isinstance(code, str) or not _NUMPY_SCALAR.fullmatch(code) or not isinstance(data, bytes):
+        return data
+    order = getattr(dtype, "byte_order", "<")
+    numpy_dtype = numpy.dtype((order if order in "<>" else "") + code)
+    if len(data) != numpy_dtype.itemsize:
+        return data
+    return numpy.frombuffer(data, dtype=numpy_dtype, count=1)[0].item()
+
+
+def _lightning_globals() -> list:
+    """(stand-in, name) pairs for everything a Lightning checkpoint holds besides tensors and containers."""
+    pairs = [(_LightningClass, f"{package}.callbacks.model_checkpoint.ModelCheckpoint")
+             for package in ("pytorch_lightning", "lightning.pytorch")]
+    pairs += [(_numpy_scalar, f"{module}.multiarray.scalar") for module in ("numpy.core", "numpy._core")]
+    pairs.append((_NumpyDtype, "numpy.dtype"))
+    for name, code in (("Float64", "f8"), ("Float32", "f4"), ("Float16", "f2"), ("Int64", "i8"), ("Int32", "i4"),
+                       ("Int16", "i2"), ("Int8", "i1"), ("UInt8", "u1"), ("Bool", "b1")):
+        pairs.append((type(f"{name}DType", (_NumpyDtype,), {"code": code}), f"numpy.dtypes.{name}DType"))
+    return pairs
+
+
+_LIGHTNING_GLOBALS = _lightning_globals()
+
+
 def _read_pickle(path: Path) -> dict:
     try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+        with torch.serialization.safe_globals(_LIGHTNING_GLOBALS):
+            obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except pickle.UnpicklingError as e:
         # keep the line of torch's long message that names what the file wanted, e.g. "GLOBAL posix.system"
         lines = [ln for ln in str(e).splitlines() if "GLOBAL" in ln or "Unsupported" in ln]
@@ -212,14 +274,164 @@ def load_weights(module: nn.Module, state_dict: dict, what: str = "model"):
     return module
 
 
+_INITIALISERS = ("uniform_", "normal_", "trunc_normal_", "constant_", "ones_", "zeros_", "eye_", "dirac_",
+                 "xavier_uniform_", "xavier_normal_", "kaiming_uniform_", "kaiming_normal_", "orthogonal_")
+
+
+@contextmanager
+def _no_init():
+    """Module constructors skip torch.nn.init while a model is built for loading: on the meta
+    device it would do no work, yet some initialisers (normal_) first import torch's reference
+    implementations, seconds of a cold start."""
+    init = torch.nn.init
+    saved = {name: getattr(init, name) for name in _INITIALISERS if hasattr(init, name)}
+    try:
+        for name in saved:
+            setattr(init, name, lambda tensor, *args, **kwargs: tensor)
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(init, name, fn)
+
+
+def build_loaded(build, state_dict: dict, what: str = "model", *, device="cpu",
+                 dtype: Optional[torch.dtype] = torch.float32, allow_nan: bool = False, source: str = "",
+                 check_on_first_use: bool = False):
+    """`build()` on the meta device, then the file's tensors become its parameters.
+
+    Nothing is initialised at random and nothing is copied when the file already holds `dtype` on
+    `device`: memory-mapped safetensors stay mapped, and only the pages a computation touches are
+    ever read. Float tensors of another precision, or for another device, are converted once,
+    tensor by tensor, in the memory format the module asked for (channels-last convolutions).
+    `dtype=None` keeps the file's float precision. Keys and shapes are checked first. Finiteness is
+    checked now, or with `check_on_first_use` by each layer just before it first runs (see
+    `check_finite_on_first_use`), so loading never reads weights that are not needed yet.
+    """
+    with torch.device("meta"), _no_init():
+        module = build()
+    check_state_dict(module, state_dict, what)
+    expected = module.state_dict()
+    device = torch.device(device)
+    tensors = {}
+    for key, value in state_dict.items():
+        target = dtype if dtype is not None and value.is_floating_point() else value.dtype
+        if value.device != device or value.dtype != target:
+            layout = expected[key]
+            channels_last = layout.ndim == 4 and not layout.is_contiguous() \
+                and layout.is_contiguous(memory_format=torch.channels_last)
+            value = value.to(device=device, dtype=target,
+                             memory_format=torch.channels_last if channels_last else torch.preserve_format)
+        tensors[key] = value
+    what_file = f"{source} ({what})" if source else what
+    if not allow_nan and not check_on_first_use:
+        check_finite(tensors, what_file)
+    module.load_state_dict(tensors, strict=True, assign=True)
+    unset = [name for name, t in [*module.named_parameters(), *module.named_buffers()] if t.is_meta]
+    if unset:  # a buffer the file does not hold would need computing here; none of minidiff's modules has one
+        raise CheckpointError(f"the {what} has tensors no weight file holds: {_listing(unset)}; it cannot be "
+                              "loaded this way")
+    if not allow_nan and check_on_first_use:
+        check_finite_on_first_use(module, what_file)
+    return module
+
+
+def check_finite_on_first_use(module: nn.Module, what: str = "model"):
+    """Each layer holding tensors checks them for NaN/Inf just before it first runs, then never
+    again: the check reads what the computation is about to read anyway, and weights never used
+    are never read. A damaged file still fails before any output, naming the tensors.
+    `finish_finite_checks(module)` runs the checks still pending at once."""
+    pending = {}
+
+    def check(layer, args=()):
+        name, handle = pending.pop(id(layer))
+        handle.remove()
+        own = [*layer.named_parameters(recurse=False), *layer.named_buffers(recurse=False)]
+        check_finite({f"{name}.{key}" if name else key: t for key, t in own}, what)
+
+    for name, layer in module.named_modules():
+        if next(layer.parameters(recurse=False), None) is not None or \
+                next(layer.buffers(recurse=False), None) is not None:
+            pending[id(layer)] = (name, layer.register_forward_pre_hook(check))
+    module._finite_checks = (pending, check)  # a plain attribute: read by finish_finite_checks
+
+
+def finish_finite_checks(module: nn.Module):
+    """Run now every finiteness check `check_finite_on_first_use` left pending (e.g. before compiling)."""
+    pending, check = module.__dict__.get("_finite_checks", ({}, None))
+    layers = {id(layer): layer for layer in module.modules()}
+    for key in list(pending):
+        check(layers[key])
+
+
 def check_conversion_paths(src, dst, overwrite: bool):
     """A converter's preconditions, checked before any work: SRC exists, DST is free or may go."""
     src, dst = Path(src), Path(dst)
     if not src.exists():
         raise CheckpointError(f"{src} does not exist")
+    check_apart(src, dst)
     if dst.exists() and not overwrite:
         raise FileExistsError(f"{dst} exists; pass --overwrite to replace it")
+    check_replaceable(dst, MODEL_KIND)
     return src, dst
+
+
+def check_apart(src, dst):
+    """Refuse a destination that is the source, lies inside it or contains it: writing it would destroy the source."""
+    source, target = Path(src).resolve(), Path(dst).resolve()
+    if source == target:
+        raise ValueError(f"the destination {dst} is the source itself; writing it would replace the source. "
+                         "Choose a new folder for the output")
+    if target.is_relative_to(source):
+        raise ValueError(f"the destination {dst} lies inside the source {src}; the output must not be written into "
+                         "the source. Choose a folder outside it")
+    if source.is_relative_to(target):
+        raise ValueError(f"the source {src} lies inside the destination {dst}; replacing {dst} would delete the "
+                         "source. Choose a new folder for the output")
+
+
+# What a folder minidiff wrote is: config.json's "format" ("minidiff" for a model), or for folders
+# without one the kind named in this marker file.
+MODEL_KIND = "minidiff"
+OUTPUT_MARKER = ".minidiff-output"
+
+
+def folder_kind(path) -> Optional[str]:
+    """The kind of minidiff output folder `path` is ("minidiff" for a model), or None if it is none of ours."""
+    path = Path(path)
+    try:
+        config = json.loads((path / "config.json").read_text())
+        if isinstance(config, dict) and isinstance(config.get("format"), str):
+            return config["format"]
+    except (OSError, ValueError):
+        pass
+    try:
+        return (path / OUTPUT_MARKER).read_text().strip() or None
+    except (OSError, ValueError):
+        pass
+    if (path / "train_state.json").is_file() and (path / "model").is_dir():
+        return TRAINING_KIND  # written before markers existed
+    return None
+
+
+TRAINING_KIND = "training checkpoint"
+
+
+def check_replaceable(dst, kind: str = MODEL_KIND):
+    """`--overwrite` may replace only an empty folder or a previous output of the same kind; refuse anything else."""
+    dst = Path(dst)
+    if not dst.exists():
+        return
+    if not dst.is_dir():
+        raise FileExistsError(f"{dst} exists and is not a folder; it was left as it is")
+    entries = sorted(entry.name for entry in dst.iterdir())
+    if not entries:
+        return
+    found = folder_kind(dst)
+    if found != kind:
+        what = "a minidiff model" if kind == MODEL_KIND else f"a minidiff {kind}"
+        seen = f"a {found} folder" if found else f"{len(entries)} other entries ({_listing(entries, 5)})"
+        raise FileExistsError(f"{dst} is not {what} but holds {seen}; --overwrite replaces only an empty folder "
+                              f"or {what}, so nothing was touched. Choose a new folder name")
 
 
 # -- writing ----------------------------------------------------------------------------------------
@@ -276,6 +488,15 @@ def remove_stale_temps(target) -> list:
             entry.unlink(missing_ok=True)
         removed.append(entry)
     return removed
+
+
+def remove_folder(path):
+    """Delete a folder by renaming it aside first: a kill midway leaves a temporary that the next
+    write to `path` removes, never half a folder under its name."""
+    path = Path(path)
+    aside = _temp_sibling(path)
+    os.replace(path, aside)
+    shutil.rmtree(aside)
 
 
 @contextmanager
@@ -349,9 +570,11 @@ def _swap_in_slowly(tmp: Path, dst: Path):
 
 
 @contextmanager
-def atomic_folder(dst, *, overwrite: bool = False):
+def atomic_folder(dst, *, overwrite: bool = False, kind: str = MODEL_KIND, marker: bool = False):
     """Yield a temporary folder beside `dst`; on success it replaces `dst` in one rename.
 
+    With `overwrite`, only an empty folder or one of the same `kind` (see `folder_kind`) is
+    replaced; `marker` writes the kind into the new folder for outputs without a config.json.
     A crash or error leaves `dst` as it was (absent, or the previous version); the temporary
     folder a kill leaves behind is removed by the next write to `dst`.
     """
@@ -360,11 +583,12 @@ def atomic_folder(dst, *, overwrite: bool = False):
     remove_stale_temps(dst)
     if dst.exists() and not overwrite:
         raise FileExistsError(f"{dst} exists; pass overwrite=True (--overwrite) to replace it")
-    if dst.exists() and not dst.is_dir():
-        raise FileExistsError(f"{dst} exists and is not a folder")
+    check_replaceable(dst, kind)
     tmp = _temp_sibling(dst)
     tmp.mkdir()
     try:
+        if marker:
+            (tmp / OUTPUT_MARKER).write_text(kind + "\n")
         yield tmp
         for entry in sorted(tmp.rglob("*"), reverse=True):  # files before the folders holding them
             _fsync(entry)

@@ -216,7 +216,9 @@ def _sample_parser() -> Parser:
     p.add_argument("--model", required=True, help="minidiff model folder (see convert/ for public checkpoints)")
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--sampler", default="ddim", choices=sorted(SAMPLERS))
-    p.add_argument("--eta", type=float, default=0.0)
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM noise (ddim only)")
+    p.add_argument("--karras-sigmas", action="store_true", help="Karras et al. 2022 noise levels "
+                   "(euler, heun, dpmpp_2m, unipc)")
     p.add_argument("--cache-interval", type=int, default=1, help="N: one full U-Net step every N steps")
     p.add_argument("--cache-branch", type=int, default=0, help="skip connection the shallow path keeps")
     p.add_argument("--cache-schedule", default="uniform", choices=["uniform", "nonuniform", "calibrated"])
@@ -262,7 +264,7 @@ def _sample(args) -> int:
     if labels and len(labels) == 1:
         labels = labels * batch
     prompt = args.prompt[0] if args.prompt and len(args.prompt) == 1 else args.prompt
-    images = pipe.generate(steps=args.steps, sampler=args.sampler, eta=args.eta,
+    images = pipe.generate(steps=args.steps, sampler=args.sampler, eta=args.eta, karras_sigmas=args.karras_sigmas,
                            cache_interval=args.cache_interval, cache_branch=args.cache_branch,
                            cache_schedule=args.cache_schedule, seed=args.seed, batch_size=batch,
                            class_labels=labels, prompt=prompt, negative_prompt=args.negative_prompt,
@@ -427,7 +429,9 @@ def _train_parser() -> Parser:
     p = Parser(prog="minidiff train", description="Train a small diffusion U-Net (DDPM epsilon loss).",
                argument_default=argparse.SUPPRESS)
     p.add_argument("--preset", choices=sorted(PRESETS), help="model size; explicit model flags override it")
-    p.add_argument("--resume", metavar="DIR", help="continue from DIR (a run's out_dir or its checkpoint/)")
+    p.add_argument("--resume", metavar="DIR", help="continue the run in DIR (a run's out_dir or its checkpoint/)")
+    p.add_argument("--overwrite", action="store_true", help="start afresh in an out_dir holding a run, deleting "
+                   "its checkpoint, sample grids and loss log")
     for f in fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         text = TRAIN_FLAG_HELP.get(f.name, f"default {f.default}")
@@ -457,18 +461,24 @@ def _train(args):
 
     args = {k: v for k, v in vars(args).items() if k not in ("threads", "argv")}
     resume = args.pop("resume", None)
+    overwrite = args.pop("overwrite", False)
     settings: dict = {}
     if resume is not None:
         settings = json.loads((checkpoint_dir(resume) / "train_state.json").read_text())["config"]
     settings.update(PRESETS.get(args.pop("preset", None), {}))
     settings.update(args)
     config = config_from_dict(TrainConfig, settings)
-    check_output(config.out_dir, "folder", "--out-dir")
+    if resume is not None:
+        check_output(resume, "folder", "--resume")  # a resumed run writes where it was resumed from
+    else:
+        check_output(config.out_dir, "folder", "--out-dir")
     if config.sample_every:
         require("PIL", "writing sample grids (pass --sample-every 0 to skip them)")
     if config.dataset == "digits":
         require("sklearn", "the digits dataset")
-    return train(config, resume=resume)
+    # Ctrl-C: training saves a checkpoint, says how to resume and raises TrainingInterrupted, a
+    # KeyboardInterrupt carrying its exit status, which `guarded` returns
+    return train(config, resume=resume, overwrite=overwrite)
 
 
 # -- toy metric --------------------------------------------------------------------------------------

@@ -150,7 +150,7 @@ class ToyMetric:
     def save(self, dst, *, meta: Optional[dict] = None, overwrite: bool = False):
         config = {"format": FORMAT, "classifier": asdict(self.classifier.config), "class_names": self.class_names,
                   "threshold": self.threshold, "note": "toy metric: not Inception FID", **(meta or {})}
-        with atomic_folder(dst, overwrite=overwrite) as tmp:
+        with atomic_folder(dst, overwrite=overwrite, kind=FORMAT) as tmp:
             save_json(config, tmp / "config.json")
             save_safetensors(self.classifier.state_dict(), tmp / "model.safetensors")
             save_safetensors({"mean": self.ref_mean, "cov": self.ref_cov}, tmp / "reference.safetensors")

@@ -10,8 +10,10 @@ The native folder:
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
+import os
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -21,10 +23,10 @@ from typing import Optional, Sequence
 import torch
 
 from .cache import CachedUNet, load_calibrated, make_schedule
-from .checkpoint import (CheckpointError, atomic_folder, check_finite, load_weights, read_state_dict, save_json,
+from .checkpoint import (CheckpointError, atomic_folder, build_loaded, read_state_dict, save_json,
                          save_safetensors)
-from .samplers import SAMPLER_OPTIONS, SAMPLERS, num_model_calls
-from .schedules import NoiseSchedule, SchedulerConfig, make_timesteps
+from .samplers import SAMPLERS, num_model_calls, sampler_options, start_alpha_cumprod
+from .schedules import SchedulerConfig
 from .unet import UNet, UNetConfig
 
 FORMAT = "minidiff"
@@ -56,8 +58,10 @@ class Pipeline:
         self.tokenizer = tokenizer
         self.null_class, self.class_names = null_class, class_names
         self.calibration = calibration
+        self.calibration_error: Optional[str] = None  # why a damaged calibration.json was skipped at load
         self.meta = dict(meta or {})
         self.last_run: Optional[RunStats] = None
+        unet.num_train_timesteps = scheduler.num_train_timesteps  # lets the U-Net refuse timesteps past it
 
     # -- properties ---------------------------------------------------------------------------
 
@@ -81,6 +85,7 @@ class Pipeline:
 
     def to(self, device=None, dtype=None) -> "Pipeline":
         """Move the models; the autoencoder stays float32 (half-precision decoding overflows)."""
+        check_dtype(self.device if device is None else torch.device(device), dtype)
         self.unet.to(device=device, dtype=dtype)
         if self.text_encoder is not None:
             self.text_encoder.to(device=device, dtype=dtype)
@@ -186,8 +191,8 @@ class Pipeline:
         return guided
 
     @torch.inference_mode()
-    def generate(self, *, steps: int = 50, sampler: str = "ddim", eta: float = 0.0, cache_interval: int = 1,
-                 cache_branch: int = 0, cache_schedule="uniform", seed: Optional[int] = None,
+    def generate(self, *, steps: int = 50, sampler: str = "ddim", eta: float = 0.0, karras_sigmas: bool = False,
+                 cache_interval: int = 1, cache_branch: int = 0, cache_schedule="uniform", seed: Optional[int] = None,
                  noise: Optional[torch.Tensor] = None, batch_size: int = 1, class_labels=None,
                  guidance_scale: Optional[float] = None, prompt=None, negative_prompt=None,
                  height: Optional[int] = None, width: Optional[int] = None, output: str = "image",
@@ -200,6 +205,7 @@ class Pipeline:
         img2img: `init_image` ((B or 1, 3, H, W) in [0, 1]) is encoded, noised to the step where
         `strength` of the `steps` remain, and denoised from there; `noise` is then the noise added.
         `center`/`power` are the old names of `cache_center`/`cache_power` (deprecated).
+        Sampler options (`eta`, `karras_sigmas`) are refused where the sampler does not take them.
         """
         if center is not None or power is not None:
             warnings.warn("generate(center=, power=) are deprecated: use cache_center= and cache_power=",
@@ -209,6 +215,12 @@ class Pipeline:
         _check_args(steps=steps, sampler=sampler, eta=eta, cache_interval=cache_interval,
                     batch_size=batch_size, guidance_scale=guidance_scale, output=output, seed=seed,
                     cache_power=cache_power)
+        options = sampler_options(sampler, eta=eta, karras_sigmas=karras_sigmas)
+        if cache_schedule == "calibrated" and isinstance(self.calibration, dict) \
+                and self.calibration.get("sampler", sampler) != sampler:
+            raise ValueError(f"this model's cache calibration was measured with the {self.calibration['sampler']} "
+                             f"sampler, not {sampler}; calibrate again with `minidiff analyze calibrate --sampler "
+                             f"{sampler}` or use another cache schedule")
         if isinstance(cache_branch, bool) or not isinstance(cache_branch, int) \
                 or not 0 <= cache_branch < self.unet.num_branches:
             raise ValueError(f"cache_branch must be an int in [0, {self.unet.num_branches - 1}], got {cache_branch!r}")
@@ -231,12 +243,16 @@ class Pipeline:
             generator.manual_seed(seed if seed is not None else torch.seed())
         if init_image is not None:
             x, start_step = self._img2img_start(init_image, strength, steps, noise, batch_size, height, width,
-                                                generator)
+                                                generator, sampler, options)
         else:
             x, start_step = self.initial_noise(batch_size, height=height, width=width, generator=generator,
                                                noise=noise), 0
 
+        self._check_memory(x, 2 if uncond is not None else 1)
+
         calls = num_model_calls(sampler, steps - start_step)
+        if cache_schedule == "calibrated" and self.calibration is None and self.calibration_error:
+            raise ValueError(self.calibration_error)
         calibrated = self.calibration if cache_schedule == "calibrated" else None
         full_steps = make_schedule(cache_schedule, calls, cache_interval, center=cache_center, power=cache_power,
                                    calibrated=calibrated, branch=cache_branch)
@@ -254,7 +270,6 @@ class Pipeline:
             if callback is not None:
                 callback(i, t, x)
 
-        options = {name: value for name, value in (("eta", eta),) if name in SAMPLER_OPTIONS[sampler]}
         start = time.perf_counter()
         x = self.sample(cached, x, steps=steps, sampler=sampler, cond=cond, uncond=uncond,
                         guidance_scale=guidance_scale, generator=generator, progress=progress, callback=checked,
@@ -298,7 +313,35 @@ class Pipeline:
                 raise ValueError(f"{name} must be a multiple of {multiple} (the model's total downsampling) "
                                  f"between {multiple} and 16384, got {size!r}")
 
-    def _img2img_start(self, image, strength, steps, noise, batch_size, height, width, generator):
+    # Beyond this many times the trained size, generate states the memory it will take (and refuses
+    # when that exceeds what is free): 4096 px on a 16 px model reached 14 GB within 20 s.
+    LARGE_FACTOR = 8
+    # Peak activation memory of one U-Net call over the skip connections' total, measured on
+    # weights/digits-cond at 128-512 px (2.8-3.1x); the skips are all alive when decoding starts.
+    ACTIVATION_FACTOR = 3.2
+
+    def estimate_memory(self, height: int, width: int, batch_size: int = 1) -> int:
+        """Bytes of activations one U-Net call takes for latents of this size (batch doubles with guidance)."""
+        elements = sum(c * h * w for c, h, w in self.unet.skip_shapes(height, width))
+        return int(self.ACTIVATION_FACTOR * elements * batch_size * self.dtype.itemsize)
+
+    def _check_memory(self, x: torch.Tensor, copies: int):
+        trained = self.unet.config.sample_size or 32
+        height, width = x.shape[2], x.shape[3]
+        if max(height, width) <= self.LARGE_FACTOR * trained:
+            return
+        need = self.estimate_memory(height, width, x.shape[0] * copies)
+        free = available_memory(self.device)
+        size = f"{height * self.latent_scale}x{width * self.latent_scale}"
+        trained_px = trained * self.latent_scale
+        if free is not None and need > free:
+            raise ValueError(f"{size} is over {self.LARGE_FACTOR}x the {trained_px} px this model was trained at and "
+                             f"would need about {need / 2 ** 30:.1f} GiB for activations, more than the "
+                             f"{free / 2 ** 30:.1f} GiB free on {self.device}; lower height/width or batch_size")
+        warnings.warn(f"{size} is over {self.LARGE_FACTOR}x the {trained_px} px this model was trained at: expect "
+                      f"about {need / 2 ** 30:.2f} GiB of activations per U-Net call and a long run", stacklevel=4)
+
+    def _img2img_start(self, image, strength, steps, noise, batch_size, height, width, generator, sampler, options):
         """(noised latents, first step) for img2img, as diffusers' StableDiffusionImg2ImgPipeline:
         the image's mean latents noised to timesteps[t_start], t_start = steps - int(steps * strength)."""
         if self.autoencoder is None:
@@ -326,8 +369,7 @@ class Pipeline:
         elif noise.shape != latents.shape:
             raise ValueError(f"noise must have the latents' shape {tuple(latents.shape)}, got {tuple(noise.shape)}")
         start_step = steps - remaining
-        t = make_timesteps(self.scheduler, steps)[start_step]
-        alpha = NoiseSchedule.from_config(self.scheduler, latents.device).alphas_cumprod[t]
+        alpha = start_alpha_cumprod(sampler, self.scheduler, steps, start_step, **options).to(latents.device)
         x = alpha ** 0.5 * latents + (1 - alpha) ** 0.5 * noise.to(latents.device, latents.dtype)
         return x.to(self.dtype), start_step
 
@@ -357,12 +399,21 @@ class Pipeline:
                 sd.update({f"{name}.{k}": v for k, v in module.state_dict().items()})
         return sd
 
-    def save(self, dst, *, overwrite: bool = False):
-        """Write the native folder atomically: a crash leaves the old folder (or none), never half."""
+    def save(self, dst, *, overwrite: bool = False, dtype: Optional[torch.dtype] = None):
+        """Write the native folder atomically: a crash leaves the old folder (or none), never half.
+
+        `dtype=torch.float16` (or bfloat16) stores every float weight in that precision, a file half
+        the size, as the public `*-fp16` checkpoints; `load` reads it back in float32 or in that dtype.
+        """
+        if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
+            raise ValueError(f"dtype must be a floating-point torch.dtype such as torch.float16, got {dtype!r}")
+        state = self.state_dict()
+        if dtype is not None:
+            state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
         with atomic_folder(dst, overwrite=overwrite) as tmp:
             save_json(self.config_dict(), tmp / "config.json")
             save_json(self.scheduler.to_dict(), tmp / "scheduler.json")
-            save_safetensors(self.state_dict(), tmp / "model.safetensors")
+            save_safetensors(state, tmp / "model.safetensors")
             if self.tokenizer is not None:
                 self.tokenizer.save(tmp / "tokenizer")
             if self.calibration is not None:
@@ -380,9 +431,6 @@ def _check_args(*, steps, sampler, eta, cache_interval, batch_size, guidance_sca
         raise ValueError(f"unknown sampler {sampler!r}; choose one of {sorted(SAMPLERS)}")
     if not isinstance(eta, (int, float)) or not 0.0 <= eta <= 1.0:
         raise ValueError(f"eta must be a number in [0, 1], got {eta!r}")
-    if eta and "eta" not in SAMPLER_OPTIONS[sampler]:
-        users = " and ".join(sorted(name for name, options in SAMPLER_OPTIONS.items() if "eta" in options))
-        raise ValueError(f"eta applies to the {users} sampler only, not {sampler!r}")
     if not isinstance(cache_interval, int) or not 1 <= cache_interval <= 10_000:
         raise ValueError(f"cache_interval must be an int in [1, 10000], got {cache_interval!r}")
     if not isinstance(batch_size, int) or not 1 <= batch_size <= 4096:
@@ -395,6 +443,44 @@ def _check_args(*, steps, sampler, eta, cache_interval, batch_size, guidance_sca
     if not isinstance(cache_power, (int, float)) or not 1.0 < cache_power <= 10.0:  # the search steps it by 0.02
         raise ValueError(f"cache_power (of the non-uniform cache schedule) must be a number in (1, 10], got "
                          f"{cache_power!r}")
+
+
+@functools.lru_cache(maxsize=None)
+def check_dtype(device: torch.device, dtype: Optional[torch.dtype]):
+    """Refuse up front a dtype the model cannot compute in on `device` (tried once on a tiny input)."""
+    if dtype is None:
+        return
+    if dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+        raise ValueError(f"dtype must be torch.float32, torch.float16, torch.bfloat16 or torch.float64, got {dtype}")
+    if dtype in (torch.float32, torch.float64):
+        return
+    try:  # the kernels a U-Net needs: convolution, float32 group norm, attention, linear
+        x = torch.ones(1, 8, 4, 4, device=device, dtype=dtype)
+        h = torch.nn.functional.conv2d(x, torch.ones(8, 8, 3, 3, device=device, dtype=dtype), padding=1)
+        h = torch.nn.functional.group_norm(h.float(), 2).to(dtype).flatten(2).transpose(1, 2)
+        h = torch.nn.functional.scaled_dot_product_attention(h[None], h[None], h[None])
+        torch.nn.functional.linear(h, torch.ones(8, 8, device=device, dtype=dtype))
+    except (RuntimeError, NotImplementedError) as e:
+        raise ValueError(f"{dtype} does not run on {device} with this torch ({str(e).splitlines()[0][:120]}); use "
+                         "torch.float32 there") from None
+
+
+def available_memory(device: torch.device) -> Optional[int]:
+    """Bytes free for new allocations on `device`, or None where that cannot be read."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type != "cpu":
+        return None
+    try:
+        with open("/proc/meminfo") as f:
+            info = dict(line.split(":", 1) for line in f)
+        return int(info["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
 
 
 def _read_json(path: Path, what: str) -> dict:
@@ -421,8 +507,18 @@ def split_state_dict(sd: dict) -> dict:
     return parts
 
 
-def load(path, *, device="cpu", dtype: Optional[torch.dtype] = None, allow_nan: bool = False) -> Pipeline:
-    """Load a native minidiff model folder (see convert/ for public checkpoints)."""
+def load(path, *, device="cpu", dtype: Optional[torch.dtype] = None, allow_nan: bool = False,
+         check: str = "first-use") -> Pipeline:
+    """Load a native minidiff model folder (see convert/ for public checkpoints).
+
+    `dtype` is the U-Net's and text encoder's precision, float32 unless given, whatever the file
+    holds (a float16 file loads as float32 or, asked, as float16); the autoencoder stays float32.
+    Weights with NaN/Inf are refused (unless `allow_nan`): with `check="first-use"` by each layer
+    just before it first runs, so loading reads no weight it does not need yet; `check="now"`
+    reads them all before returning.
+    """
+    if check not in ("first-use", "now"):
+        raise ValueError(f"check must be 'first-use' or 'now', got {check!r}")
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"model folder {path} does not exist")
@@ -445,26 +541,37 @@ def load(path, *, device="cpu", dtype: Optional[torch.dtype] = None, allow_nan: 
     if unknown:
         raise CheckpointError(f"{weights} has weights for unknown component(s) {unknown}")
 
-    unet = UNet(UNetConfig.from_dict(config["unet"]))
-    load_weights(unet, parts.get("unet", {}), "U-Net")
+    # Built on the meta device, the mapped file's tensors become the parameters: one read, no copy
+    # unless a dtype or device change needs one. The autoencoder stays float32 (see Pipeline.to).
+    unet_dtype = torch.float32 if dtype is None else dtype
+    common = dict(device=device, allow_nan=allow_nan, source=str(weights), check_on_first_use=check == "first-use")
+    unet_config = UNetConfig.from_dict(config["unet"])
+    unet = build_loaded(lambda: UNet(unet_config), parts.get("unet", {}), "U-Net", dtype=unet_dtype, **common)
     autoencoder = text_encoder = tokenizer = None
     if config.get("autoencoder") is not None:
         from .autoencoder import Autoencoder, AutoencoderConfig
 
-        autoencoder = Autoencoder(AutoencoderConfig.from_dict(config["autoencoder"]))
-        load_weights(autoencoder, parts.get("autoencoder", {}), "autoencoder")
+        vae_config = AutoencoderConfig.from_dict(config["autoencoder"])
+        autoencoder = build_loaded(lambda: Autoencoder(vae_config), parts.get("autoencoder", {}), "autoencoder",
+                                   dtype=torch.float32, **common)
     if config.get("text_encoder") is not None:
         from .text import CLIPTextConfig, CLIPTextEncoder, CLIPTokenizer
 
-        text_encoder = CLIPTextEncoder(CLIPTextConfig.from_dict(config["text_encoder"]))
-        load_weights(text_encoder, parts.get("text_encoder", {}), "text encoder")
+        text_config = CLIPTextConfig.from_dict(config["text_encoder"])
+        text_encoder = build_loaded(lambda: CLIPTextEncoder(text_config), parts.get("text_encoder", {}),
+                                    "text encoder", dtype=unet_dtype, **common)
         tokenizer = CLIPTokenizer.from_folder(path / "tokenizer")
-    for name, module in (("U-Net", unet), ("autoencoder", autoencoder), ("text encoder", text_encoder)):
-        if module is not None and not allow_nan:
-            check_finite(module.state_dict(), f"{weights} ({name})")
     meta = {k: v for k, v in config.items() if k not in ("format", "format_version", "unet", "autoencoder",
                                                           "text_encoder", "null_class", "class_names")}
+    check_dtype(torch.device(device), dtype)
+    try:
+        calibration, calibration_error = load_calibrated(path / "calibration.json"), None
+    except ValueError as e:  # optional: only cache_schedule="calibrated" needs it
+        calibration, calibration_error = None, str(e)
+        warnings.warn(f"{calibration_error}. The model loads without it; cache_schedule='calibrated' is unavailable",
+                      stacklevel=2)
     pipe = Pipeline(unet, scheduler, autoencoder=autoencoder, text_encoder=text_encoder, tokenizer=tokenizer,
                     null_class=config.get("null_class"), class_names=config.get("class_names"),
-                    calibration=load_calibrated(path / "calibration.json"), meta=meta)
+                    calibration=calibration, meta=meta)
+    pipe.calibration_error = calibration_error
     return pipe.to(device=device, dtype=dtype)

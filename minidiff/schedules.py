@@ -41,7 +41,10 @@ class SchedulerConfig:
     clip_sample_range: float = 1.0
     set_alpha_to_one: bool = True
     steps_offset: int = 0
-    timestep_spacing: str = "leading"
+    # None: each sampler's diffusers default, "leading" for ddpm/ddim/plms and "linspace" for the
+    # sigma-space samplers, as diffusers' from_config gives when switching schedulers on a config that
+    # does not set it (SD1.5's, for one).
+    timestep_spacing: str | None = None
 
     def __post_init__(self):
         if self.trained_betas is not None:
@@ -78,7 +81,7 @@ class SchedulerConfig:
              f"set_alpha_to_one must be true or false, got {self.set_alpha_to_one!r}")
         need(isinstance(self.steps_offset, int) and 0 <= self.steps_offset < T,
              f"steps_offset must be an integer in [0, {T - 1}], got {self.steps_offset!r}")
-        need(self.timestep_spacing in TIMESTEP_SPACINGS,
+        need(self.timestep_spacing is None or self.timestep_spacing in TIMESTEP_SPACINGS,
              f"timestep_spacing must be one of {TIMESTEP_SPACINGS}, got {self.timestep_spacing!r}")
 
     @classmethod
@@ -99,8 +102,12 @@ class SchedulerConfig:
         return cls(**kwargs)
 
     def to_dict(self):
-        """Plain dict with diffusers' key names, ready for json.dump."""
-        return asdict(self)
+        """Plain dict with diffusers' key names, ready for json.dump; an unset timestep_spacing is left out
+        so that diffusers' schedulers, like ours, fall back to their own default."""
+        d = asdict(self)
+        if d["timestep_spacing"] is None:
+            del d["timestep_spacing"]
+        return d
 
 
 def _cosine_betas(T, max_beta=0.999):
@@ -140,9 +147,10 @@ def make_timesteps(config, steps):
     T = config.num_train_timesteps
     if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= T:
         raise ValueError(f"steps must be an integer between 1 and num_train_timesteps={T}, got {steps!r}")
-    if config.timestep_spacing == "linspace":
+    spacing = config.timestep_spacing or "leading"
+    if spacing == "linspace":
         timesteps = np.linspace(0, T - 1, steps).round()[::-1].astype(np.int64)
-    elif config.timestep_spacing == "leading":
+    elif spacing == "leading":
         timesteps = (np.arange(steps) * (T // steps))[::-1] + config.steps_offset
     else:
         # Float arange can overshoot by one element (a timestep of -1 in diffusers); keep exactly `steps`.

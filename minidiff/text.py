@@ -32,6 +32,8 @@ BOS_ID = 49406  # ids of the two specials in CLIP's 49408-token vocabulary
 EOS_ID = 49407
 CONTEXT_LENGTH = 77
 END_OF_WORD = "</w>"
+# OpenAI's CLIP vocabulary (MIT; see assets/LICENSE-clip-bpe.txt), shipped as package data.
+DEFAULT_BPE = Path(__file__).resolve().parent / "assets" / "bpe_simple_vocab_16e6.txt.gz"
 
 # Unicode White_Space, which is what `\s` means to the Oniguruma regexes inside `tokenizers`.
 # Python's str.isspace() differs: it also counts U+001C..U+001F, which CLIP keeps as symbols.
@@ -173,6 +175,12 @@ class CLIPTokenizer:
         tokens += ["".join(pair) for pair in merges] + [BOS_TOKEN, EOS_TOKEN]
         return cls({token: i for i, token in enumerate(tokens)}, merges)
 
+    @classmethod
+    def default(cls) -> CLIPTokenizer:
+        """SD 1.x's tokenizer (CLIP ViT-L/14's), from the BPE vocabulary shipped with minidiff, so
+        single-file checkpoints, which hold no vocabulary, convert offline."""
+        return cls.from_bpe_gz(DEFAULT_BPE)
+
     def save(self, folder: str | Path) -> None:
         """Write `vocab.json` and `merges.txt` byte-for-byte in the layout diffusers ships."""
         folder = Path(folder)
@@ -234,16 +242,12 @@ class CLIPTokenizer:
 
 def _parse_merges(lines: Sequence[str], source: Path, first_line: int) -> list[tuple[str, str]]:
     """Pairs from 'left right' lines; blank lines are skipped, anything else is an error."""
-    merges = []
-    for number, line in enumerate(lines, start=first_line):
-        if not line.strip():
-            continue
-        pair = line.split()
-        if len(pair) != 2:
+    pairs = [line.split() for line in lines]  # one pass; models load this file every time
+    for number, (line, pair) in enumerate(zip(lines, pairs), start=first_line):
+        if len(pair) not in (0, 2):
             raise ValueError(f"{source} line {number} should hold two tokens separated by a space, got "
                              f"{line[:80]!r}; the merges file is malformed.")
-        merges.append((pair[0], pair[1]))
-    return merges
+    return [(pair[0], pair[1]) for pair in pairs if pair]
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -10,6 +10,10 @@ timesteps, label dropout, torch/numpy/python global state), so k steps + resume 
 over ranks is the single-process batch and averaged DDP gradients equal the full-batch gradient
 (dropout masks come from each rank's own global RNG, so with dropout > 0 that holds in distribution only).
 
+A run lives in one folder: a fresh run refuses a folder holding another run's outputs (resume it,
+or pass overwrite=True to delete just those), and a resumed run writes where it was resumed from.
+SIGINT/SIGTERM (Ctrl-C) stop after the current step with a checkpoint, and say how to resume.
+
 out_dir/checkpoint/ is replaced as a whole, in one rename (a kill mid-write keeps the previous one):
     model/                    the EMA weights as a native pipeline folder (minidiff.pipeline.load)
     train_state.safetensors   raw weights, optimizer moments, generator states
@@ -24,8 +28,11 @@ import io
 import json
 import os
 import random
+import signal
+import sys
+import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Optional
 
@@ -35,8 +42,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .checkpoint import CheckpointError, atomic_folder, atomic_path, load_weights, read_state_dict, save_json, \
-    save_safetensors
+from .checkpoint import TRAINING_KIND, CheckpointError, atomic_folder, atomic_path, folder_kind, load_weights, \
+    read_state_dict, remove_folder, save_json, save_safetensors
 from .config import config_to_dict
 from .data import ImageSet, load_dataset, save_grid
 from .grid import class_titles
@@ -180,16 +187,39 @@ def _distributed() -> tuple:
 
 # -- the loop ----------------------------------------------------------------------------------------
 
-def train(config: TrainConfig, resume=None) -> Trained:
-    """Train (or continue training from checkpoint folder `resume`) and return the result."""
+class TrainingInterrupted(KeyboardInterrupt):
+    """Training stopped on SIGINT/SIGTERM after saving a checkpoint; the message says how to resume."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.exit_code = 128 + signum  # what a shell reports for a process the signal ended
+
+
+def train(config: TrainConfig, resume=None, *, overwrite: bool = False) -> Trained:
+    """Train (or continue training the run in folder `resume`) and return the result.
+
+    A fresh run refuses an out_dir holding another run's outputs unless `overwrite`, which deletes
+    those outputs (checkpoint/, samples/step_*.png, loss.csv, loss.png) and nothing else. A resumed
+    run continues in `resume`, wherever the checkpoint was first written.
+    """
     cfg = config
+    if resume is not None:
+        if overwrite:
+            raise ValueError("resume continues a run and overwrite starts a new one; pass one of them")
+        cfg = replace(cfg, out_dir=str(_resume_folder(resume, cfg)))
     rank, world, own_group = _distributed()
     if cfg.batch_size % world:
         raise ValueError(f"batch_size {cfg.batch_size} must be divisible by the number of processes {world}")
     main = rank == 0
     device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu")
     out_dir = Path(cfg.out_dir)
+    stop = _StopRequest()
     try:
+        if resume is None:
+            _claim_run_folder(out_dir, overwrite, clear=main)
+        if main:
+            print(f"writing to {out_dir}" + (" (resuming the run there)" if resume is not None else " (a new run)"),
+                  flush=True)
         data = load_dataset(cfg.dataset, cfg.image_size, cfg.channels)
         torch.manual_seed(cfg.seed)
         np.random.seed(cfg.seed)
@@ -218,7 +248,8 @@ def train(config: TrainConfig, resume=None) -> Trained:
         bar = tqdm(total=cfg.steps, initial=step, disable=not (main and cfg.progress), dynamic_ncols=True)
         model.train()
         clock = rate_clock = time.perf_counter()  # clock: training time so far; rate_clock: since the last log
-        rate_step = step
+        rate_step = saved_step = step
+        stop.install()
         while step < cfg.steps:
             x0, noise, t, cond = (None if v is None else v[shard].to(device)
                                   for v in draw_batch(cfg, data, order, noise_gen))
@@ -258,12 +289,111 @@ def train(config: TrainConfig, resume=None) -> Trained:
                 if main:
                     _write_checkpoint(out_dir, cfg, pipeline, model, optimizer, order, noise_gen, step, seconds,
                                       losses, loss_sum)
+                saved_step = step
                 model.train()
+            if stop.requested(world, device):
+                bar.close()
+                now = time.perf_counter()
+                seconds, clock = seconds + now - clock, now
+                if main and saved_step != step:
+                    _write_checkpoint(out_dir, cfg, pipeline, model, optimizer, order, noise_gen, step, seconds,
+                                      losses, loss_sum)
+                message = (f"stopped at step {step} of {cfg.steps}; the checkpoint in {out_dir / 'checkpoint'} "
+                           f"holds it. Continue with: minidiff train --resume {out_dir}")
+                if main:
+                    print(message, flush=True)
+                raise TrainingInterrupted(message, stop.signum)
         bar.close()
         return Trained(pipeline, model, optimizer, step, losses)
     finally:
+        stop.restore()
         if own_group:
             dist.destroy_process_group()
+
+
+class _StopRequest:
+    """Once installed, SIGINT/SIGTERM ask the loop to stop after the current step (and save); a second
+    signal stops at once, leaving the last checkpoint, which is always whole, as it is."""
+
+    def __init__(self):
+        self.signum: Optional[int] = None
+        self.previous: dict = {}
+
+    def install(self):
+        if threading.current_thread() is threading.main_thread():  # handlers can only be set there
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self.previous[sig] = signal.signal(sig, self._handle)
+
+    def restore(self):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        self.previous.clear()
+
+    def _handle(self, signum, frame):
+        if self.signum is not None:
+            raise KeyboardInterrupt
+        self.signum = signum
+        print(f"\n{signal.Signals(signum).name}: saving a checkpoint after this step (signal again to quit "
+              "without saving)", file=sys.stderr, flush=True)
+
+    def requested(self, world: int, device) -> bool:
+        """Whether any process was asked to stop (all ranks must stop at the same step)."""
+        if world == 1:
+            return self.signum is not None
+        flag = torch.tensor(0 if self.signum is None else self.signum, device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        self.signum = int(flag) or None
+        return self.signum is not None
+
+
+# What training writes into out_dir; a fresh run must not mix with another run's.
+RUN_OUTPUTS = ("checkpoint", "loss.csv", "loss.png")
+
+
+def _resume_folder(resume, cfg: TrainConfig) -> Path:
+    """The run folder that `resume` names (the folder holding checkpoint/, or checkpoint/ itself)."""
+    path, folder = checkpoint_dir(resume), Path(resume)
+    if path == folder:  # the checkpoint folder itself was named
+        if path.name != "checkpoint":
+            raise CheckpointError(f"{path} holds a checkpoint but is not named checkpoint/; pass the run folder "
+                                  "that holds checkpoint/ to --resume")
+        folder = path.parent
+    saved = json.loads((path / "train_state.json").read_text())["config"].get("out_dir")
+    asked = Path(cfg.out_dir).resolve()
+    if asked not in (folder.resolve(), Path(saved or folder).resolve()):
+        raise ValueError(f"resuming continues in {folder}, but out_dir asks for {cfg.out_dir}; to branch a run, copy "
+                         "its folder and resume the copy")
+    return folder
+
+
+def _claim_run_folder(out_dir: Path, overwrite: bool, clear: bool):
+    """A fresh run refuses a folder with another run's outputs; `overwrite` deletes those (only those)."""
+    samples = sorted((out_dir / "samples").glob("step_*.png"))
+    found = [name for name in RUN_OUTPUTS if (out_dir / name).exists()] + (["samples/"] if samples else [])
+    if not found:
+        return
+    checkpoint = out_dir / "checkpoint"
+    if not overwrite:
+        try:
+            at = f", at step {json.loads((checkpoint / 'train_state.json').read_text())['step']}"
+        except (OSError, ValueError, KeyError, TypeError):
+            at = ""
+        raise FileExistsError(f"{out_dir} already holds a training run ({', '.join(found)}{at}); continue it with "
+                              f"--resume {out_dir}, or pass --overwrite to delete its checkpoint, sample grids and "
+                              "loss log and start again")
+    if checkpoint.exists() and folder_kind(checkpoint) != TRAINING_KIND:
+        raise FileExistsError(f"{checkpoint} is not a training checkpoint, so --overwrite leaves it (and the run "
+                              "folder) untouched; choose another --out-dir")
+    if not clear:
+        return
+    if checkpoint.exists():
+        remove_folder(checkpoint)
+    for png in samples:
+        png.unlink()
+    if (out_dir / "samples").is_dir() and not any((out_dir / "samples").iterdir()):
+        (out_dir / "samples").rmdir()
+    for name in ("loss.csv", "loss.png"):
+        (out_dir / name).unlink(missing_ok=True)
 
 
 def draw_batch(cfg: TrainConfig, data: ImageSet, order: BatchOrder, noise_gen: torch.Generator) -> tuple:
@@ -320,7 +450,7 @@ def _write_checkpoint(out_dir, cfg, pipeline, model, optimizer, order, noise_gen
     }
     pipeline.meta = {"training": {"step": step, "seconds": round(seconds, 1), "config": cfg.to_dict()}}
     csv_text = _loss_csv(losses)
-    with atomic_folder(out_dir / "checkpoint", overwrite=True) as tmp:
+    with atomic_folder(out_dir / "checkpoint", overwrite=True, kind=TRAINING_KIND, marker=True) as tmp:
         pipeline.save(tmp / "model")
         save_safetensors(tensors, tmp / "train_state.safetensors")
         save_json(meta, tmp / "train_state.json")

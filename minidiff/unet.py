@@ -36,8 +36,8 @@ class UNetConfig:
     attention_levels: tuple = (1,)  # levels (0 = full resolution) with attention after each ResBlock
     mid_attention: bool = True
     attention_type: str = "self"  # "self": DDPM attention block; "transformer": spatial transformer
-    num_heads: Optional[int] = None  # heads per attention layer ...
-    head_channels: Optional[int] = None  # ... or channels per head; neither: one head
+    num_heads: Optional[int | tuple] = None  # heads per attention layer, or one count per level ...
+    head_channels: Optional[int | tuple] = None  # ... or channels per head (per level); neither: one head
     transformer_depth: int = 1
     context_dim: Optional[int] = None  # width of the cross-attention context (text or class tokens)
     use_linear_projection: bool = False
@@ -54,6 +54,9 @@ class UNetConfig:
     def __post_init__(self):
         self.channel_mult = tuple(self.channel_mult)
         self.attention_levels = tuple(self.attention_levels)
+        for name in ("num_heads", "head_channels"):  # per-level lists arrive from JSON as lists
+            if isinstance(getattr(self, name), list):
+                setattr(self, name, tuple(getattr(self, name)))
         self.validate()
 
     def validate(self):
@@ -72,11 +75,15 @@ class UNetConfig:
     def downsample_factor(self) -> int:
         return 2 ** (len(self.channel_mult) - 1)
 
-    def heads_for(self, channels: int) -> int:
+    def heads_for(self, channels: int, level: Optional[int] = None) -> int:
+        """Heads of an attention layer at `level`; None is the middle block, which takes the deepest
+        level's setting (as diffusers' per-level `attention_head_dim` does)."""
+        level = len(self.channel_mult) - 1 if level is None else level
         if self.num_heads is not None:
-            return self.num_heads
+            return self.num_heads[level] if isinstance(self.num_heads, tuple) else self.num_heads
         if self.head_channels is not None:
-            return max(1, channels // self.head_channels)
+            width = self.head_channels[level] if isinstance(self.head_channels, tuple) else self.head_channels
+            return max(1, channels // width)
         return 1
 
     def to_dict(self) -> dict:
@@ -88,10 +95,13 @@ class UNetConfig:
 
 
 class GroupNorm32(nn.GroupNorm):
-    """GroupNorm computed in float32, as openaimodel does, so half precision stays finite."""
+    """GroupNorm computed in float32, as openaimodel does, so half precision stays finite. The
+    parameters are cast with the input: CPU kernels refuse float32 input with half weights."""
 
     def forward(self, x):
-        return super().forward(x.float()).type(x.dtype)
+        weight = None if self.weight is None else self.weight.float()
+        bias = None if self.bias is None else self.bias.float()
+        return F.group_norm(x.float(), self.num_groups, weight, bias, self.eps).type(x.dtype)
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, flip_sin_to_cos: bool, freq_shift: float) -> torch.Tensor:
@@ -255,8 +265,12 @@ class Upsample(nn.Module):
         super().__init__()
         self.conv = nn.Conv2d(channels, channels, 3, padding=1)
 
-    def forward(self, x, emb=None, context=None):
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+    def forward(self, x, emb=None, context=None, size=None):
+        """Nearest 2x, or to `size`, the next skip's, where an odd size was rounded going down
+        (as diffusers' `forward_upsample_size`)."""
+        if size is None or tuple(size) == (2 * x.shape[2], 2 * x.shape[3]):
+            return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+        return self.conv(F.interpolate(x, size=tuple(size), mode="nearest"))
 
 
 class InputConv(nn.Conv2d):
@@ -267,15 +281,16 @@ class InputConv(nn.Conv2d):
 class Layer(nn.ModuleList):
     """One entry of input_blocks / middle_block / output_blocks: its blocks applied in order."""
 
-    def forward(self, h, emb, context):
+    def forward(self, h, emb, context, size=None):
         for block in self:
-            h = block(h, emb, context)
+            h = block(h, emb, context, size) if isinstance(block, Upsample) else block(h, emb, context)
         return h
 
 
 @dataclass
 class FeatureCache:
-    """The decoder state entering output_blocks[-1 - branch], kept from the last full step."""
+    """The decoder state entering output_blocks[-1 - branch], kept from the last full step; `branch`
+    records where it was taken, so a shallow step can check the cache belongs to it."""
 
     branch: int
     hidden: torch.Tensor
@@ -298,10 +313,11 @@ class UNet(nn.Module):
             width = emb_dim if cfg.class_cond == "add" else cfg.context_dim
             self.class_embed = nn.Embedding(cfg.num_classes, width)
 
-        def attn(ch):
+        def attn(ch, level=None):
+            heads = cfg.heads_for(ch, level)
             if cfg.attention_type == "self":
-                return AttentionBlock(ch, cfg.heads_for(ch), groups, eps)
-            return SpatialTransformer(ch, cfg.heads_for(ch), cfg.transformer_depth, cfg.context_dim, groups,
+                return AttentionBlock(ch, heads, groups, eps)
+            return SpatialTransformer(ch, heads, cfg.transformer_depth, cfg.context_dim, groups,
                                       cfg.use_linear_projection)
 
         def res(i, o):
@@ -316,7 +332,7 @@ class UNet(nn.Module):
                 blocks = [res(ch, out_ch)]
                 ch = out_ch
                 if level in cfg.attention_levels:
-                    blocks.append(attn(ch))
+                    blocks.append(attn(ch, level))
                 self.input_blocks.append(Layer(blocks))
                 skip_channels.append(ch)
             if level != len(levels) - 1:
@@ -332,7 +348,7 @@ class UNet(nn.Module):
                 blocks = [res(ch + skip_channels.pop(), out_ch)]
                 ch = out_ch
                 if level in cfg.attention_levels:
-                    blocks.append(attn(ch))
+                    blocks.append(attn(ch, level))
                 if level != 0 and i == cfg.num_res_blocks:
                     blocks.append(Upsample(ch))
                 self.output_blocks.append(Layer(blocks))
@@ -345,6 +361,8 @@ class UNet(nn.Module):
         self.to(memory_format=torch.channels_last)
         # Called as recorder(name, tensor) for every layer output when set (see minidiff.analysis).
         self.recorder: Optional[Callable[[str, torch.Tensor], None]] = None
+        # The noise schedule's length when known (a Pipeline sets it): timesteps must lie below it.
+        self.num_train_timesteps: Optional[int] = None
 
     @property
     def num_branches(self) -> int:
@@ -353,13 +371,13 @@ class UNet(nn.Module):
 
     def skip_shapes(self, height: int, width: int) -> list:
         """(C, H, W) of every skip connection for an input of the given size."""
-        shapes, f = [], 1
+        shapes = []
         for layer in self.input_blocks:
             last = layer[-1]
-            if isinstance(last, Downsample):
-                f *= 2
+            if isinstance(last, Downsample):  # a stride-2 3x3 conv: odd sizes round up (padding 1) or down
+                height, width = ((n + 1) // 2 if not last.asymmetric else n // 2 for n in (height, width))
             ch = last.out_channels if isinstance(last, InputConv) else _channels_of(last)
-            shapes.append((ch, height // f, width // f))
+            shapes.append((ch, height, width))
         return shapes
 
     # -- conditioning ---------------------------------------------------------------------------
@@ -412,9 +430,52 @@ class UNet(nn.Module):
         f = self.config.downsample_factor
         if x.ndim != 4 or x.shape[1] != self.config.in_channels:
             raise ValueError(f"x must have shape (B, {self.config.in_channels}, H, W), got {tuple(x.shape)}")
-        if x.shape[2] % f or x.shape[3] % f:
-            raise ValueError(f"image size {x.shape[2]}x{x.shape[3]} is not divisible by {f}, the network's "
-                             f"total downsampling; use a multiple of {f}")
+        if x.shape[2] < f or x.shape[3] < f:  # any size works (upsampling meets each skip's size); none below f
+            raise ValueError(f"image size {x.shape[2]}x{x.shape[3]} is smaller than {f}, the network's total "
+                             f"downsampling; use at least {f}x{f}")
+
+    def _check_timesteps(self, t):
+        """NaN, negative or past the schedule is an error. Checked where it costs no device sync:
+        Python numbers and CPU tensors (the samplers' timesteps); device tensors are trusted."""
+        if torch.is_tensor(t):
+            if t.device.type != "cpu" or t.numel() == 0:
+                return
+            low, high = (t.min(), t.max()) if t.numel() > 1 else (t, t)
+            low, high = float(low), float(high)
+        elif isinstance(t, (int, float)) and not isinstance(t, bool):
+            low = high = float(t)
+        else:
+            return  # lists and the like: torch.as_tensor in embed decides
+        last = self.num_train_timesteps
+        if not (math.isfinite(low) and math.isfinite(high)) or low < 0 or (last is not None and high >= last):
+            bad = low if not math.isfinite(low) or low < 0 else high
+            span = f"[0, {last})" if last is not None else "[0, the schedule's length)"
+            raise ValueError(f"timestep t={bad} lies outside the noise schedule {span}; pass t from the schedule "
+                             "(e.g. minidiff.schedules.make_timesteps)")
+
+    def _check_cache(self, x, cache: "FeatureCache", branch: Optional[int]):
+        """The cheap facts that tie a cache to this call: branch, batch, channels, spatial size, dtype, device."""
+        if not isinstance(cache, FeatureCache):
+            raise TypeError(f"cache must be the FeatureCache returned by forward_full, got {type(cache).__name__}")
+        self._check_branch(cache.branch)
+        if branch is not None and branch != cache.branch:
+            raise ValueError(f"the cache was taken at branch {cache.branch}, this shallow step asks for branch "
+                             f"{branch}; run forward_full with branch={branch} first")
+        hidden = cache.hidden
+        if not torch.is_tensor(hidden) or hidden.ndim != 4:
+            raise ValueError(f"cache.hidden must be a (B, C, H, W) tensor, got "
+                             f"{tuple(hidden.shape) if torch.is_tensor(hidden) else type(hidden).__name__}")
+        if hidden.shape[0] != x.shape[0]:
+            raise ValueError(f"the cache was made for batch {hidden.shape[0]}, this step has batch {x.shape[0]}")
+        skip_channels, height, width = self.skip_shapes(x.shape[2], x.shape[3])[cache.branch]
+        channels = self.output_blocks[-1 - cache.branch][0].conv1.in_channels - skip_channels  # h is cat with the skip
+        if tuple(hidden.shape[1:]) != (channels, height, width):
+            raise ValueError(f"the cache holds a {tuple(hidden.shape[1:])} feature, but branch {cache.branch} of a "
+                             f"{x.shape[2]}x{x.shape[3]} input needs ({channels}, {height}, {width}): it was made for "
+                             "another branch, size or model")
+        if hidden.dtype != x.dtype or hidden.device != x.device:
+            raise ValueError(f"the cache is {hidden.dtype} on {hidden.device}, the input {x.dtype} on {x.device}; "
+                             "make the cache with the same model, dtype and device")
 
     def _check_branch(self, branch: int):
         if isinstance(branch, bool) or not isinstance(branch, int) or not 0 <= branch < self.num_branches:
@@ -435,7 +496,8 @@ class UNet(nn.Module):
         for i in range(start, len(self.output_blocks)):
             if i == cache_at:
                 cached = h
-            h = self.output_blocks[i](torch.cat([h, skips.pop()], dim=1), c.emb, c.context)
+            h = torch.cat([h, skips.pop()], dim=1)
+            h = self.output_blocks[i](h, c.emb, c.context, skips[-1].shape[2:] if skips else None)
             if self.recorder is not None:
                 self.recorder(f"dec.{i}", h)
         return self.out_conv(F.silu(self.out_norm(h), inplace=not torch.is_grad_enabled())).contiguous(), cached
@@ -452,23 +514,24 @@ class UNet(nn.Module):
     def forward(self, x, t, cond=None):
         """The whole network, nothing kept."""
         self._check_input(x)
+        self._check_timesteps(t)
         return self._full(x, t, cond, None)[0]
 
     def forward_full(self, x, t, cond=None, *, branch: int = 0):
         """The whole network; also returns the cache a later shallow step at `branch` reuses."""
         self._check_branch(branch)
         self._check_input(x)
+        self._check_timesteps(t)
         out, hidden = self._full(x, t, cond, len(self.output_blocks) - 1 - branch)
         return out, FeatureCache(branch, hidden)
 
-    def forward_shallow(self, x, t, cond=None, *, cache: FeatureCache):
-        """Only the skip branch: input_blocks[:b+1] and output_blocks[-1-b:], reusing the cached state."""
-        if not isinstance(cache, FeatureCache):
-            raise TypeError(f"cache must be the FeatureCache returned by forward_full, got {type(cache).__name__}")
-        self._check_branch(cache.branch)
+    def forward_shallow(self, x, t, cond=None, *, cache: FeatureCache, branch: Optional[int] = None):
+        """Only the skip branch: input_blocks[:b+1] and output_blocks[-1-b:], reusing the cached state.
+
+        `branch`, if given, must be the cache's; the cache must fit this input (checked cheaply)."""
         self._check_input(x)
-        if cache.hidden.shape[0] != x.shape[0]:
-            raise ValueError(f"the cache was made for batch {cache.hidden.shape[0]}, this step has batch {x.shape[0]}")
+        self._check_cache(x, cache, branch)
+        self._check_timesteps(t)
         return self._shallow(x, t, cond, cache.hidden, cache.branch)
 
     def _shallow(self, x, t, cond, hidden, branch):
@@ -481,6 +544,9 @@ class UNet(nn.Module):
         """torch.compile the full and the shallow path (each branch compiles once, on first use).
 
         Not `nn.Module.compile`, which compiles `__call__` in place; this returns the U-Net itself."""
+        from .checkpoint import finish_finite_checks
+
+        finish_finite_checks(self)  # checks pending since a lazy load would break the compiled graph
         self._full = torch.compile(self._full, **kwargs)
         self._shallow = torch.compile(self._shallow, **kwargs)
         return self
@@ -544,10 +610,14 @@ def check_config(self: UNetConfig):
     need(self.class_cond in ("add", "context"), f"class_cond must be 'add' or 'context', got {self.class_cond!r}")
     need(self.num_classes is None or (isinstance(self.num_classes, int) and 1 <= self.num_classes <= 10_000_000),
          f"num_classes must be None or a positive int, got {self.num_classes!r}")
-    need(self.num_heads is None or (isinstance(self.num_heads, int) and self.num_heads >= 1),
-         f"num_heads must be None or a positive int, got {self.num_heads!r}")
-    need(self.head_channels is None or (isinstance(self.head_channels, int) and self.head_channels >= 1),
-         f"head_channels must be None or a positive int, got {self.head_channels!r}")
+    for name in ("num_heads", "head_channels"):
+        value = getattr(self, name)
+        counts = value if isinstance(value, tuple) else (value,)
+        need(value is None or (all(isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 65_536
+                                   for v in counts)
+                               and (not isinstance(value, tuple) or len(value) == len(self.channel_mult))),
+             f"{name} must be None, a positive int or one positive int per level "
+             f"({len(self.channel_mult)}), got {value!r}")
     need(self.context_dim is None or (isinstance(self.context_dim, int) and self.context_dim >= 1),
          f"context_dim must be None or a positive int, got {self.context_dim!r}")
     need(self.context_dim is None or self.attention_type == "transformer",
@@ -575,7 +645,7 @@ def check_config(self: UNetConfig):
     widest = self.model_channels * max(self.channel_mult)
     need(widest <= 65_536, f"the widest level has {widest} channels (model_channels x max(channel_mult)); at "
                            "most 65536 are supported")
-    for ch in self.level_channels:
+    for level, ch in enumerate(self.level_channels):
         need(ch % self.norm_groups == 0, f"channels {ch} are not divisible by norm_groups {self.norm_groups}")
-        heads = self.heads_for(ch)
+        heads = self.heads_for(ch, level)
         need(ch % heads == 0, f"{ch} channels cannot be split into {heads} heads")

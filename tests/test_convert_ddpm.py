@@ -154,7 +154,11 @@ def test_bad_inputs_are_clear_errors_and_leave_dst_alone(tmp_path, capsys):
     dst.mkdir()
     (dst / "keep.txt").write_text("mine")
     _fails(capsys, [good, dst], "exists; pass --overwrite")
-    _fails(capsys, [misshaped, dst, "--overwrite"], "mis-shaped")
+    _fails(capsys, [good, dst, "--overwrite"], "is not a minidiff model but holds 1 other entries (keep.txt)")
     assert [p.name for p in dst.iterdir()] == ["keep.txt"] and (dst / "keep.txt").read_text() == "mine"
-    assert main([str(good), str(dst), "--overwrite"]) == 0
+    assert main([str(good), str(dst / "model")]) == 0
+    _fails(capsys, [misshaped, dst / "model", "--overwrite"], "mis-shaped")
+    assert load(dst / "model").unet.state_dict().keys()  # a failed conversion leaves the previous model whole
+    assert main([str(good), str(dst / "model"), "--overwrite"]) == 0
+    dst = dst / "model"
     assert sorted(p.name for p in dst.iterdir()) == ["config.json", "model.safetensors", "scheduler.json"]

@@ -364,8 +364,10 @@ def test_existing_destination_is_left_alone(tmp_path, capsys):
     _fails(capsys, [src, dst, "--config", config], "exists; pass --overwrite")
     broken = tmp_path / "broken.ckpt"
     broken.write_bytes(b"not a checkpoint")
-    _fails(capsys, [broken, dst, "--config", config, "--overwrite"], "broken.ckpt")
+    _fails(capsys, [src, dst, "--config", config, "--overwrite"], "not a minidiff model", "nothing was touched")
+    _fails(capsys, [broken, tmp_path / "fresh", "--config", config], "broken.ckpt")
     assert [p.name for p in dst.iterdir()] == ["keep.txt"] and (dst / "keep.txt").read_text() == "mine"
+    assert not (tmp_path / "fresh").exists()
     _fails(capsys, [tmp_path / "absent.ckpt", tmp_path / "new"], "does not exist")
 
 

@@ -309,13 +309,13 @@ def test_plms_rejects_sample_prediction():
 def test_num_model_calls():
     assert [num_model_calls(name, 20) for name in ("ddpm", "ddim", "plms")] == [20, 20, 21]
     with pytest.raises(ValueError, match="choose one of"):
-        num_model_calls("euler", 20)
+        num_model_calls("lms", 20)
     with pytest.raises(ValueError, match="steps must be an integer >= 1"):
         num_model_calls("plms", 0)
 
 
 @pytest.mark.parametrize("name", sorted(SAMPLERS))
-def test_callback_sees_every_call_and_model_gets_long_scalar_t(name):
+def test_callback_sees_every_call_and_model_gets_a_scalar_t(name):
     seen, ts = [], []
 
     def model(x, t):
@@ -326,19 +326,20 @@ def test_callback_sees_every_call_and_model_gets_long_scalar_t(name):
     out = SAMPLERS[name](model, x, SchedulerConfig(), 5, progress=False,
                          callback=lambda i, t, x: seen.append((i, t, x.clone())))
     assert [i for i, _, _ in seen] == list(range(num_model_calls(name, 5)))
-    assert set(ts) == {(torch.long, 0)}
+    # Euler/Heun's timesteps are float32, fractional for some spacings, as diffusers' are.
+    assert set(ts) == {(torch.float32 if name in ("euler", "euler_a", "heun") else torch.long, 0)}
     assert torch.equal(seen[-1][2], out) and out.dtype == x.dtype
 
 
 @pytest.mark.parametrize("name", sorted(SAMPLERS))
 def test_samplers_keep_float64(name):
-    # DDPM draws its own noise, so only the deterministic samplers are compared across dtypes.
+    # DDPM and Euler ancestral draw their own noise: only deterministic samplers are compared across dtypes.
     x = initial_noise().double()
     out = SAMPLERS[name](toy_model, x, SchedulerConfig(), 4, progress=False)
     assert out.dtype == torch.float64
-    if name != "ddpm":
+    if name not in ("ddpm", "euler_a"):
         reference = SAMPLERS[name](toy_model, x.float(), SchedulerConfig(), 4, progress=False)
-        assert (out - reference).abs().max() < 1e-4
+        assert (out - reference).abs().max() < 1e-5 * max(1.0, reference.abs().max())  # sigma-space runs reach ~200
 
 
 @pytest.mark.parametrize("name", sorted(SAMPLERS))

@@ -162,8 +162,8 @@ def test_bad_inputs_give_clear_errors(tmp_path):
     x, y = torch.randn(1, 3, 16, 16), torch.tensor([1])
     with pytest.raises(ValueError, match="branch must be an int in \\[0, 8\\]"):
         unet.forward_full(x, 5, y, branch=9)
-    with pytest.raises(ValueError, match="not divisible by 4"):
-        unet(torch.randn(1, 3, 18, 18), 5, y)
+    with pytest.raises(ValueError, match="smaller than 4"):
+        unet(torch.randn(1, 3, 3, 18), 5, y)
     with pytest.raises(ValueError, match="class labels must lie in \\[0, 4\\]"):
         unet(x, 5, torch.tensor([5]))
     with pytest.raises(ValueError, match="class-conditional"):

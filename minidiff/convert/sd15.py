@@ -95,7 +95,7 @@ def sd_scheduler(linear_start: float = 0.00085, linear_end: float = 0.012, times
     """
     values = dict(num_train_timesteps=timesteps, beta_start=linear_start, beta_end=linear_end,
                   beta_schedule="scaled_linear", prediction_type="epsilon", clip_sample=False,
-                  set_alpha_to_one=False, steps_offset=1, timestep_spacing="leading")
+                  set_alpha_to_one=False, steps_offset=1)
     return SchedulerConfig(**{**values, **overrides})
 
 
