@@ -457,7 +457,7 @@ def _int_tuple(text: str) -> tuple:
 def _train(args):
     """Flags mirror TrainConfig; with --resume, unspecified flags come from the checkpoint."""
     from .config import config_from_dict
-    from .train import PRESETS, TrainConfig, checkpoint_dir, train
+    from .train import PRESETS, TrainConfig, TrainingInterrupted, checkpoint_dir, train
 
     args = {k: v for k, v in vars(args).items() if k not in ("threads", "argv")}
     resume = args.pop("resume", None)
@@ -476,9 +476,10 @@ def _train(args):
         require("PIL", "writing sample grids (pass --sample-every 0 to skip them)")
     if config.dataset == "digits":
         require("sklearn", "the digits dataset")
-    # Ctrl-C: training saves a checkpoint, says how to resume and raises TrainingInterrupted, a
-    # KeyboardInterrupt carrying its exit status, which `guarded` returns
-    return train(config, resume=resume, overwrite=overwrite)
+    try:
+        return train(config, resume=resume, overwrite=overwrite)
+    except TrainingInterrupted as stopped:  # already said where the checkpoint is and how to resume
+        raise SystemExit(stopped.exit_code) from None
 
 
 # -- toy metric --------------------------------------------------------------------------------------
