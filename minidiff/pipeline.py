@@ -519,6 +519,7 @@ def load(path, *, device="cpu", dtype: Optional[torch.dtype] = None, allow_nan: 
     """
     if check not in ("first-use", "now"):
         raise ValueError(f"check must be 'first-use' or 'now', got {check!r}")
+    check_dtype(torch.device(device), dtype)
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"model folder {path} does not exist")
@@ -563,7 +564,6 @@ def load(path, *, device="cpu", dtype: Optional[torch.dtype] = None, allow_nan: 
         tokenizer = CLIPTokenizer.from_folder(path / "tokenizer")
     meta = {k: v for k, v in config.items() if k not in ("format", "format_version", "unet", "autoencoder",
                                                           "text_encoder", "null_class", "class_names")}
-    check_dtype(torch.device(device), dtype)
     try:
         calibration, calibration_error = load_calibrated(path / "calibration.json"), None
     except ValueError as e:  # optional: only cache_schedule="calibrated" needs it

@@ -173,7 +173,7 @@ def test_tiny_compvis_ldm_in_lightning_layout_converts_and_matches(tmp_path):
     pytest.importorskip("ldm")
     from test_convert_ldm import TINY, _checkpoint, _original, _original_decode, _yaml_config, max_err
 
-    from convert.ldm import main
+    from minidiff.convert.ldm import main
     from minidiff import load
 
     spec = TINY["cin-like-1head"]
@@ -198,14 +198,15 @@ def test_tiny_sd_single_file_in_lightning_layout_converts_and_matches(tmp_path):
     import json
 
     import test_convert_sd15 as sdt
-    from convert import sd15
+    from minidiff.convert import sd15
+    from conftest import randomize_with_norms
     from minidiff import load
 
     if not sdt.TOKENIZER_DIR.is_dir():
         pytest.skip("shared tokenizer files not found")
-    parts = {"unet": sdt.randomize(__import__("ldm.modules.diffusionmodules.openaimodel", fromlist=["UNetModel"])
+    parts = {"unet": randomize_with_norms(__import__("ldm.modules.diffusionmodules.openaimodel", fromlist=["UNetModel"])
                                    .UNetModel(**sdt.LDM_UNET), 5),
-             "vae": sdt.randomize(sdt.LdmFirstStage(), 7), "clip": sdt.tiny_clip(8)}
+             "vae": randomize_with_norms(sdt.LdmFirstStage(), 7), "clip": sdt.tiny_clip(8)}
     src = save_lightning(tmp_path / "sd-v1-4.ckpt", sdt.single_file_state(parts))
     text_config = tmp_path / "text-config.json"
     text_config.write_text(json.dumps(parts["clip"].config.to_dict()))

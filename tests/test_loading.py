@@ -240,5 +240,5 @@ def test_compiling_runs_the_pending_checks_first(tmp_path, sd_like, monkeypatch)
     sd_like.save(tmp_path / "model")
     pipe = minidiff.load(tmp_path / "model")
     monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: fn)  # only the bookkeeping is under test
-    pipe.unet.compile()
+    pipe.unet.compile_paths()
     assert sum(len(layer._forward_pre_hooks) for layer in pipe.unet.modules()) == 0
