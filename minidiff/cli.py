@@ -71,7 +71,8 @@ def cli_message(error: BaseException, parser: Optional[argparse.ArgumentParser] 
     text = re.sub(r"(?<![\w.-])([a-z]+(?:_[a-z]+)+)\b(?!\.\w)", lambda m: names.get(m[1], m[1]), text)
     # one-word parameters only where they are plainly named: a clause's subject ("steps must be ...") or "seed=3"
     text = re.sub(r"(^|[:;(]\s*)([a-z]+)\b(?= must\b)", lambda m: m[1] + plain.get(m[2], m[2]), text)
-    return re.sub(r"(?<![\w.-])([a-z]+)(?==)", lambda m: plain.get(m[1], m[1]), text)
+    text = re.sub(r"(?<![\w.-])([a-z]+)(?==)", lambda m: plain.get(m[1], m[1]), text)
+    return re.sub(r"(--[a-z][\w-]*)=True\b", r"\1", text)  # a switch is given by its name alone
 
 
 def _flags(parser: argparse.ArgumentParser) -> dict:
@@ -584,7 +585,7 @@ def _analyze_parser() -> Parser:
 
 def _analyze(args) -> int:
     """`minidiff analyze similarity|depth|switch|calibrate ...`"""
-    checks = {"similarity": _similarity_checks, "depth": _similarity_checks, "switch": _similarity_checks,
+    checks = {"similarity": _plot_folder_checks, "depth": _plot_folder_checks, "switch": _plot_folder_checks,
               "calibrate": _calibrate_checks}
     commands = {"similarity": _similarity_cmd, "depth": _depth_cmd, "switch": _switch_cmd,
                 "calibrate": _calibrate_cmd}
@@ -592,7 +593,7 @@ def _analyze(args) -> int:
     return commands[args.command](_load(args), args)
 
 
-def _similarity_checks(args):
+def _plot_folder_checks(args):
     check_output(args.out, "folder")
     require("matplotlib", "the analysis plots")
 

@@ -163,6 +163,7 @@ def test_cli_message_translates_only_this_commands_parameters():
     assert cli.cli_message(error, sample) == "this model is class-conditional: pass --class; leave --guidance-scale unset"
     assert cli.cli_message(error, demo).endswith("leave --guidance unset")
     assert cli.cli_message(ValueError("cache_interval must be an int"), demo) == "--interval must be an int"
+    assert cli.cli_message(ValueError("karras_sigmas=True does not apply"), sample) == "--karras-sigmas does not apply"
     kept = "train_state.json is missing; the full steps must be sorted"
     assert cli.cli_message(ValueError(kept), sample) == kept
     assert cli.cli_message(FileNotFoundError(2, "No such file or directory", "/x/y"), None) == \
