@@ -1,7 +1,8 @@
 """Stable Diffusion 1.5 with DeepCache: one prompt rendered in full and at cache intervals 2, 3 and 5.
 
     python examples/03_sd15_deepcache.py SRC [--tokenizer DIR | --bpe FILE] [--prompt "..."] [--steps 50]
-    python examples/03_sd15_deepcache.py --tiny      # a tiny random model: runs in seconds, draws noise
+    python examples/03_sd15_deepcache.py --tiny      # a tiny random model: runs in seconds, draws noise;
+                                                     # needs nothing from outside the repository
 
 SRC is an SD1.5 single file (`v1-5-pruned-emaonly.safetensors`, converted on the fly by
 convert/sd15.py; it needs --tokenizer or --bpe), a diffusers folder, or a minidiff folder that
@@ -20,27 +21,35 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
 import minidiff
 from minidiff.convert import sd15
 from minidiff.autoencoder import Autoencoder, AutoencoderConfig
 from minidiff.pipeline import Pipeline
-from minidiff.text import CLIPTextConfig, CLIPTextEncoder
+from minidiff.text import BOS_TOKEN, END_OF_WORD, EOS_TOKEN, CLIPTextConfig, CLIPTextEncoder, CLIPTokenizer, \
+    bytes_to_unicode
 from minidiff.unet import UNet, UNetConfig
 
-SHARED_TOKENIZER = REPO / "tests" / "data" / "reference-configs" / "runwayml--stable-diffusion-v1-5" / "tokenizer"
 INTERVALS = (1, 2, 3, 5)
 
 
-def tiny_pipeline(tokenizer) -> Pipeline:
+def byte_tokenizer() -> CLIPTokenizer:
+    """A CLIP tokenizer with no merges: every byte is a token. A random tiny model has learnt no
+    words, so it needs no real vocabulary, only ids (514 of them)."""
+    chars = list(bytes_to_unicode().values())
+    tokens = [BOS_TOKEN, EOS_TOKEN, *chars, *(c + END_OF_WORD for c in chars)]
+    return CLIPTokenizer({token: i for i, token in enumerate(tokens)}, merges=[])
+
+
+def tiny_pipeline(tokenizer=None) -> Pipeline:
     """SD1.5's architecture shrunk to ~2M parameters with random weights: it shows the mechanics, not pictures."""
+    tokenizer = tokenizer or byte_tokenizer()
     torch.manual_seed(0)
     unet = UNet(UNetConfig(in_channels=4, out_channels=4, model_channels=32, channel_mult=(1, 2, 2),
                            attention_levels=(0, 1), attention_type="transformer", num_heads=2, context_dim=32,
                            norm_eps=1e-5, downsample_padding=1, flip_sin_to_cos=True, freq_shift=0, sample_size=16))
     autoencoder = Autoencoder(AutoencoderConfig(base_channels=32, channel_mult=(1, 1, 2, 2), num_res_blocks=1))
-    text_encoder = CLIPTextEncoder(CLIPTextConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                                  num_attention_heads=2))
+    text_encoder = CLIPTextEncoder(CLIPTextConfig(vocab_size=len(tokenizer.vocab), hidden_size=32,
+                                                  intermediate_size=64, num_hidden_layers=2, num_attention_heads=2))
     return Pipeline(unet, sd15.sd_scheduler(), autoencoder=autoencoder, text_encoder=text_encoder,
                     tokenizer=tokenizer, meta={"family": "sd1", "layout": "tiny"})
 
@@ -76,8 +85,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("src", nargs="?", help="SD1.5 single file, diffusers folder or minidiff folder")
     parser.add_argument("--tiny", action="store_true", help="build a tiny random SD1.5-shaped model instead")
-    parser.add_argument("--tokenizer", help="vocab.json + merges.txt folder (single files; --tiny)")
-    parser.add_argument("--bpe", help="bpe_simple_vocab_16e6.txt.gz (single files; --tiny)")
+    parser.add_argument("--tokenizer", help="vocab.json + merges.txt folder (single files; optional with --tiny)")
+    parser.add_argument("--bpe", help="bpe_simple_vocab_16e6.txt.gz (single files; optional with --tiny)")
     parser.add_argument("--prompt", default="a photograph of an astronaut riding a horse")
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--size", type=int, help="image size (default: the model's, 512 for SD1.5)")
@@ -88,8 +97,7 @@ def main(argv=None):
         parser.error("give SRC or --tiny (not both)")
 
     if args.tiny:
-        tokenizer_dir = args.tokenizer or (None if args.bpe else SHARED_TOKENIZER)
-        pipe = tiny_pipeline(sd15.load_tokenizer(tokenizer_dir, args.bpe))
+        pipe = tiny_pipeline(sd15.load_tokenizer(args.tokenizer, args.bpe))  # None: the byte tokenizer
     else:
         pipe = load(args)
     size = args.size or pipe.default_size

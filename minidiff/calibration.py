@@ -12,6 +12,7 @@ from typing import Optional
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from .analysis import cached_layer, cosine_matrix, recording
 from .cache import CALIBRATION_FORMAT, CALIBRATION_VERSION, pack_segments
@@ -157,13 +158,15 @@ COSTS = {"output": "mean squared distance from the uncached x_t entering step e 
 
 def calibrate(pipe, *, steps: int = 50, sampler: str = "ddim", branch: int = 0, branches=None, cost: str = "output",
               batch_size: int = 8, seed: int = 0, class_labels=None, prompt=None, guidance_scale=None,
-              eta: float = 0.0, karras_sigmas: bool = False) -> dict:
+              eta: float = 0.0, karras_sigmas: bool = False,
+              progress: bool = False) -> dict:
     """Measure, for each branch, the cost of every segment (a full step s whose cache serves steps up
     to e-1); return the calibration dict `calibrated_full_steps` (cache_schedule="calibrated") reads.
 
     `branch` is the default branch the schedule is chosen for; `branches` (default: just `branch`)
     are all branches measured. Calibrate on other noise (seed) than you evaluate on. The result holds
-    for this sampler, its options and step count (`cache.check_calibration` enforces it).
+    for this sampler, its options and step count (`cache.check_calibration` enforces it). `progress`
+    shows a bar (stderr) over the uncached run and each branch's measurement.
     """
     options = sampler_options(sampler, eta=eta, karras_sigmas=karras_sigmas)
     if cost not in COSTS:
@@ -177,11 +180,18 @@ def calibrate(pipe, *, steps: int = 50, sampler: str = "ddim", branch: int = 0, 
                                      guidance_scale=guidance_scale)
     noise = pipe.initial_noise(batch_size, generator=torch.Generator().manual_seed(seed))
     start = time.perf_counter()
+    bar = tqdm(total=1 + len(branches), desc="calibrating", unit="pass", disable=not progress, dynamic_ncols=True)
     trajectory = trace(pipe, noise, steps=steps, sampler=sampler, branches=branches,
                        cond=cond, uncond=uncond, guidance_scale=guidance_scale, seed=seed, **options)
-    segments = {b: rollout_costs(pipe, trajectory, b, steps=steps, sampler=sampler, guidance_scale=guidance_scale,
-                                 seed=seed, **options)
-                if cost == "output" else drift_costs(trajectory, b) for b in branches}
+    bar.update(1)
+    segments = {}
+    for b in branches:
+        bar.set_postfix(branch=b)
+        segments[b] = (rollout_costs(pipe, trajectory, b, steps=steps, sampler=sampler,
+                                     guidance_scale=guidance_scale, seed=seed, **options)
+                       if cost == "output" else drift_costs(trajectory, b))
+        bar.update(1)
+    bar.close()
     return {"format": CALIBRATION_FORMAT, "version": CALIBRATION_VERSION, "cost": cost, "cost_meaning": COSTS[cost],
             "steps": steps, "model_calls": len(trajectory.outputs), "sampler": sampler,
             "sampler_options": changed_options(options), "draws_noise": draws_noise(sampler, **options), "branch": branch,

@@ -216,22 +216,12 @@ def load_dataset(name: str, size: int = 32, channels: Optional[int] = None) -> I
     return ImageFolder(name, size, channels or 3)
 
 
-def save_grid(images: torch.Tensor, path, nrow: int = 8):
-    """Write (B, C, H, W) images in [0, 1] as one PNG grid (atomically), `nrow` images per row."""
-    from .checkpoint import atomic_path
+def save_grid(images: torch.Tensor, path, nrow: int = 8, *, scale: int = 1, captions=None, column_titles=None):
+    """Write (B, C, H, W) images in [0, 1] as one grid (atomically), `nrow` images per row, each scaled
+    up `scale` times (None: to a readable tile, see `grid.auto_scale`), optionally captioned."""
+    from .grid import grid_image, save_image
 
-    Image = _pil()
-    b, c, h, w = images.shape
-    rows = math.ceil(b / nrow)
-    pad = 2
-    grid = torch.full((c, rows * (h + pad) + pad, nrow * (w + pad) + pad), 0.5)
-    for i, img in enumerate(images.float().clamp(0, 1)):
-        r, col = divmod(i, nrow)
-        grid[:, pad + r * (h + pad): pad + r * (h + pad) + h, pad + col * (w + pad): pad + col * (w + pad) + w] = img
-    array = (grid * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
-    picture = Image.fromarray(array[:, :, 0] if c == 1 else array, "L" if c == 1 else "RGB")
-    with atomic_path(path) as tmp:
-        picture.save(tmp, format="PNG")
+    save_image(grid_image(images, nrow, scale=scale, captions=captions, column_titles=column_titles), path)
 
 
 def find_weights(name: str) -> Path:

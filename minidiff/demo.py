@@ -11,9 +11,11 @@ import time
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from .cache import mac_bound
-from .data import find_weights, save_grid
+from .data import find_weights
+from .grid import class_titles, grid_image, save_image, side_by_side
 from .metrics import load_metric, psnr
 from .pipeline import Pipeline, load
 
@@ -46,16 +48,19 @@ def table(rows: list) -> str:
 
 def demo(*, model=None, classifier=None, steps: int = 50, interval: int = 5, branch: int = 0, schedule="uniform",
          per_class: int = 4, guidance=None, seed: int = 0, repeats: int = 3, sweep: bool = False, out="out",
-         threads: int = 1) -> list:
+         threads: int = 1, scale=None, progress: bool = True) -> list:
     """Sample the shipped (or given) model uncached and cached from the same noise; print the table,
-    write the grids, return the table's rows. `minidiff demo` (cli.py) documents every argument."""
+    write the grids (images enlarged `scale` times; None: readable tiles), return the table's rows.
+    `minidiff demo` (cli.py) documents every argument."""
     if threads:
         torch.set_num_threads(threads)
     model_path = Path(model) if model else find_weights(DEFAULT_MODEL)
+    classifier_path = None if classifier == "none" else classifier or find_weights(DEFAULT_CLASSIFIER)
     pipe = load(model_path)
-    metric = None
-    if classifier != "none":
-        metric = load_metric(classifier or find_weights(DEFAULT_CLASSIFIER))
+    if schedule == "calibrated" and pipe.calibration is None:
+        raise ValueError(f"the calibrated schedule needs {model_path / 'calibration.json'}; write it with "
+                         f"minidiff analyze calibrate --model {model_path}, or choose another schedule")
+    metric = None if classifier_path is None else load_metric(classifier_path)
     cfg = pipe.unet.config
     classes = pipe.num_real_classes() if cfg.num_classes else 0
     count = per_class * max(classes, 1)
@@ -78,12 +83,15 @@ def demo(*, model=None, classifier=None, steps: int = 50, interval: int = 5, bra
         plans += [(f"N={n} {s} b={branch}", n, s) for s in ("uniform", "nonuniform") for n in (2, 3, 5, 10)
                   if (n, s) != (interval, schedule)]
     results: dict = {}
+    bar = tqdm(total=repeats * len(plans), desc="sampling", unit="run", disable=not progress, dynamic_ncols=True)
     for _ in range(repeats):  # interleaved, so a change in machine load hits every setting alike
-        for name, interval, schedule in plans:
-            r = run(pipe, noise, labels, steps=steps, interval=interval, branch=branch, schedule=schedule,
-                    guidance=guidance)
+        for name, n, kind in plans:
+            bar.set_postfix_str(name)
+            r = run(pipe, noise, labels, steps=steps, interval=n, branch=branch, schedule=kind, guidance=guidance)
             if name not in results or r["seconds"] < results[name]["seconds"]:
                 results[name] = r
+            bar.update(1)
+    bar.close()
     base = results["uncached"]
 
     rows = []
@@ -106,18 +114,13 @@ def demo(*, model=None, classifier=None, steps: int = 50, interval: int = 5, bra
 
     out = Path(out)
     nrow = classes if 0 < classes <= 16 else 8
-    cached = results[plans[1][0]]["images"]
-    save_grid(base["images"], out / "demo_uncached.png", nrow=nrow)
-    save_grid(cached, out / "demo_cached.png", nrow=nrow)
-    save_grid(_side_by_side(base["images"], cached, nrow), out / "demo_side_by_side.png", nrow=2 * nrow)
-    print(f"wrote {out / 'demo_uncached.png'}, {out / 'demo_cached.png'}, {out / 'demo_side_by_side.png'} "
-          "(left half uncached, right half cached)")
+    titles = class_titles(pipe.class_names, range(classes)) if 0 < classes <= 16 else None
+    uncached = grid_image(base["images"], nrow, scale=scale, column_titles=titles)
+    cached = grid_image(results[plans[1][0]]["images"], nrow, scale=scale, column_titles=titles)
+    label = f"cached N={interval}, branch {branch}" + ("" if schedule == "uniform" else f", {schedule} schedule")
+    save_image(uncached, out / "demo_uncached.png")
+    save_image(cached, out / "demo_cached.png")
+    save_image(side_by_side([("uncached", uncached), (label, cached)]), out / "demo_side_by_side.png")
+    print(f"wrote {out / 'demo_side_by_side.png'} (uncached | {label}), {out / 'demo_uncached.png'}, "
+          f"{out / 'demo_cached.png'}")
     return rows
-
-
-def _side_by_side(left: torch.Tensor, right: torch.Tensor, nrow: int) -> torch.Tensor:
-    """Interleave rows of two grids so each printed row shows nrow uncached then nrow cached images."""
-    rows = []
-    for start in range(0, left.shape[0], nrow):
-        rows += [left[start: start + nrow], right[start: start + nrow]]
-    return torch.cat(rows)

@@ -46,6 +46,7 @@ from .checkpoint import TRAINING_KIND, CheckpointError, atomic_folder, atomic_pa
     read_state_dict, remove_folder, save_json, save_safetensors
 from .config import config_to_dict
 from .data import ImageSet, load_dataset, save_grid
+from .grid import class_titles
 from .pipeline import Pipeline, load
 from .plots import plot_loss
 from .schedules import NoiseSchedule, SchedulerConfig
@@ -94,6 +95,7 @@ class TrainConfig:
     sample_every: int = 500          # sample grid + loss plot every this many steps (0: never)
     ckpt_every: int = 500
     sample_steps: int = 25           # DDIM steps for the periodic sample grids
+    grid_scale: int = 0              # sample grids: nearest-neighbour upscaling (0: tiles of at least 128 px)
     progress: bool = True
 
     def __post_init__(self):
@@ -104,6 +106,8 @@ class TrainConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"TrainConfig: {name} must be a positive int, got {value!r}")
+        if not isinstance(self.grid_scale, int) or self.grid_scale < 0:
+            raise ValueError(f"TrainConfig: grid_scale must be an int >= 0 (0: readable tiles), got {self.grid_scale!r}")
         if not isinstance(self.sample_every, int) or self.sample_every < 0:
             raise ValueError(f"TrainConfig: sample_every must be an int >= 0 (0: never), got {self.sample_every!r}")
         if not 0.0 <= self.label_dropout < 1.0:
@@ -299,7 +303,7 @@ def train(config: TrainConfig, resume=None, *, overwrite: bool = False) -> Train
                 bar.set_postfix(loss=f"{float(mean_loss):.4f}", img_s=f"{rate:.0f}")
             bar.update(1)
             if main and cfg.sample_every and (step % cfg.sample_every == 0 or step == cfg.steps):
-                _sample_grid(pipeline, out_dir / "samples" / f"step_{step:06d}.png", cfg.sample_steps)
+                _sample_grid(pipeline, out_dir / "samples" / f"step_{step:06d}.png", cfg.sample_steps, cfg.grid_scale)
                 plot_loss(losses, out_dir / "loss.png", missing_ok=True)
             if step % cfg.ckpt_every == 0 or step == cfg.steps:
                 now = time.perf_counter()
@@ -431,13 +435,15 @@ def _update_ema(ema: UNet, model: UNet, decay: float):
         e.lerp_(p, 1 - decay)
 
 
-def _sample_grid(pipeline: Pipeline, path: Path, steps: int):
-    """40 samples from the EMA model, 4 per class (classes as columns), fixed seed."""
+def _sample_grid(pipeline: Pipeline, path: Path, steps: int, scale: int = 0):
+    """40 samples from the EMA model, 4 per class (classes as columns, titled), fixed seed."""
     classes = pipeline.null_class
     labels = torch.arange(classes).repeat(max(1, 40 // classes)) if classes else None
     count = 40 if labels is None else len(labels)
     images = pipeline.generate(steps=steps, seed=1234, batch_size=count, class_labels=labels, progress=False)
-    save_grid(images, path, nrow=classes if classes and classes <= 16 else 8)
+    titles = class_titles(pipeline.class_names, range(classes)) if classes and classes <= 16 else None
+    save_grid(images, path, nrow=classes if classes and classes <= 16 else 8, scale=scale or None,
+              column_titles=titles)
 
 
 # -- checkpoints --------------------------------------------------------------------------------------
@@ -534,6 +540,9 @@ def _restore(state, model, ema, optimizer, order, noise_gen):
 
 
 if __name__ == "__main__":  # torchrun -m minidiff.train ...: the same flags as `minidiff train`
+    import sys
+
     from .cli import train_main
 
-    train_main()
+    status = train_main()
+    sys.exit(status if isinstance(status, int) else 0)

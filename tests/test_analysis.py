@@ -252,7 +252,7 @@ def test_calibrated_schedule_through_the_pipeline_and_cli(pipe, tmp_path):
     assert cli.analyze_main(["calibrate", "--model", str(model), "--steps", "10", "--batch", "2", "--branches", "0", "1"]) == 0
     calibration = json.loads((model / "calibration.json").read_text())
     assert calibration["branch"] == 0 and set(calibration["segments"]) == {"0", "1"}
-    assert cli.analyze_main(["calibrate", "--model", str(model), "--steps", "10", "--batch", "2"]) == 2  # no --overwrite
+    assert cli.analyze_main(["calibrate", "--model", str(model), "--steps", "10", "--batch", "2"]) == 1  # no --overwrite
     loaded = load(model)
     loaded.generate(steps=10, batch_size=1, class_labels=3, seed=0, cache_interval=3, cache_schedule="calibrated",
                     progress=False)
@@ -277,7 +277,7 @@ def test_analyze_and_bench_cli(pipe, tmp_path, capsys):
     assert len(rows) == 1 + 1 + 4 * 2  # header, uncached, 3 schedules and fewer steps x 2 branches
     assert rows[0].startswith("schedule,branch,interval,full_steps,seconds,uncached_seconds,speedup,mac_speedup,"
                               "psnr,accuracy")  # the columns before the baseline, unchanged
-    assert cli.analyze_main(["similarity", *common, "--layers", "nope", "--out", str(tmp_path / "x")]) == 2
+    assert cli.analyze_main(["similarity", *common, "--layers", "nope", "--out", str(tmp_path / "x")]) == 1
     assert "unknown layer" in capsys.readouterr().err
 
 

@@ -2,6 +2,7 @@
 was; half precision runs on CPU; caches, timesteps and sizes that cannot work are refused early."""
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -141,16 +142,17 @@ def step_of(run_dir) -> int:
     return json.loads((Path(run_dir) / "checkpoint" / "train_state.json").read_text())["step"]
 
 
-def test_a_fresh_run_into_a_used_folder_refuses_and_overwrite_clears_only_training_outputs(tmp_path):
+def test_a_fresh_run_into_a_used_folder_refuses_and_overwrite_clears_only_training_outputs(tmp_path, capsys):
     run_dir = tmp_path / "runs" / "a"
     main(TINY + ["--steps", "2", "--sample-every", "2", "--sample-steps", "2", "--out-dir", str(run_dir)])
     (run_dir / "notes.md").write_text("lr 5e-4 looked fine")
     (run_dir / "samples" / "favourite.png").write_bytes(b"mine")
     before = snapshot(run_dir)
     assert "samples/step_000002.png" in before and "loss.csv" in before
-    with pytest.raises(FileExistsError, match=r"already holds a training run \(checkpoint, loss.csv, loss.png, "
-                                              r"samples/, at step 2\); continue it with --resume"):
-        main(TINY + ["--steps", "4", "--out-dir", str(run_dir)])
+    capsys.readouterr()
+    assert main(TINY + ["--steps", "4", "--out-dir", str(run_dir)]) == 1  # the CLI says it in one line
+    assert re.match(r"error: .* already holds a training run \(checkpoint, loss.csv, loss.png, samples/, at step 2\); "
+                    r"continue it with --resume", capsys.readouterr().err)
     assert snapshot(run_dir) == before
 
     main(TINY + ["--steps", "1", "--out-dir", str(run_dir), "--overwrite"])
@@ -176,8 +178,9 @@ def test_resume_continues_in_the_folder_it_was_given(tmp_path, monkeypatch, caps
     main(["--resume", "runs/c/checkpoint", "--steps", "6"])  # the checkpoint folder itself names the run too
     assert step_of("runs/c") == 6
     assert snapshot("runs/b") == original  # resuming a copy never touches the original
-    with pytest.raises(ValueError, match="resuming continues in runs/c, but out_dir asks for runs/elsewhere"):
-        main(["--resume", "runs/c", "--steps", "8", "--out-dir", "runs/elsewhere"])
+    capsys.readouterr()
+    assert main(["--resume", "runs/c", "--steps", "8", "--out-dir", "runs/elsewhere"]) == 1
+    assert "resuming continues in runs/c, but --out-dir asks for runs/elsewhere" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])

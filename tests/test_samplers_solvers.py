@@ -354,7 +354,7 @@ def test_cli_samples_sd_with_dpmpp_karras_and_caching(sd_models, tmp_path, capsy
     assert "25 U-Net calls (9 full, 16 shallow at branch 0)" in capsys.readouterr().out
     assert cli_main(["sample", "--model", str(folder), "--sampler", "ddim", "--karras-sigmas", "--steps", "4",
                      "--prompt", "x", "--out", str(out)]) == 1
-    assert "karras_sigmas=True does not apply to the ddim sampler" in capsys.readouterr().err
+    assert "error: --karras-sigmas does not apply to the ddim sampler" in capsys.readouterr().err
 
 
 def test_unset_timestep_spacing_is_each_samplers_diffusers_default():

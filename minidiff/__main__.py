@@ -1,0 +1,6 @@
+"""`python -m minidiff ...` is the `minidiff` command."""
+import sys
+
+from .cli import main
+
+sys.exit(main())
