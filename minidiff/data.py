@@ -218,9 +218,6 @@ def load_dataset(name: str, size: int = 32, channels: Optional[int] = None) -> I
 
 def save_grid(images: torch.Tensor, path, nrow: int = 8):
     """Write (B, C, H, W) images in [0, 1] as one PNG grid (atomically), `nrow` images per row."""
-    from .checkpoint import atomic_path
-
-    Image = _pil()
     b, c, h, w = images.shape
     rows = math.ceil(b / nrow)
     pad = 2
@@ -228,7 +225,15 @@ def save_grid(images: torch.Tensor, path, nrow: int = 8):
     for i, img in enumerate(images.float().clamp(0, 1)):
         r, col = divmod(i, nrow)
         grid[:, pad + r * (h + pad): pad + r * (h + pad) + h, pad + col * (w + pad): pad + col * (w + pad) + w] = img
-    array = (grid * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
-    picture = Image.fromarray(array[:, :, 0] if c == 1 else array, "L" if c == 1 else "RGB")
+    save_png(grid, path)
+
+
+def save_png(image: torch.Tensor, path):
+    """Write one (C, H, W) image in [0, 1] (C = 1 or 3) as an 8-bit PNG, atomically."""
+    from .checkpoint import atomic_path
+
+    Image = _pil()
+    array = (image.detach().float().cpu().clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    picture = Image.fromarray(array[:, :, 0] if image.shape[0] == 1 else array, "L" if image.shape[0] == 1 else "RGB")
     with atomic_path(path) as tmp:
         picture.save(tmp, format="PNG")
