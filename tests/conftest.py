@@ -38,3 +38,12 @@ def randomize(module: torch.nn.Module, std: float = 0.05, seed: int = 0) -> torc
         for p in module.parameters():
             p.copy_(torch.randn(p.shape, generator=g) * std)
     return module.eval()
+
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.fixture(params=DEVICES)
+def device(request) -> torch.device:
+    """Every available device: CPU always (CI), CUDA as well when one is present."""
+    return torch.device(request.param)
