@@ -109,3 +109,26 @@ def test_inductor_compiled_paths_match_eager(device):
         out, cache = unet.forward_full(x, 10, prepared, branch=0)
         shallow = unet.forward_shallow(x, 20, prepared, cache=cache)
     assert torch.allclose(out, ref_out, atol=1e-4, rtol=0) and torch.allclose(shallow, ref_shallow, atol=1e-4, rtol=0)
+
+
+def test_gpu_check_dry_run_exercises_its_code_paths():
+    """benchmarks/gpu_check.py --dry: the GPU script's parity and speed code on CPU at tiny sizes."""
+    import os
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("diffusers")
+    pytest.importorskip("DeepCache")
+    repo = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=str(repo), OMP_NUM_THREADS="1")
+    result = subprocess.run([sys.executable, str(repo / "benchmarks" / "gpu_check.py"), "--dry"], env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = result.stdout
+    error = float(re.search(r"forward float32\s+(\S+)", out).group(1))
+    assert error < 1e-4, out
+    for n in (1, 3, 5):  # every implementation timed in every row
+        row = re.search(rf"^plms\s+4\s+{n}\s+(.*)$", out, re.M).group(1).split()
+        assert len(row) == 8 and "-" not in row, out
