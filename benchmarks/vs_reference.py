@@ -214,7 +214,8 @@ def compare(model, args):
     label = f"{model} (latent {args.latent}x{args.latent}, batch 2 with guidance)" if model == "sd15" else \
         f"{model} (256x256, batch 1)"
     print(f"\n== {label}")
-    cases = [("forward", None, lambda m: ours_or_ref(m, impls, x, cond))]
+    prepared = ours.prepare_context(cond) if cond is not None else None  # as every step of a run sees it
+    cases = [("forward", None, lambda m: ours_or_ref(m, impls, x, cond, prepared))]
     for n in [1] + args.intervals:
         name = f"DDIM {args.steps} steps " + ("uncached" if n == 1 else f"cached N={n}")
         cases.append((name, n, lambda m, n=n: run_sampling(m, impls, x, cond, args.steps, n)))
@@ -244,9 +245,9 @@ def compare(model, args):
         print(line, flush=True)
 
 
-def ours_or_ref(m, impls, x, cond):
+def ours_or_ref(m, impls, x, cond, prepared):
     if m.startswith("ours"):
-        return impls[m](x, 500, cond)
+        return impls[m](x, 500, prepared)
     return ref_call(impls[m], x, 500, cond)
 
 

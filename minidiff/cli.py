@@ -17,26 +17,13 @@ DELEGATED = {
 
 
 def sample_main(argv=None) -> int:
+    from .sample import add_generate_arguments
+
     parser = argparse.ArgumentParser(prog="minidiff sample", description="Sample a model, optionally with caching.")
-    parser.add_argument("--model", required=True, help="minidiff model folder (see convert/ for public checkpoints)")
-    parser.add_argument("--steps", type=int, default=50)
-    parser.add_argument("--sampler", default="ddim", choices=["ddim", "ddpm", "plms"])
-    parser.add_argument("--eta", type=float, default=0.0)
-    parser.add_argument("--cache-interval", type=int, default=1, help="N: one full U-Net step every N steps")
-    parser.add_argument("--cache-branch", type=int, default=0, help="skip connection the shallow path keeps")
-    parser.add_argument("--cache-schedule", default="uniform", choices=["uniform", "nonuniform", "calibrated"])
+    add_generate_arguments(parser)
     parser.add_argument("--batch-size", type=int, default=None)
-    parser.add_argument("--class", dest="class_labels", type=int, nargs="+", help="class label(s)")
-    parser.add_argument("--prompt", nargs="+", help="text prompt(s) for text-conditioned models")
-    parser.add_argument("--negative-prompt")
-    parser.add_argument("--guidance-scale", type=float)
-    parser.add_argument("--height", type=int)
-    parser.add_argument("--width", type=int)
-    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     parser.add_argument("--out", default="out/sample.png")
-    parser.add_argument("--allow-nan", action="store_true", help="load weights even if they contain NaN/Inf")
     args = parser.parse_args(argv)
 
     import torch
