@@ -129,6 +129,6 @@ def test_gpu_check_dry_run_exercises_its_code_paths():
     out = result.stdout
     error = float(re.search(r"forward float32\s+(\S+)", out).group(1))
     assert error < 1e-4, out
-    for n in (1, 3, 5):  # every implementation timed in every row
+    for n in (1, 3):  # every implementation timed in every row
         row = re.search(rf"^plms\s+4\s+{n}\s+(.*)$", out, re.M).group(1).split()
         assert len(row) == 8 and "-" not in row, out
