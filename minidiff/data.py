@@ -234,3 +234,14 @@ def find_weights(name: str) -> Path:
     tried = ", ".join(str(p) for p in candidates)
     raise FileNotFoundError(f"cannot find the shipped weights {name!r} (looked in {tried}); run from a minidiff "
                             "checkout or pass the folder with --model / --classifier")
+
+
+def save_png(image: torch.Tensor, path):
+    """Write one (C, H, W) image in [0, 1] (C = 1 or 3) as an 8-bit PNG, atomically."""
+    from .checkpoint import atomic_path
+
+    Image = _pil()
+    array = (image.detach().float().cpu().clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    picture = Image.fromarray(array[:, :, 0] if image.shape[0] == 1 else array, "L" if image.shape[0] == 1 else "RGB")
+    with atomic_path(path) as tmp:
+        picture.save(tmp, format="PNG")

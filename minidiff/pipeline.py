@@ -209,10 +209,14 @@ class Pipeline:
 
     def make_denoiser(self, cached, cond, uncond, guidance_scale):
         """`(x, t) -> eps` for a sampler; guidance runs both halves as one batched U-Net call,
-        so a cached step caches the conditional and unconditional features together."""
+        so a cached step caches the conditional and unconditional features together. A text
+        context's cross-attention keys and values are projected here, once for all steps."""
+        text = self.unet.config.context_dim is not None and self.unet.config.num_classes is None
+        prepare = self.unet.prepare_context if text else (lambda c: c)
         if uncond is None:
+            cond = prepare(cond)
             return lambda x, t: cached(x, t, cond)
-        both = torch.cat([uncond, cond])
+        both = prepare(torch.cat([uncond, cond]))
 
         def guided(x, t):
             out_uncond, out_cond = cached(torch.cat([x, x]), t, both).chunk(2)
@@ -372,7 +376,9 @@ class Pipeline:
         if noise is not None:
             if noise.shape[1] != cfg.in_channels:
                 raise ValueError(f"noise must have shape (B, {cfg.in_channels}, H, W), got {tuple(noise.shape)}")
-            return noise.to(self.device, self.dtype)
+            # a copy made here is an inference tensor like every later x, so a compiled U-Net sees
+            # one kind of input at every step
+            return noise.to(self.device, self.dtype, copy=True)
         height = self.default_size if height is None else height
         width = self.default_size if width is None else width
         self._check_size(height, width)

@@ -540,8 +540,6 @@ def _restore(state, model, ema, optimizer, order, noise_gen):
 
 
 if __name__ == "__main__":  # torchrun -m minidiff.train ...: the same flags as `minidiff train`
-    import sys
-
     from .cli import train_main
 
     status = train_main()

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -175,12 +175,21 @@ class AttentionBlock(nn.Module):
         return x + rearrange(h, "b (h w) c -> b c h w", h=hgt, w=wid)
 
 
+class PreparedContext(NamedTuple):
+    """A constant cross-attention context with every layer's keys and values projected once
+    (`UNet.prepare_context`), so that sampling steps skip those projections."""
+
+    tokens: torch.Tensor  # (B, L, D)
+    keys_values: tuple  # ((k, v), ...), each (B, L, C), one pair per cross-attention layer
+
+
 class CrossAttention(nn.Module):
     """Multi-head attention of a transformer block; cross-attention when context_dim is given."""
 
     def __init__(self, dim: int, heads: int, context_dim: Optional[int] = None):
         super().__init__()
         self.heads = heads
+        self.kv_index: Optional[int] = None  # this layer's entry in a PreparedContext (cross-attention only)
         kv_dim = context_dim or dim
         self.to_q = nn.Linear(dim, dim, bias=False)
         self.to_k = nn.Linear(kv_dim, dim, bias=False)
@@ -188,8 +197,12 @@ class CrossAttention(nn.Module):
         self.to_out = nn.Linear(dim, dim)
 
     def forward(self, x, context=None):
-        kv = x if context is None else context
-        return self.to_out(attention(self.to_q(x), self.to_k(kv), self.to_v(kv), self.heads))
+        if isinstance(context, PreparedContext):
+            k, v = context.keys_values[self.kv_index]
+        else:
+            kv = x if context is None else context
+            k, v = self.to_k(kv), self.to_v(kv)
+        return self.to_out(attention(self.to_q(x), k, v, self.heads))
 
 
 class GEGLU(nn.Module):
@@ -372,6 +385,8 @@ class UNet(nn.Module):
 
         self.out_norm = GroupNorm32(groups, ch, eps)
         self.out_conv = nn.Conv2d(ch, cfg.out_channels, 3, padding=1)
+        for i, layer in enumerate(self._cross_attention_layers()):
+            layer.kv_index = i
         # Activations run channels-last (NHWC): oneDNN and cuDNN convolutions skip their layout
         # reorders, and a transformer's (B, C, H, W) -> (B, HW, C) becomes a view. Weights keep
         # this layout through load_state_dict; files are written contiguous as usual.
@@ -399,32 +414,60 @@ class UNet(nn.Module):
 
     # -- conditioning ---------------------------------------------------------------------------
 
-    def embed(self, x: torch.Tensor, t, cond=None) -> _Cond:
-        """Time (+ class) embedding and cross-attention context for a batch; computed once per call."""
+    def _cross_attention_layers(self) -> list:
+        return [m.attn2 for m in self.modules() if isinstance(m, TransformerBlock) and self.config.context_dim]
+
+    @torch.no_grad()
+    def prepare_context(self, context: torch.Tensor) -> PreparedContext:
+        """Project a (B, L, context_dim) context to every cross-attention layer's keys and values once.
+
+        The text context is the same at every step of a sampling run, so its projections are too;
+        the result goes wherever `cond` goes, with the same numbers as the context itself."""
+        if self.config.num_classes is not None:
+            raise ValueError("this U-Net is class-conditional: its context comes from the class labels")
+        self._check_context(context, None)
+        context = context.to(self.time_embed.linear_1.weight.dtype)
+        return PreparedContext(context, tuple((m.to_k(context), m.to_v(context))
+                                              for m in self._cross_attention_layers()))
+
+    def _check_context(self, cond, batch: Optional[int]):
+        cfg = self.config
+        tokens = cond.tokens if isinstance(cond, PreparedContext) else cond
+        if tokens is None or not torch.is_tensor(tokens) or tokens.ndim != 3 or tokens.shape[-1] != cfg.context_dim \
+                or tokens.shape[0] != (batch or tokens.shape[0]):
+            got = None if tokens is None else tuple(getattr(tokens, "shape", ()))
+            raise ValueError(f"this U-Net needs a context of shape ({batch or 'B'}, L, {cfg.context_dim}) as cond, "
+                             f"got {got}")
+
+    def _check_cond(self, x: torch.Tensor, t, cond) -> tuple:
+        """(timesteps as a (B,) tensor, checked conditioning): the checks run outside the compiled paths."""
         cfg = self.config
         t = torch.as_tensor(t, device=x.device)
         if t.ndim == 0:
             t = t.expand(x.shape[0])
         elif t.shape != (x.shape[0],):
             raise ValueError(f"t must be a scalar or have shape ({x.shape[0]},), got {tuple(t.shape)}")
+        if cfg.num_classes is not None:
+            return t, self._check_labels(cond, x.shape[0])
+        if cfg.context_dim is not None:
+            self._check_context(cond, x.shape[0])
+        elif cond is not None:
+            raise ValueError("this U-Net is unconditional: pass cond=None")
+        return t, cond
+
+    def embed(self, x: torch.Tensor, t: torch.Tensor, cond=None) -> _Cond:
+        """Time (+ class) embedding and cross-attention context for a checked batch; once per call."""
+        cfg = self.config
         emb = self.time_embed(timestep_embedding(t, cfg.model_channels, cfg.flip_sin_to_cos, cfg.freq_shift)
                               .to(x.dtype))
         context = None
         if cfg.num_classes is not None:
-            labels = self._check_labels(cond, x.shape[0])
             if cfg.class_cond == "add":
-                emb = emb + self.class_embed(labels).to(emb.dtype)
+                emb = emb + self.class_embed(cond).to(emb.dtype)
             else:
-                context = self.class_embed(labels)[:, None, :].to(x.dtype)  # (B, 1, D)
+                context = self.class_embed(cond)[:, None, :].to(x.dtype)  # (B, 1, D)
         elif cfg.context_dim is not None:
-            if cond is None or not torch.is_tensor(cond) or cond.ndim != 3 or cond.shape[-1] != cfg.context_dim \
-                    or cond.shape[0] != x.shape[0]:
-                got = None if cond is None else tuple(getattr(cond, "shape", ()))
-                raise ValueError(f"this U-Net needs a context of shape ({x.shape[0]}, L, {cfg.context_dim}) as cond, "
-                                 f"got {got}")
-            context = cond.to(x.dtype)
-        elif cond is not None:
-            raise ValueError("this U-Net is unconditional: pass cond=None")
+            context = cond if isinstance(cond, PreparedContext) else cond.to(x.dtype)
         return _Cond(F.silu(emb), context)  # every consumer of emb applies SiLU first
 
     def _check_labels(self, labels, batch: int) -> torch.Tensor:
@@ -541,6 +584,7 @@ class UNet(nn.Module):
         """The whole network, nothing kept."""
         self._check_input(x)
         self._check_timesteps(t)
+        t, cond = self._check_cond(x, t, cond)
         return self._full(x, t, cond, None)[0]
 
     def forward_full(self, x, t, cond=None, *, branch: int = 0):
@@ -548,6 +592,7 @@ class UNet(nn.Module):
         self._check_branch(branch)
         self._check_input(x)
         self._check_timesteps(t)
+        t, cond = self._check_cond(x, t, cond)
         out, hidden = self._full(x, t, cond, len(self.output_blocks) - 1 - branch)
         return out, FeatureCache(branch, hidden)
 
@@ -558,6 +603,7 @@ class UNet(nn.Module):
         self._check_input(x)
         self._check_cache(x, cache, branch)
         self._check_timesteps(t)
+        t, cond = self._check_cond(x, t, cond)
         return self._shallow(x, t, cond, cache.hidden, cache.branch)
 
     def _shallow(self, x, t, cond, hidden, branch):
@@ -574,6 +620,8 @@ class UNet(nn.Module):
         """Only input_blocks[:branch + 1], the part a full and a shallow step share."""
         self._check_branch(branch)
         self._check_input(x)
+        self._check_timesteps(t)
+        t, cond = self._check_cond(x, t, cond)
         return self._cut(x, t, cond, branch)
 
     def forward_rest(self, state: CutState):
@@ -588,12 +636,14 @@ class UNet(nn.Module):
     def compile_paths(self, **kwargs) -> "UNet":
         """torch.compile the full and the shallow path (each branch compiles once, on first use).
 
-        Not `nn.Module.compile`, which compiles `__call__` in place; this returns the U-Net itself."""
+        Not `nn.Module.compile`, which compiles `__call__` in place; this returns the U-Net itself.
+        The batch dimension is compiled dynamic, so a guided run (2B) and an unguided one (B), or a
+        smaller last batch, reuse one graph; batch 1 is the exception, compiled once on its own."""
         from .checkpoint import finish_finite_checks
 
         finish_finite_checks(self)  # checks pending since a lazy load would break the compiled graph
-        self._full = torch.compile(self._full, **kwargs)
-        self._shallow = torch.compile(self._shallow, **kwargs)
+        self._full = _batch_dynamic(torch.compile(self._full, **kwargs))
+        self._shallow = _batch_dynamic(torch.compile(self._shallow, **kwargs))
         return self
 
     # -- cost -----------------------------------------------------------------------------------
@@ -619,6 +669,26 @@ def count_macs(model: nn.Module, x: torch.Tensor, t, cond, branch: int) -> dict:
         model.forward_shallow(x, t, cond, cache=cache)
     counts["shallow"] = counter.get_total_flops() // 2
     return counts
+
+
+def _batch_dynamic(path: Callable) -> Callable:
+    """Call a compiled path with the batch dimension of every tensor argument marked dynamic."""
+
+    def run(*args):
+        for tensor in _tensors(args):
+            if tensor.ndim:
+                torch._dynamo.maybe_mark_dynamic(tensor, 0)
+        return path(*args)
+
+    return run
+
+
+def _tensors(value):
+    if torch.is_tensor(value):
+        yield value
+    elif isinstance(value, (tuple, list)):  # PreparedContext is a tuple too
+        for item in value:
+            yield from _tensors(item)
 
 
 def _channels_of(block: nn.Module) -> int:

@@ -88,3 +88,12 @@ def tiny_pipeline(attention_type="self", seed=0):
     unet = randomize(UNet(cfg), std=0.08, seed=seed)
     sched = SchedulerConfig(beta_schedule="linear", clip_sample=False)
     return Pipeline(unet, sched, null_class=3)
+
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.fixture(params=DEVICES)
+def device(request) -> torch.device:
+    """Every available device: CPU always (CI), CUDA as well when one is present."""
+    return torch.device(request.param)
