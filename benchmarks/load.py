@@ -60,11 +60,8 @@ def build_diffusers(dst: Path):
 
 
 def build_minidiff(src: Path, dst: Path):
-    sys.path.insert(0, str(REPO))
-    try:
-        from minidiff.convert import sd15  # where the converters are moving
-    except ImportError:
-        from convert import sd15
+    from minidiff.convert import sd15
+
     sd15.convert(src, dst)
 
 
@@ -79,7 +76,6 @@ def child(side: str, work: Path, latent: int, batch: int, threads: int):
     context = torch.randn(batch, 77, 768, generator=g)
     t = torch.full((batch,), 981)
     if side.startswith("minidiff"):
-        sys.path.insert(0, str(REPO))
         import minidiff
 
         imported = time.perf_counter()
@@ -139,12 +135,12 @@ def main(argv=None):
     env = dict(os.environ, PYTHONPATH=str(REPO))
     if not (args.work / "diffusers").is_dir():
         print("building the random-weight SD1.5 diffusers folder (once) ...", flush=True)
-        subprocess.run(python + [f"import sys; sys.path.insert(0, {str(REPO)!r}); from benchmarks.load import "
+        subprocess.run(python + ["from benchmarks.load import "
                                  f"build_diffusers; from pathlib import Path; build_diffusers(Path({str(args.work / 'diffusers')!r}))"],
                        env=env, check=True)
     if not (args.work / "minidiff").is_dir():
         print("converting it to minidiff's native folder (once) ...", flush=True)
-        subprocess.run(python + [f"import sys; sys.path.insert(0, {str(REPO)!r}); from benchmarks.load import "
+        subprocess.run(python + ["from benchmarks.load import "
                                  f"build_minidiff; from pathlib import Path; build_minidiff(Path({str(args.work / 'diffusers')!r}), "
                                  f"Path({str(args.work / 'minidiff')!r}))"], env=env, check=True)
     sizes = {side: sum(f.stat().st_size for f in (args.work / side).rglob("*.safetensors"))
