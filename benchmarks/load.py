@@ -30,7 +30,7 @@ SD15 = REPO.parent / "shared" / "reference-configs" / "runwayml--stable-diffusio
 
 
 def _configs_folder() -> Path:
-    for candidate in (SD15, REPO / "tests" / "data" / "runwayml--stable-diffusion-v1-5"):
+    for candidate in (SD15, REPO / "tests" / "data" / "reference-configs" / "runwayml--stable-diffusion-v1-5"):
         if (candidate / "unet" / "config.json").is_file():
             return candidate
     sys.exit(f"SD1.5 reference configs not found (looked in {SD15}); they give the facsimile's shapes")

@@ -78,7 +78,7 @@ def compiled(ref, ours, **kwargs):
     """Compiled twins sharing the weights: diffusers' whole U-Net, minidiff's full and shallow paths."""
     ref_c, ours_c = copy.copy(ref), copy.copy(ours)  # new attribute dicts, the same parameters
     ref_c.compile(**kwargs)
-    return ref_c, ours_c.compile(**kwargs)
+    return ref_c, ours_c.compile_paths(**kwargs)
 
 
 def ref_call(ref, x, t, cond):

@@ -57,7 +57,7 @@ def initial_noise(pipe, seeds: list, height, width) -> tuple:
     """(noise batch, generator of the first sample): each sample's noise comes from its own seed alone,
     drawn as `generate(seed=s, batch_size=1)` draws it."""
     generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
-    noise = torch.cat([pipe._initial_noise(None, 1, height, width, g) for g in generators])
+    noise = torch.cat([pipe.initial_noise(1, height=height, width=width, generator=g) for g in generators])
     return noise, generators[0]
 
 
@@ -105,7 +105,7 @@ def sample_many(pipe, out_dir, num: int, *, seed: int = 0, batch_size: int = 1, 
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or not 1 <= batch_size <= 4096:
         raise ValueError(f"batch_size must be an int in [1, 4096], got {batch_size!r}")
     out_dir = Path(out_dir)
-    num_classes = pipe._num_real_classes() if pipe.unet.config.num_classes is not None else None
+    num_classes = pipe.num_real_classes() if pipe.unet.config.num_classes is not None else None
     mine = rank_batches(num, batch_size, rank, world)
     slots = -(-len(batches(num, batch_size)) // world)  # every rank takes part in as many progress updates
     done_before = sum(len(b) for b in mine if all(sample_path(out_dir, i).exists() for i in b))
