@@ -25,7 +25,7 @@ from einops import rearrange
 from torch import nn
 
 from .config import config_from_dict, config_to_dict
-from .unet import CrossAttention, FeatureCache, TimeEmbedding, count_macs, timestep_embedding
+from .unet import CrossAttention, FeatureCache, TimeEmbedding, check_labels, count_macs, timestep_embedding
 
 
 @dataclass
@@ -199,18 +199,7 @@ class DiT(nn.Module):
         return F.silu(emb + self.class_embed(self._check_labels(cond, x.shape[0])).to(emb.dtype))
 
     def _check_labels(self, labels, batch: int) -> torch.Tensor:
-        n = self.config.num_classes
-        if labels is None:
-            raise ValueError(f"this DiT is class-conditional: pass class labels in [0, {n - 1}] as cond")
-        labels = torch.as_tensor(labels, device=self.patch_embed.weight.device)
-        if labels.ndim == 0:
-            labels = labels.expand(batch)
-        if labels.dtype not in (torch.int64, torch.int32) or labels.shape != (batch,):
-            raise ValueError(f"class labels must be {batch} integers, got dtype {labels.dtype} shape "
-                             f"{tuple(labels.shape)}")
-        if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= n):
-            raise ValueError(f"class labels must lie in [0, {n - 1}], got {labels.tolist()}")
-        return labels.long()
+        return check_labels(labels, batch, self.config.num_classes, self.patch_embed.weight.device, "DiT")
 
     # -- the three paths --------------------------------------------------------------------------
 

@@ -471,18 +471,7 @@ class UNet(nn.Module):
         return _Cond(F.silu(emb), context)  # every consumer of emb applies SiLU first
 
     def _check_labels(self, labels, batch: int) -> torch.Tensor:
-        n = self.config.num_classes
-        if labels is None:
-            raise ValueError(f"this U-Net is class-conditional: pass class labels in [0, {n - 1}] as cond")
-        labels = torch.as_tensor(labels, device=self.time_embed.linear_1.weight.device)
-        if labels.ndim == 0:
-            labels = labels.expand(batch)
-        if labels.dtype not in (torch.int64, torch.int32) or labels.shape != (batch,):
-            raise ValueError(f"class labels must be {batch} integers, got dtype {labels.dtype} shape "
-                             f"{tuple(labels.shape)}")
-        if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= n):
-            raise ValueError(f"class labels must lie in [0, {n - 1}], got {labels.tolist()}")
-        return labels.long()
+        return check_labels(labels, batch, self.config.num_classes, self.time_embed.linear_1.weight.device, "U-Net")
 
     # -- the three paths ------------------------------------------------------------------------
 
@@ -669,6 +658,21 @@ def count_macs(model: nn.Module, x: torch.Tensor, t, cond, branch: int) -> dict:
         model.forward_shallow(x, t, cond, cache=cache)
     counts["shallow"] = counter.get_total_flops() // 2
     return counts
+
+
+def check_labels(labels, batch: int, num_classes: int, device, network: str) -> torch.Tensor:
+    """Class labels as a (batch,) LongTensor on `device`, or a sentence saying what is wrong with them."""
+    if labels is None:
+        raise ValueError(f"this {network} is class-conditional: pass class labels in [0, {num_classes - 1}] as cond")
+    labels = torch.as_tensor(labels, device=device)
+    if labels.ndim == 0:
+        labels = labels.expand(batch)
+    if labels.dtype not in (torch.int64, torch.int32) or labels.shape != (batch,):
+        raise ValueError(f"class labels must be {batch} integers, got dtype {labels.dtype} shape "
+                         f"{tuple(labels.shape)}")
+    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
+        raise ValueError(f"class labels must lie in [0, {num_classes - 1}], got {labels.tolist()}")
+    return labels.long()
 
 
 def _batch_dynamic(path: Callable) -> Callable:
