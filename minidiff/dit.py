@@ -25,7 +25,8 @@ from einops import rearrange
 from torch import nn
 
 from .config import config_from_dict, config_to_dict
-from .unet import CrossAttention, FeatureCache, TimeEmbedding, check_labels, count_macs, timestep_embedding
+from .checks import check_labels
+from .unet import CrossAttention, FeatureCache, TimeEmbedding, count_macs, timestep_embedding
 
 
 @dataclass

@@ -1,0 +1,120 @@
+"""Command lines that train: `train` and `toy-metric`."""
+from __future__ import annotations
+
+import argparse
+import json
+
+
+from .edge import check_output, Parser, require, _threads_arg
+
+
+# -- train -------------------------------------------------------------------------------------------
+
+TRAIN_FLAG_HELP = {
+    "dataset": "'digits', 'shapes' or a folder of images with one sub-folder per class (default digits)",
+    "image_size": "training resolution in pixels (default 32)",
+    "channels": "1 or 3 (default: the dataset's own)",
+    "batch_size": "global batch, split across torchrun processes (default 64)",
+    "label_dropout": "probability a label becomes the null class, for classifier-free guidance (default 0.1)",
+    "steps": "train until this step; may grow on --resume (default 4000)",
+    "sample_every": "write a sample grid and the loss plot every N steps, 0 for never (default 500)",
+    "grid_scale": "enlarge the sample grids' images this many times (default 0: tiles of at least 128 px)",
+    "out_dir": "run folder: checkpoint/, samples/, loss.csv, loss.png (default runs/digits)",
+}
+
+
+def _train_parser() -> Parser:
+    from dataclasses import fields
+
+    from ..train import PRESETS, TrainConfig
+
+    p = Parser(prog="minidiff train", description="Train a small diffusion U-Net (DDPM epsilon loss).",
+               argument_default=argparse.SUPPRESS)
+    p.add_argument("--preset", choices=sorted(PRESETS), help="model size; explicit model flags override it")
+    p.add_argument("--resume", metavar="DIR", help="continue the run in DIR (a run's out_dir or its checkpoint/)")
+    p.add_argument("--overwrite", action="store_true", help="start afresh in an out_dir holding a run, deleting "
+                   "its checkpoint, sample grids and loss log")
+    for f in fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        text = TRAIN_FLAG_HELP.get(f.name, f"default {f.default}")
+        if isinstance(f.default, bool):
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, help=text)
+        elif isinstance(f.default, tuple):
+            p.add_argument(flag, type=_int_tuple, metavar="N,N,...", help=f"default {','.join(map(str, f.default))}")
+        elif f.name == "channels":
+            p.add_argument(flag, type=int, choices=(1, 3), help=text)
+        else:
+            p.add_argument(flag, type=type(f.default), help=text)
+    _threads_arg(p, default=argparse.SUPPRESS)
+    return p
+
+
+def _int_tuple(text: str) -> tuple:
+    try:
+        return tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers like 1,2,2, got {text!r}") from None
+
+
+def _train(args):
+    """Flags mirror TrainConfig; with --resume, unspecified flags come from the checkpoint."""
+    from ..config import config_from_dict
+    from ..train import PRESETS, TrainConfig, TrainingInterrupted, checkpoint_dir, train
+
+    args = {k: v for k, v in vars(args).items() if k not in ("threads", "argv")}
+    resume = args.pop("resume", None)
+    overwrite = args.pop("overwrite", False)
+    settings: dict = {}
+    if resume is not None:
+        settings = json.loads((checkpoint_dir(resume) / "train_state.json").read_text())["config"]
+    settings.update(PRESETS.get(args.pop("preset", None), {}))
+    settings.update(args)
+    config = config_from_dict(TrainConfig, settings)
+    if resume is not None:
+        check_output(resume, "folder", "--resume")  # a resumed run writes where it was resumed from
+    else:
+        check_output(config.out_dir, "folder", "--out-dir")
+    if config.sample_every:
+        require("PIL", "writing sample grids (pass --sample-every 0 to skip them)")
+    if config.dataset == "digits":
+        require("sklearn", "the digits dataset")
+    try:
+        return train(config, resume=resume, overwrite=overwrite)
+    except TrainingInterrupted as stopped:  # already said where the checkpoint is and how to resume
+        raise SystemExit(stopped.exit_code) from None
+
+
+# -- toy metric --------------------------------------------------------------------------------------
+
+def _toy_metric_parser() -> Parser:
+    p = Parser(prog="minidiff toy-metric",
+               description="Train the toy-metric classifier (not Inception FID) for a dataset.")
+    p.add_argument("--dataset", default="digits", help="'digits', 'shapes' or a folder (default digits)")
+    p.add_argument("--image-size", type=int, default=16)
+    p.add_argument("--channels", type=int, choices=(1, 3), default=None)
+    p.add_argument("--epochs", type=int, default=15)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="folder to write (config.json, model.safetensors, "
+                                                "reference.safetensors)")
+    p.add_argument("--overwrite", action="store_true")
+    _threads_arg(p)
+    return p
+
+
+def _toy_metric(args):
+    """Train the toy classifier for a dataset and save it (weights, config, reference statistics)."""
+    out = check_output(args.out, "folder")
+    if out.is_dir() and any(out.iterdir()) and not args.overwrite:
+        raise FileExistsError(f"--out {out} exists and is not empty; pass --overwrite to replace it")
+    if args.dataset == "digits":
+        require("sklearn", "the digits dataset")
+    from ..data import load_dataset
+    from ..metrics import train_metric
+
+    data = load_dataset(args.dataset, args.image_size, args.channels)
+    metric, info = train_metric(data, epochs=args.epochs, seed=args.seed)
+    command = "minidiff toy-metric " + " ".join(args.argv)
+    metric.save(args.out, overwrite=args.overwrite, meta={"dataset": data.source, "trained_by": command, **info})
+    print(f"test accuracy {info['test_accuracy']:.4f}; real-vs-real toy FID (class-balanced sets of n) "
+          f"{info['reference_fd_balanced']}; saved {args.out}")
+    return metric
