@@ -307,11 +307,15 @@ class Pipeline:
         return torch.randn(shape, generator=generator, dtype=torch.float32).to(self.device, self.dtype)
 
     def _check_size(self, height, width):
-        multiple = self.latent_scale * self.unet.config.downsample_factor
+        """Any size the models can take, as diffusers allows: latent models need multiples of the
+        autoencoder's factor (8 for SD), and every model at least one pixel per U-Net level's halving;
+        odd sizes in between are upsampled back to each skip's size."""
+        scale = self.latent_scale
+        smallest = scale * self.unet.config.downsample_factor
+        kind = f"a multiple of {scale} (the autoencoder's downsampling)" if scale > 1 else "an int"
         for name, size in (("height", height), ("width", width)):
-            if not isinstance(size, int) or size < multiple or size % multiple or size > 16384:
-                raise ValueError(f"{name} must be a multiple of {multiple} (the model's total downsampling) "
-                                 f"between {multiple} and 16384, got {size!r}")
+            if not isinstance(size, int) or isinstance(size, bool) or size < smallest or size % scale or size > 16384:
+                raise ValueError(f"{name} must be {kind} between {smallest} and 16384, got {size!r}")
 
     # Beyond this many times the trained size, generate states the memory it will take (and refuses
     # when that exceeds what is free): 4096 px on a 16 px model reached 14 GB within 20 s.

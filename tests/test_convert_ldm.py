@@ -1,5 +1,8 @@
 """convert/ldm.py: CompVis class-conditional LDM checkpoints (cin256-v2's family), checked against the
 original CompVis modules and DDIM sampler on tiny models, plus the full-size key layout."""
+import re
+import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -9,7 +12,7 @@ from conftest import manifest, meta_state_dict, randomize, shared_path
 from torch import nn
 
 from minidiff.convert.ldm import CIN256_V2, check_family, convert, ldm_config, load_config, main, map_checkpoint
-from minidiff.convert.compvis import YamlError, ema_key, read_yaml
+from minidiff.convert.compvis import YamlError, YamlSubsetError, ema_key, read_block_yaml, read_yaml
 from minidiff import load
 from minidiff.autoencoder import Autoencoder
 from minidiff.checkpoint import check_state_dict
@@ -392,9 +395,54 @@ def test_yaml_reader_agrees_with_pyyaml_and_builtin_default_is_cin256_v2():
     ("a: 1\na: 2\n", "config:2: duplicate key 'a'"),
     ("a:\n\tb: 1\n", "config:2: tabs"),
 ])
-def test_yaml_reader_names_the_line_it_cannot_read(text, message):
+def test_block_yaml_reader_names_the_line_it_cannot_read(text, message):
     with pytest.raises(YamlError, match=message.replace("[", r"\[").replace("*", r"\*")):
+        read_block_yaml(text)
+
+
+@pytest.mark.parametrize("text,message", [
+    ("a:\n  b: 1\n   c: 2\n", "config:3: not valid YAML"),
+    ("a: [1, 2\n", "config:2: not valid YAML"),
+    ("a: 1\na: 2\n", "config:2: not valid YAML (duplicate key 'a')"),  # safe_load would keep the last
+    ("a:\n\tb: 1\n", "config:2: not valid YAML"),
+    ("- 1\n- 2\n", "config: the document is a list, expected a mapping"),
+    ("a: !!python/object/apply:os.system [echo hi]\n", "config:1: not valid YAML"),  # no Python objects
+])
+def test_pyyaml_reader_names_the_line_of_invalid_yaml(text, message):
+    with pytest.raises(YamlError, match=re.escape(message)):
         read_yaml(text)
+
+
+FLOW = Path(__file__).parent / "data" / "flow-yaml"
+BLOCK_CIN = ("CompVis--latent-diffusion", "configs", "latent-diffusion", "cin256-v2.yaml")
+BLOCK_SD = ("CompVis--stable-diffusion", "configs", "stable-diffusion", "v1-inference.yaml")
+
+
+def test_flow_style_and_anchor_yaml_gives_the_block_style_configs():
+    from minidiff.convert import sd15
+
+    cin_block, cin_flow = shared_path(*BLOCK_CIN), FLOW / "cin256-v2-flow.yaml"
+    sd_block, sd_flow = shared_path(*BLOCK_SD), FLOW / "v1-inference-flow.yaml"
+    assert read_yaml(cin_flow.read_text())["model"] == read_yaml(cin_block.read_text())["model"]
+    assert read_yaml(sd_flow.read_text()) == read_yaml(sd_block.read_text())
+    assert load_config(cin_flow) == load_config(cin_block) == load_config(None)
+    assert sd15.config_from_yaml(sd_flow) == sd15.config_from_yaml(sd_block) == sd15.config_from_yaml()
+
+
+def test_without_pyyaml_block_style_still_reads_and_flow_style_names_the_extra(monkeypatch):
+    from minidiff.convert import sd15
+
+    with_pyyaml = {name: read_yaml(shared_path(*name).read_text()) for name in (BLOCK_CIN, BLOCK_SD)}
+    monkeypatch.setitem(sys.modules, "yaml", None)  # `import yaml` now raises ImportError
+    for name, expected in with_pyyaml.items():
+        assert read_yaml(shared_path(*name).read_text()) == expected
+    assert load_config(shared_path(*BLOCK_CIN)) == load_config(None)
+    assert sd15.config_from_yaml(shared_path(*BLOCK_SD)) == sd15.config_from_yaml()
+    hint = re.escape("pip install 'minidiff[convert]'")
+    with pytest.raises(YamlSubsetError, match=r"cin256-v2-flow.yaml:\d+: .*" + hint):
+        load_config(FLOW / "cin256-v2-flow.yaml")
+    with pytest.raises(ValueError, match=r"v1-inference-flow.yaml:\d+: .*" + hint):
+        sd15.config_from_yaml(FLOW / "v1-inference-flow.yaml")
 
 
 def test_config_of_another_family_is_a_clear_error(tmp_path, capsys):

@@ -144,8 +144,8 @@ def test_img2img_bad_images_are_errors(models):
         ours.generate(prompt="x", init_image=torch.rand(1, 3, 16, 16) * 2 - 1, steps=4, progress=False)
     with pytest.raises(ValueError, match="shape"):
         ours.generate(prompt="x", init_image=torch.rand(3, 16, 16), steps=4, progress=False)
-    with pytest.raises(ValueError, match="multiple of 8"):
-        ours.generate(prompt="x", init_image=torch.rand(1, 3, 12, 16), steps=4, progress=False)
+    with pytest.raises(ValueError, match="height must be a multiple of 2"):  # the tiny autoencoder's factor
+        ours.generate(prompt="x", init_image=torch.rand(1, 3, 13, 16), steps=4, progress=False)
 
 
 def test_text_to_image_with_guidance_plms_and_caching_both_halves(models):
@@ -166,7 +166,10 @@ def test_long_prompt_is_truncated_with_a_warning(models):
     assert context.shape == (1, 77, TEXT_WIDTH)
 
 
-def test_height_not_divisible_by_8_is_an_error(models):
+def test_sizes_the_autoencoder_cannot_take_are_errors(models):
     _, ours = models
-    with pytest.raises(ValueError, match="height must be a multiple of 8"):
-        ours.generate(prompt="x", height=20, width=16, steps=2, progress=False)
+    with pytest.raises(ValueError, match=r"height must be a multiple of 2 \(the autoencoder's downsampling\) "
+                                         "between 8 and 16384, got 21"):
+        ours.generate(prompt="x", height=21, width=16, steps=2, progress=False)
+    with pytest.raises(ValueError, match="width must be a multiple of 2 .* got 6"):  # latents below the U-Net's 4
+        ours.generate(prompt="x", height=16, width=6, steps=2, progress=False)
