@@ -88,3 +88,19 @@ def tiny_pipeline(attention_type="self", seed=0):
     unet = randomize(UNet(cfg), std=0.08, seed=seed)
     sched = SchedulerConfig(beta_schedule="linear", clip_sample=False)
     return Pipeline(unet, sched, null_class=3)
+
+
+def check_half_precision_file(full: Path, half: Path, dtype: torch.dtype) -> float:
+    """A `--dtype` conversion next to the float32 one of the same source: its model.safetensors is
+    about half the size and holds every float weight of the float32 file rounded to `dtype` (exactly),
+    everything else unchanged. Returns the size ratio."""
+    from safetensors.torch import load_file
+
+    ratio = (half / "model.safetensors").stat().st_size / (full / "model.safetensors").stat().st_size
+    assert 0.45 <= ratio <= 0.55, ratio
+    exact, rounded = load_file(full / "model.safetensors"), load_file(half / "model.safetensors")
+    assert exact.keys() == rounded.keys()
+    for key, value in exact.items():
+        expected = value.to(dtype) if value.is_floating_point() else value
+        assert rounded[key].dtype == expected.dtype and torch.equal(rounded[key], expected), key
+    return ratio

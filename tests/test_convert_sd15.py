@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import minidiff
-from conftest import SHARED, randomize_with_norms
+from conftest import SHARED, check_half_precision_file, randomize_with_norms
 from minidiff.convert import sd15, text_keys
 from minidiff.autoencoder import Autoencoder
 from minidiff.checkpoint import CheckpointError, check_state_dict
@@ -387,12 +387,53 @@ def test_sd2_and_sdxl_diffusers_folders_are_refused(family, files, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_single_file_without_tokenizer_says_what_to_pass(ldm_parts, tmp_path, capsys):
+def test_single_file_converts_offline_with_the_shipped_vocabulary(ldm_parts, tmp_path):
+    """No --tokenizer / --bpe: CLIP ViT-L/14's vocabulary shipped with minidiff, the same ids as SD1.5's own."""
+    from transformers import CLIPTokenizer as HFTokenizer
+
+    src = write_single_file(single_file_state(ldm_parts), tmp_path / "v1-5-pruned-emaonly.safetensors")
+    text_config = tmp_path / "text-config.json"
+    text_config.write_text(json.dumps(ldm_parts["clip"].config.to_dict()))
+    dst = tmp_path / "native"
+    assert sd15.main([str(src), str(dst), "--config", str(tiny_yaml(tmp_path)), "--text-config",
+                      str(text_config)]) == 0
+    pipe = minidiff.load(dst)
+    prompts = ["a photograph of an astronaut riding a horse", "Ünïcode, punctuation!? and   spaces", ""]
+    expected = HFTokenizer.from_pretrained(TOKENIZER_DIR)(prompts, padding="max_length", max_length=77,
+                                                         truncation=True, return_tensors="pt").input_ids
+    assert torch.equal(pipe.tokenizer(prompts), expected)
+    assert max(_check_against_ldm(pipe, ldm_parts, ldm_parts["unet"]).values()) <= TOLERANCE
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_half_precision_file_is_half_the_size_and_loads_in_float32_and_half(dtype, ldm_parts, tmp_path):
     src = write_single_file(single_file_state(ldm_parts), tmp_path / "model.safetensors")
-    assert sd15.main([str(src), str(tmp_path / "out"), "--config", str(tiny_yaml(tmp_path))]) == 1
-    message = capsys.readouterr().err
-    assert "no tokenizer" in message and "--tokenizer" in message and "--bpe" in message
-    assert not (tmp_path / "out").exists()
+    args = [str(src), "--config", str(tiny_yaml(tmp_path))]
+    assert sd15.main([args[0], str(tmp_path / "full"), *args[1:]]) == 0
+    assert sd15.main([args[0], str(tmp_path / "half"), *args[1:], "--dtype", dtype]) == 0
+    half_dtype = getattr(torch, dtype)
+    ratio = check_half_precision_file(tmp_path / "full", tmp_path / "half", half_dtype)
+    full, as_float32 = minidiff.load(tmp_path / "full"), minidiff.load(tmp_path / "half")
+    as_half = minidiff.load(tmp_path / "half", dtype=half_dtype)
+    for pipe, want in ((as_float32, torch.float32), (as_half, half_dtype)):
+        assert {p.dtype for m in (pipe.unet, pipe.text_encoder) for p in m.parameters()} == {want}
+        assert {p.dtype for p in pipe.autoencoder.parameters()} == {torch.float32}  # decoding stays float32
+    g = torch.Generator().manual_seed(2)
+    x, context = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 77, TEXT_WIDTH, generator=g)
+    t = torch.tensor([981, 21])
+    with torch.no_grad():
+        expected = full.unet(x, t, context)
+        scale = expected.abs().max().item()
+        errors = {"float32": max_err(as_float32.unet(x, t, context), expected) / scale,
+                  dtype: max_err(as_half.unet(x.to(half_dtype), t, context.to(half_dtype)), expected) / scale}
+    print(f"--dtype {dtype}: file {ratio:.3f}x; U-Net vs the float32 conversion, relative:",
+          {k: f"{v:.1e}" for k, v in errors.items()})
+    # weights rounded to 11 (float16) or 8 (bfloat16) significant bits (measured 4.8e-4 / 2.5e-3),
+    # then computing in that precision (7.7e-4 / 5.9e-3)
+    bound = {"float16": 2e-3, "bfloat16": 1e-2}[dtype]
+    assert errors["float32"] <= bound and errors[dtype] <= 2 * bound
+    images = as_half.generate(prompt="a red fox", steps=2, height=16, width=16, seed=0, progress=False)
+    assert images.shape == (1, 3, 16, 16) and torch.isfinite(images).all()
 
 
 def test_wrong_config_and_existing_destination_are_errors(ldm_parts, tmp_path):
