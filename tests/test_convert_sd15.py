@@ -10,7 +10,7 @@ import torch
 
 import minidiff
 from conftest import SHARED, check_half_precision_file, randomize_with_norms
-from minidiff.convert import sd15, text_keys
+from minidiff.convert import sd15, text_keys, unet_keys
 from minidiff.autoencoder import Autoencoder
 from minidiff.checkpoint import CheckpointError, check_state_dict
 from minidiff.convert.compvis import ema_key
@@ -53,12 +53,12 @@ def tiny_diffusers_unet(seed=0, **overrides):
     return randomize_with_norms(UNet2DConditionModel(**{**params, **overrides}), seed)
 
 
-def tiny_diffusers_vae(seed=0):
+def tiny_diffusers_vae(seed=0, norm_num_groups=32):
     from diffusers import AutoencoderKL
 
     vae = AutoencoderKL(block_out_channels=(32, 64), down_block_types=("DownEncoderBlock2D",) * 2,
                         up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, latent_channels=4,
-                        sample_size=16, norm_num_groups=32)
+                        sample_size=16, norm_num_groups=norm_num_groups)
     return randomize_with_norms(vae, seed)
 
 
@@ -68,14 +68,14 @@ def sd_pndm_scheduler():
     return PNDMScheduler.from_pretrained(SD15_DIR / "scheduler")
 
 
-def tiny_diffusers_pipeline(unet=None, seed=0):
+def tiny_diffusers_pipeline(unet=None, seed=0, vae=None):
     """A diffusers StableDiffusionPipeline of tiny random components with SD1.5's tokenizer and scheduler."""
     from diffusers import StableDiffusionPipeline
     from transformers import CLIPTokenizer
 
     unet = unet if unet is not None else tiny_diffusers_unet(seed)
     return StableDiffusionPipeline(
-        vae=tiny_diffusers_vae(seed), text_encoder=tiny_clip(seed), unet=unet,
+        vae=vae if vae is not None else tiny_diffusers_vae(seed), text_encoder=tiny_clip(seed), unet=unet,
         tokenizer=CLIPTokenizer.from_pretrained(TOKENIZER_DIR), scheduler=sd_pndm_scheduler(),
         safety_checker=None, feature_extractor=None, requires_safety_checker=False)
 
@@ -145,6 +145,11 @@ UNET_CONFIGS = {
                                 up_block_types=("UpBlock2D", "CrossAttnUpBlock2D")),
     "linear-projection-depth-2": dict(use_linear_projection=True, transformer_layers_per_block=2,
                                       attention_head_dim=4),
+    # SD's quirk: attention_head_dim means the number of heads; a list gives one count per level
+    # (up blocks reversed, the middle block the last), here 1, 2 and 4 heads over 32, 64, 64 channels
+    "per-level-heads": dict(attention_head_dim=[1, 2, 4], down_block_types=("CrossAttnDownBlock2D",) * 3,
+                            up_block_types=("CrossAttnUpBlock2D",) * 3),
+    "eight-norm-groups": dict(norm_num_groups=8, attention_head_dim=[2, 4, 4]),
     "attention-low-res-one-head": dict(block_out_channels=(32, 32, 64), attention_head_dim=1,
                                        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
                                        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D")),
@@ -164,8 +169,9 @@ def test_unet_matches_diffusers_unet2dconditionmodel_through_the_converter(name,
     assert err <= TOLERANCE
 
 
-def test_diffusers_folder_text_encoder_and_vae_match(tmp_path):
-    reference = tiny_diffusers_pipeline()
+@pytest.mark.parametrize("groups", [32, 8])
+def test_diffusers_folder_text_encoder_and_vae_match(groups, tmp_path):
+    reference = tiny_diffusers_pipeline(vae=tiny_diffusers_vae(norm_num_groups=groups))
     pipe = convert_diffusers(reference, tmp_path)
     ids = reference.tokenizer(["a photograph of an astronaut riding a horse", ""], padding="max_length",
                               max_length=77, return_tensors="pt").input_ids
@@ -178,10 +184,27 @@ def test_diffusers_folder_text_encoder_and_vae_match(tmp_path):
             "encode": max_err(pipe.autoencoder.encode(images), reference.vae.encode(images).latent_dist.mean * 0.18215),
             "decode": max_err(pipe.autoencoder.decode(latents), reference.vae.decode(latents / 0.18215).sample),
         }
-    print("diffusers folder:", {k: f"{v:.2e}" for k, v in errors.items()})
-    assert max(errors.values()) <= TOLERANCE
+    print(f"diffusers folder, {groups}-group VAE:", {k: f"{v:.2e}" for k, v in errors.items()})
+    assert max(errors.values()) <= TOLERANCE and pipe.autoencoder.config.norm_groups == groups
     # save_pretrained writes every key, timestep_spacing too; SD1.5's own scheduler_config.json does not.
     assert pipe.scheduler == sd15.sd_scheduler(timestep_spacing="leading") and pipe.meta["layout"] == "diffusers"
+
+
+def test_per_level_heads_of_either_spelling_map_to_per_level_num_heads():
+    base = dict(_class_name="UNet2DConditionModel", block_out_channels=[32, 64, 64], cross_attention_dim=TEXT_WIDTH,
+                down_block_types=["CrossAttnDownBlock2D"] * 3, up_block_types=["CrossAttnUpBlock2D"] * 3)
+    assert unet_keys.config_from_diffusers({**base, "attention_head_dim": [1, 2, 4]}).num_heads == (1, 2, 4)
+    assert unet_keys.config_from_diffusers({**base, "attention_head_dim": [4, 4, 4]}).num_heads == 4
+    # num_attention_heads (which diffusers itself still refuses to build) takes precedence, as diffusers reads it
+    mapped = unet_keys.config_from_diffusers({**base, "attention_head_dim": 8, "num_attention_heads": [2, 4, 8]})
+    assert (mapped.num_heads, mapped.head_channels) == ((2, 4, 8), None)
+    with pytest.raises(ValueError, match=r"per-level head counts \[1, 2\] give 2 values for 3 down blocks"):
+        unet_keys.config_from_diffusers({**base, "attention_head_dim": [1, 2]})
+    pixel = dict(_class_name="UNet2DModel", block_out_channels=[32, 64], attention_head_dim=[8, 16],
+                 down_block_types=["DownBlock2D", "AttnDownBlock2D"], up_block_types=["AttnUpBlock2D", "UpBlock2D"])
+    with pytest.raises(ValueError, match="UNet2DModel takes one head width for every block"):
+        unet_keys.config_from_diffusers(pixel)
+    assert unet_keys.config_from_diffusers({**pixel, "attention_head_dim": 16}).head_channels == 16
 
 
 def test_diffusers_folder_with_deprecated_vae_attention_names_and_text_model_prefix(tmp_path):
