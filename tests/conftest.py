@@ -104,3 +104,13 @@ def check_half_precision_file(full: Path, half: Path, dtype: torch.dtype) -> flo
         expected = value.to(dtype) if value.is_floating_point() else value
         assert rounded[key].dtype == expected.dtype and torch.equal(rounded[key], expected), key
     return ratio
+
+
+def sharpen_attention(module: torch.nn.Module, factor: float = 8.0) -> torch.nn.Module:
+    """Scale query and key projections so attention is far from uniform: with small random weights
+    every head attends almost evenly and a wrong head split changes outputs by only ~1e-4."""
+    with torch.no_grad():
+        for name, param in module.named_parameters():
+            if any(part in name for part in (".to_q.", ".to_k.", ".q.", ".k.")):
+                param.mul_(factor)
+    return module

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import minidiff
-from conftest import SHARED, check_half_precision_file, randomize_with_norms
+from conftest import SHARED, check_half_precision_file, randomize_with_norms, sharpen_attention
 from minidiff.convert import sd15, text_keys, unet_keys
 from minidiff.autoencoder import Autoencoder
 from minidiff.checkpoint import CheckpointError, check_state_dict
@@ -158,7 +158,7 @@ UNET_CONFIGS = {
 
 @pytest.mark.parametrize("name", list(UNET_CONFIGS))
 def test_unet_matches_diffusers_unet2dconditionmodel_through_the_converter(name, tmp_path):
-    reference = tiny_diffusers_unet(seed=3, **UNET_CONFIGS[name])
+    reference = sharpen_attention(tiny_diffusers_unet(seed=3, **UNET_CONFIGS[name]))
     pipe = convert_diffusers(tiny_diffusers_pipeline(reference), tmp_path)
     g = torch.Generator().manual_seed(1)
     x, context = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 77, TEXT_WIDTH, generator=g)
@@ -248,16 +248,16 @@ SCHEDULE_BUFFERS = ("betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alph
                     "posterior_mean_coef1", "posterior_mean_coef2")
 
 
-def tiny_yaml(tmp_path):
+def tiny_yaml(tmp_path, unet=LDM_UNET, flow=False):
     import yaml
 
     config = json.loads(json.dumps(sd15.SD15_INFERENCE))  # a deep copy
     params = config["model"]["params"]
     params["image_size"] = 8
-    params["unet_config"]["params"] = LDM_UNET
+    params["unet_config"]["params"] = unet
     params["first_stage_config"]["params"] = {"embed_dim": 4, "ddconfig": LDM_DDCONFIG}
     path = tmp_path / "tiny-inference.yaml"
-    path.write_text(yaml.safe_dump(config))
+    path.write_text(yaml.safe_dump(config, default_flow_style=flow))
     return path
 
 
@@ -349,6 +349,20 @@ def test_single_file_prefers_the_ema_copy(ldm_parts, tmp_path):
     assert max(_check_against_ldm(ema, ldm_parts, ldm_parts["ema_unet"]).values()) <= TOLERANCE
     trained = sd15.from_single_file(src, config=config, tokenizer=tokenizer, ema=False)
     assert max(_check_against_ldm(trained, ldm_parts, ldm_parts["unet"]).values()) <= TOLERANCE
+
+
+def test_single_file_with_num_head_channels_in_a_flow_style_yaml_matches_ldm(ldm_parts, tmp_path):
+    from ldm.modules.diffusionmodules.openaimodel import UNetModel
+
+    unet_params = {**LDM_UNET, "num_heads": -1, "num_head_channels": 16}  # 2, then 4 heads of 16 channels
+    parts = {**ldm_parts, "unet": sharpen_attention(randomize_with_norms(UNetModel(**unet_params), 9))}
+    src = write_single_file(single_file_state(parts), tmp_path / "model.safetensors")
+    config = sd15.config_from_yaml(tiny_yaml(tmp_path, unet_params, flow=True))
+    assert (config.unet.num_heads, config.unet.head_channels) == (None, 16)
+    config.text = CLIPTextConfig.from_dict(parts["clip"].config.to_dict())
+    errors = _check_against_ldm(sd15.from_single_file(src, config=config), parts, parts["unet"])
+    print("num_head_channels single file vs ldm:", {k: f"{v:.2e}" for k, v in errors.items()})
+    assert max(errors.values()) <= TOLERANCE
 
 
 def test_single_file_text_config_is_read_off_the_weights(ldm_parts, tmp_path):
