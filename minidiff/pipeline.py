@@ -307,14 +307,17 @@ class Pipeline:
         return torch.randn(shape, generator=generator, dtype=torch.float32).to(self.device, self.dtype)
 
     def _check_size(self, height, width):
-        """Any size the models can take, as diffusers allows: latent models need multiples of the
-        autoencoder's factor (8 for SD), and every model at least one pixel per U-Net level's halving;
-        odd sizes in between are upsampled back to each skip's size."""
-        scale = self.latent_scale
-        smallest = scale * self.unet.config.downsample_factor
-        kind = f"a multiple of {scale} (the autoencoder's downsampling)" if scale > 1 else "an int"
+        """Any size the models take, as diffusers allows: multiples of the autoencoder's factor (8 for
+        SD) times the network's own input multiple (1 for the U-Net, which upsamples odd sizes back
+        to each skip's), and at least one latent pixel per halving of the network."""
+        scale, factor = self.latent_scale, self.unet.config.downsample_factor
+        multiple = scale * getattr(self.unet, "input_multiple", factor)
+        smallest = scale * factor
+        kind = "an int" if multiple == 1 else f"a multiple of {multiple} (the " + \
+            ("autoencoder's" if multiple == scale else "model's total") + " downsampling)"
         for name, size in (("height", height), ("width", width)):
-            if not isinstance(size, int) or isinstance(size, bool) or size < smallest or size % scale or size > 16384:
+            if not isinstance(size, int) or isinstance(size, bool) or size < smallest or size % multiple \
+                    or size > 16384:
                 raise ValueError(f"{name} must be {kind} between {smallest} and 16384, got {size!r}")
 
     # Beyond this many times the trained size, generate states the memory it will take (and refuses
