@@ -122,7 +122,7 @@ def main(argv=None):
         return 1
     n = sum(p.numel() for p in pipe.unet.parameters())
     print(f"wrote {args.dst}: DDPM U-Net, {n:,} parameters, {pipe.unet.num_branches} cache branches, "
-          f"variance {pipe.scheduler.variance_type}")
+          f"variance {pipe.scheduler.variance_type}; {args.dtype} weights")
     return 0
 
 

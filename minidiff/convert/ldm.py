@@ -257,7 +257,7 @@ def main(argv=None):
     ae = sum(p.numel() for p in pipe.autoencoder.parameters())
     print(f"wrote {args.dst}: U-Net {unet:,} parameters incl. class embedding ({pipe.meta['weights']} weights), "
           f"{pipe.autoencoder.config.kind.upper()} first stage {ae:,}, {pipe.unet.num_branches} cache branches, "
-          f"null class {pipe.null_class}")
+          f"null class {pipe.null_class}; {args.dtype} weights")
     return 0
 
 

@@ -405,7 +405,7 @@ def main(argv=None):
     counts = {name: sum(p.numel() for p in module.parameters()) for name, module in modules.items()}
     print(f"wrote {args.dst}: Stable Diffusion 1.x ({pipe.meta['layout']}), "
           + ", ".join(f"{name} {n:,}" for name, n in counts.items())
-          + f" parameters; {pipe.unet.num_branches} cache branches")
+          + f" parameters; {pipe.unet.num_branches} cache branches; {args.dtype} weights")
     return 0
 
 
