@@ -5,6 +5,7 @@ so any valid YAML works: flow style, anchors, quoted strings. Without it a small
 block-style subset the CompVis configs themselves use, and names the file and line of anything
 outside that subset together with the install command.
 """
+import functools
 import re
 
 EMA_PREFIX = "model_ema."
@@ -60,15 +61,10 @@ def read_yaml(text: str, name: str = "config") -> dict:
     return value
 
 
-_LOADERS = {}
-
-
+@functools.lru_cache(maxsize=None)
 def _safe_loader(yaml):
     """PyYAML's SafeLoader reading numbers as OmegaConf does (`1e-4` is a float, not a string) and
     refusing duplicate keys, which safe_load would silently let the last one win."""
-    if "safe" in _LOADERS:
-        return _LOADERS["safe"]
-
     class Loader(yaml.SafeLoader):
         def construct_mapping(self, node, deep=False):
             seen = set()
@@ -84,7 +80,6 @@ def _safe_loader(yaml):
     Loader.yaml_implicit_resolvers = {k: list(v) for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
     Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?(\d[\d_]*\.?\d*|\.\d+)[eE][-+]?\d+$"),
                                  list("-+0123456789."))
-    _LOADERS["safe"] = Loader
     return Loader
 
 
