@@ -72,24 +72,6 @@ def randomize_norms_and_biases(module: torch.nn.Module, seed: int = 0) -> torch.
     return module.eval()
 
 
-def tiny_unet(**overrides):
-    """A class-conditional 3-level U-Net with attention at level 1, random weights."""
-    cfg = dict(in_channels=3, out_channels=3, model_channels=32, channel_mult=(1, 2, 2), num_res_blocks=2,
-               attention_levels=(1,), num_heads=2, num_classes=5)
-    cfg.update(overrides)
-    return randomize(UNet(UNetConfig(**cfg)))
-
-
-def tiny_pipeline(attention_type="self", seed=0):
-    """A 2-level class-conditional pixel pipeline (null class 3); transformer attention on request."""
-    extra = dict(context_dim=16, class_cond="context") if attention_type == "transformer" else {}
-    cfg = UNetConfig(in_channels=3, out_channels=3, model_channels=32, channel_mult=(1, 2), num_res_blocks=1,
-                     attention_levels=(1,), attention_type=attention_type, num_classes=4, sample_size=8, **extra)
-    unet = randomize(UNet(cfg), std=0.08, seed=seed)
-    sched = SchedulerConfig(beta_schedule="linear", clip_sample=False)
-    return Pipeline(unet, sched, null_class=3)
-
-
 def check_half_precision_file(full: Path, half: Path, dtype: torch.dtype) -> float:
     """A `--dtype` conversion next to the float32 one of the same source: its model.safetensors is
     about half the size and holds every float weight of the float32 file rounded to `dtype` (exactly),
@@ -114,3 +96,22 @@ def sharpen_attention(module: torch.nn.Module, factor: float = 8.0) -> torch.nn.
             if any(part in name for part in (".to_q.", ".to_k.", ".q.", ".k.")):
                 param.mul_(factor)
     return module
+
+
+def tiny_unet(**overrides):
+    """A class-conditional 3-level U-Net with attention at level 1, random weights."""
+    cfg = dict(in_channels=3, out_channels=3, model_channels=32, channel_mult=(1, 2, 2), num_res_blocks=2,
+               attention_levels=(1,), num_heads=2, num_classes=5)
+    cfg.update(overrides)
+    return randomize(UNet(UNetConfig(**cfg)))
+
+
+def tiny_pipeline(attention_type="self", seed=0):
+    """A 2-level class-conditional pixel pipeline (null class 3); transformer attention on request."""
+    extra = dict(context_dim=16, class_cond="context") if attention_type == "transformer" else {}
+    cfg = UNetConfig(in_channels=3, out_channels=3, model_channels=32, channel_mult=(1, 2), num_res_blocks=1,
+                     attention_levels=(1,), attention_type=attention_type, num_classes=4, sample_size=8, **extra)
+    unet = randomize(UNet(cfg), std=0.08, seed=seed)
+    sched = SchedulerConfig(beta_schedule="linear", clip_sample=False)
+    return Pipeline(unet, sched, null_class=3)
+
