@@ -114,4 +114,3 @@ def tiny_pipeline(attention_type="self", seed=0):
     unet = randomize(UNet(cfg), std=0.08, seed=seed)
     sched = SchedulerConfig(beta_schedule="linear", clip_sample=False)
     return Pipeline(unet, sched, null_class=3)
-
