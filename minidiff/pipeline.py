@@ -386,11 +386,18 @@ class Pipeline:
         return torch.randn(shape, generator=generator, dtype=torch.float32).to(self.device, self.dtype)
 
     def _check_size(self, height, width):
-        multiple = self.latent_scale * self.unet.config.downsample_factor
+        """Any size the models take, as diffusers allows: multiples of the autoencoder's factor (8 for
+        SD) times the network's own input multiple (1 for the U-Net, which upsamples odd sizes back
+        to each skip's), and at least one latent pixel per halving of the network."""
+        scale, factor = self.latent_scale, self.unet.config.downsample_factor
+        multiple = scale * getattr(self.unet, "input_multiple", factor)
+        smallest = scale * factor
+        kind = "an int" if multiple == 1 else f"a multiple of {multiple} (the " + \
+            ("autoencoder's" if multiple == scale else "model's total") + " downsampling)"
         for name, size in (("height", height), ("width", width)):
-            if not isinstance(size, int) or size < multiple or size % multiple or size > 16384:
-                raise ValueError(f"{name} must be a multiple of {multiple} (the model's total downsampling) "
-                                 f"between {multiple} and 16384, got {size!r}")
+            if not isinstance(size, int) or isinstance(size, bool) or size < smallest or size % multiple \
+                    or size > 16384:
+                raise ValueError(f"{name} must be {kind} between {smallest} and 16384, got {size!r}")
 
     # Beyond this many times the trained size, generate states the memory it will take (and refuses
     # when that exceeds what is free): 4096 px on a 16 px model reached 14 GB within 20 s.

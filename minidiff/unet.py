@@ -334,6 +334,10 @@ class CutState:
 
 
 class UNet(nn.Module):
+    # Input sizes need be multiples of this only: stride-2 convs round odd sizes and upsampling meets
+    # each skip's size (a network without the attribute is held to its downsample_factor).
+    input_multiple = 1
+
     def __init__(self, config: UNetConfig):
         super().__init__()
         self.config = cfg = config

@@ -71,16 +71,18 @@ def test_kl_matches_diffusers_autoencoderkl(spelling, ndim):
     assert encode_err <= TOLERANCE and decode_err <= TOLERANCE
 
 
-def test_vq_matches_diffusers_vqmodel_decode_with_quantisation():
+@pytest.mark.parametrize("groups", [32, 8])
+def test_vq_matches_diffusers_vqmodel_decode_with_quantisation(groups):
     from diffusers import VQModel
 
     reference = randomize_norms_and_biases(VQModel(
         block_out_channels=(32, 64), down_block_types=("DownEncoderBlock2D",) * 2,
         up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, latent_channels=3,
-        num_vq_embeddings=16, vq_embed_dim=3, sample_size=16))
+        num_vq_embeddings=16, vq_embed_dim=3, sample_size=16, norm_num_groups=groups))
     with pytest.raises(ValueError, match="scale_factor"):  # diffusers' 0.18215 default is wrong for VQ-f4
         autoencoder_config_from_diffusers(reference.config)
     config = autoencoder_config_from_diffusers(reference.config, scale_factor=1.0)
+    assert config.norm_groups == groups
     model = Autoencoder(config).eval()
     model.load_weights(diffusers_to_native(reference.state_dict(), config))
 
@@ -91,7 +93,7 @@ def test_vq_matches_diffusers_vqmodel_decode_with_quantisation():
         decoded, reference_decoded = model.decode(latents), reference.decode(reference_latents).sample
         unquantised = model.decoder(model.post_quant_conv(latents))
     encode_err, decode_err = max_err(latents, reference_latents), max_err(decoded, reference_decoded)
-    print(f"VQ vs diffusers: encode {encode_err:.2e}, decode {decode_err:.2e}")
+    print(f"VQ ({groups} groups) vs diffusers: encode {encode_err:.2e}, decode {decode_err:.2e}")
     assert encode_err <= TOLERANCE and decode_err <= TOLERANCE
     assert max_err(decoded, unquantised) > 1e-3, "decode must snap latents to the codebook first"
 
@@ -292,3 +294,12 @@ def test_config_errors_name_the_field(changes, field):
 def test_config_round_trips_through_dict():
     config = tiny_kl(attn_resolutions=(8,))
     assert AutoencoderConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+
+
+def test_ldm_ddconfig_may_name_its_norm_groups():
+    ddconfig = dict(double_z=True, z_channels=4, resolution=16, in_channels=3, out_ch=3, ch=32, ch_mult=[1, 2],
+                    num_res_blocks=1, attn_resolutions=[], dropout=0.0)
+    assert autoencoder_config_from_ldm(ddconfig, 4).norm_groups == 32  # LDM's Normalize
+    assert autoencoder_config_from_ldm({**ddconfig, "norm_num_groups": 8}, 4).norm_groups == 8
+    with pytest.raises(ValueError, match="norm_groups"):  # 32 and 64 channels do not split into 24 groups
+        autoencoder_config_from_ldm({**ddconfig, "norm_num_groups": 24}, 4)

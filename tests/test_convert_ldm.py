@@ -1,15 +1,18 @@
 """convert/ldm.py: CompVis class-conditional LDM checkpoints (cin256-v2's family), checked against the
 original CompVis modules and DDIM sampler on tiny models, plus the full-size key layout."""
+import re
+import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
-from conftest import manifest, meta_state_dict, randomize, shared_path
+from conftest import check_half_precision_file, manifest, meta_state_dict, randomize, shared_path
 from torch import nn
 
 from minidiff.convert.ldm import CIN256_V2, check_family, convert, ldm_config, load_config, main, map_checkpoint
-from minidiff.convert.compvis import YamlError, ema_key, read_yaml
+from minidiff.convert.compvis import YamlError, YamlSubsetError, ema_key, read_block_yaml, read_yaml
 from minidiff import load
 from minidiff.autoencoder import Autoencoder
 from minidiff.checkpoint import check_state_dict
@@ -38,6 +41,13 @@ TINY = {
     "head-channels-not-legacy": dict(model_channels=32, channel_mult=[1, 2], attention_resolutions=[2],
                                      num_res_blocks=2, num_head_channels=16, legacy=False, context_dim=8,
                                      n_classes=5),
+    # num_head_channels wins over num_heads in openaimodel, legacy or not: 4 then 8 heads of 8 channels
+    "head-channels-legacy-over-heads": dict(model_channels=32, channel_mult=[1, 2], attention_resolutions=[1, 2],
+                                            num_res_blocks=1, num_heads=8, num_head_channels=8, context_dim=16,
+                                            n_classes=5),
+    "head-channels-heads-unset": dict(model_channels=32, channel_mult=[1, 2, 2], attention_resolutions=[2, 4],
+                                      num_res_blocks=1, num_heads=-1, num_head_channels=32, legacy=False,
+                                      context_dim=16, n_classes=5),
 }
 
 
@@ -282,6 +292,28 @@ def test_safetensors_checkpoint_converts(tmp_path):
         assert max_err(pipe.unet(x, 10, labels), expected) <= 1e-5
 
 
+def test_half_precision_file_through_minidiff_convert_ldm(tmp_path):
+    from minidiff.cli import convert_main
+
+    orig = _original(TINY["cin-like-1head"])
+    src, config = _write(tmp_path, orig)
+    assert main([str(src), str(tmp_path / "full"), "--config", str(config)]) == 0
+    assert convert_main(["ldm", str(src), str(tmp_path / "half"), "--config", str(config), "--dtype", "float16"]) == 0
+    ratio = check_half_precision_file(tmp_path / "full", tmp_path / "half", torch.float16)
+    full, half = load(tmp_path / "full"), load(tmp_path / "half")
+    x, labels = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(3)), torch.tensor([0, 1000])
+    with torch.no_grad():
+        expected = full.unet(x, 500, labels)
+        err = max_err(half.unet(x, 500, labels), expected) / expected.abs().max().item()
+    print(f"ldm --dtype float16: file {ratio:.3f}x, U-Net loaded in float32 vs the float32 file {err:.1e} relative")
+    assert err <= 4e-3  # weights rounded to 11 significant bits (measured 1.6e-3)
+    with pytest.raises(SystemExit):  # argparse: "invalid choice: 'int8' (choose from ...)"
+        convert_main(["ldm", str(src), str(tmp_path / "x"), "--dtype", "int8"])
+    with pytest.raises(ValueError, match="dtype must be one of float32, float16, bfloat16, got 'half'"):
+        convert(src, tmp_path / "y", config=config, dtype="half")
+    assert not (tmp_path / "y").exists()
+
+
 class _WritesMarker:
     def __init__(self, marker):
         self.marker = str(marker)
@@ -392,9 +424,54 @@ def test_yaml_reader_agrees_with_pyyaml_and_builtin_default_is_cin256_v2():
     ("a: 1\na: 2\n", "config:2: duplicate key 'a'"),
     ("a:\n\tb: 1\n", "config:2: tabs"),
 ])
-def test_yaml_reader_names_the_line_it_cannot_read(text, message):
+def test_block_yaml_reader_names_the_line_it_cannot_read(text, message):
     with pytest.raises(YamlError, match=message.replace("[", r"\[").replace("*", r"\*")):
+        read_block_yaml(text)
+
+
+@pytest.mark.parametrize("text,message", [
+    ("a:\n  b: 1\n   c: 2\n", "config:3: not valid YAML"),
+    ("a: [1, 2\n", "config:2: not valid YAML"),
+    ("a: 1\na: 2\n", "config:2: not valid YAML (duplicate key 'a')"),  # safe_load would keep the last
+    ("a:\n\tb: 1\n", "config:2: not valid YAML"),
+    ("- 1\n- 2\n", "config: the document is a list, expected a mapping"),
+    ("a: !!python/object/apply:os.system [echo hi]\n", "config:1: not valid YAML"),  # no Python objects
+])
+def test_pyyaml_reader_names_the_line_of_invalid_yaml(text, message):
+    with pytest.raises(YamlError, match=re.escape(message)):
         read_yaml(text)
+
+
+FLOW = Path(__file__).parent / "data" / "flow-yaml"
+BLOCK_CIN = ("CompVis--latent-diffusion", "configs", "latent-diffusion", "cin256-v2.yaml")
+BLOCK_SD = ("CompVis--stable-diffusion", "configs", "stable-diffusion", "v1-inference.yaml")
+
+
+def test_flow_style_and_anchor_yaml_gives_the_block_style_configs():
+    from minidiff.convert import sd15
+
+    cin_block, cin_flow = shared_path(*BLOCK_CIN), FLOW / "cin256-v2-flow.yaml"
+    sd_block, sd_flow = shared_path(*BLOCK_SD), FLOW / "v1-inference-flow.yaml"
+    assert read_yaml(cin_flow.read_text())["model"] == read_yaml(cin_block.read_text())["model"]
+    assert read_yaml(sd_flow.read_text()) == read_yaml(sd_block.read_text())
+    assert load_config(cin_flow) == load_config(cin_block) == load_config(None)
+    assert sd15.config_from_yaml(sd_flow) == sd15.config_from_yaml(sd_block) == sd15.config_from_yaml()
+
+
+def test_without_pyyaml_block_style_still_reads_and_flow_style_names_the_extra(monkeypatch):
+    from minidiff.convert import sd15
+
+    with_pyyaml = {name: read_yaml(shared_path(*name).read_text()) for name in (BLOCK_CIN, BLOCK_SD)}
+    monkeypatch.setitem(sys.modules, "yaml", None)  # `import yaml` now raises ImportError
+    for name, expected in with_pyyaml.items():
+        assert read_yaml(shared_path(*name).read_text()) == expected
+    assert load_config(shared_path(*BLOCK_CIN)) == load_config(None)
+    assert sd15.config_from_yaml(shared_path(*BLOCK_SD)) == sd15.config_from_yaml()
+    hint = re.escape("pip install 'minidiff[convert]'")
+    with pytest.raises(YamlSubsetError, match=r"cin256-v2-flow.yaml:\d+: .*" + hint):
+        load_config(FLOW / "cin256-v2-flow.yaml")
+    with pytest.raises(ValueError, match=r"v1-inference-flow.yaml:\d+: .*" + hint):
+        sd15.config_from_yaml(FLOW / "v1-inference-flow.yaml")
 
 
 def test_config_of_another_family_is_a_clear_error(tmp_path, capsys):

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import minidiff
-from conftest import SHARED, randomize_with_norms
-from minidiff.convert import sd15, text_keys
+from conftest import SHARED, check_half_precision_file, randomize_with_norms, sharpen_attention
+from minidiff.convert import sd15, text_keys, unet_keys
 from minidiff.autoencoder import Autoencoder
 from minidiff.checkpoint import CheckpointError, check_state_dict
 from minidiff.convert.compvis import ema_key
@@ -53,12 +53,12 @@ def tiny_diffusers_unet(seed=0, **overrides):
     return randomize_with_norms(UNet2DConditionModel(**{**params, **overrides}), seed)
 
 
-def tiny_diffusers_vae(seed=0):
+def tiny_diffusers_vae(seed=0, norm_num_groups=32):
     from diffusers import AutoencoderKL
 
     vae = AutoencoderKL(block_out_channels=(32, 64), down_block_types=("DownEncoderBlock2D",) * 2,
                         up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, latent_channels=4,
-                        sample_size=16, norm_num_groups=32)
+                        sample_size=16, norm_num_groups=norm_num_groups)
     return randomize_with_norms(vae, seed)
 
 
@@ -68,14 +68,14 @@ def sd_pndm_scheduler():
     return PNDMScheduler.from_pretrained(SD15_DIR / "scheduler")
 
 
-def tiny_diffusers_pipeline(unet=None, seed=0):
+def tiny_diffusers_pipeline(unet=None, seed=0, vae=None):
     """A diffusers StableDiffusionPipeline of tiny random components with SD1.5's tokenizer and scheduler."""
     from diffusers import StableDiffusionPipeline
     from transformers import CLIPTokenizer
 
     unet = unet if unet is not None else tiny_diffusers_unet(seed)
     return StableDiffusionPipeline(
-        vae=tiny_diffusers_vae(seed), text_encoder=tiny_clip(seed), unet=unet,
+        vae=vae if vae is not None else tiny_diffusers_vae(seed), text_encoder=tiny_clip(seed), unet=unet,
         tokenizer=CLIPTokenizer.from_pretrained(TOKENIZER_DIR), scheduler=sd_pndm_scheduler(),
         safety_checker=None, feature_extractor=None, requires_safety_checker=False)
 
@@ -145,6 +145,11 @@ UNET_CONFIGS = {
                                 up_block_types=("UpBlock2D", "CrossAttnUpBlock2D")),
     "linear-projection-depth-2": dict(use_linear_projection=True, transformer_layers_per_block=2,
                                       attention_head_dim=4),
+    # SD's quirk: attention_head_dim means the number of heads; a list gives one count per level
+    # (up blocks reversed, the middle block the last), here 1, 2 and 4 heads over 32, 64, 64 channels
+    "per-level-heads": dict(attention_head_dim=[1, 2, 4], down_block_types=("CrossAttnDownBlock2D",) * 3,
+                            up_block_types=("CrossAttnUpBlock2D",) * 3),
+    "eight-norm-groups": dict(norm_num_groups=8, attention_head_dim=[2, 4, 4]),
     "attention-low-res-one-head": dict(block_out_channels=(32, 32, 64), attention_head_dim=1,
                                        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
                                        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D")),
@@ -153,7 +158,7 @@ UNET_CONFIGS = {
 
 @pytest.mark.parametrize("name", list(UNET_CONFIGS))
 def test_unet_matches_diffusers_unet2dconditionmodel_through_the_converter(name, tmp_path):
-    reference = tiny_diffusers_unet(seed=3, **UNET_CONFIGS[name])
+    reference = sharpen_attention(tiny_diffusers_unet(seed=3, **UNET_CONFIGS[name]))
     pipe = convert_diffusers(tiny_diffusers_pipeline(reference), tmp_path)
     g = torch.Generator().manual_seed(1)
     x, context = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 77, TEXT_WIDTH, generator=g)
@@ -164,8 +169,9 @@ def test_unet_matches_diffusers_unet2dconditionmodel_through_the_converter(name,
     assert err <= TOLERANCE
 
 
-def test_diffusers_folder_text_encoder_and_vae_match(tmp_path):
-    reference = tiny_diffusers_pipeline()
+@pytest.mark.parametrize("groups", [32, 8])
+def test_diffusers_folder_text_encoder_and_vae_match(groups, tmp_path):
+    reference = tiny_diffusers_pipeline(vae=tiny_diffusers_vae(norm_num_groups=groups))
     pipe = convert_diffusers(reference, tmp_path)
     ids = reference.tokenizer(["a photograph of an astronaut riding a horse", ""], padding="max_length",
                               max_length=77, return_tensors="pt").input_ids
@@ -178,10 +184,27 @@ def test_diffusers_folder_text_encoder_and_vae_match(tmp_path):
             "encode": max_err(pipe.autoencoder.encode(images), reference.vae.encode(images).latent_dist.mean * 0.18215),
             "decode": max_err(pipe.autoencoder.decode(latents), reference.vae.decode(latents / 0.18215).sample),
         }
-    print("diffusers folder:", {k: f"{v:.2e}" for k, v in errors.items()})
-    assert max(errors.values()) <= TOLERANCE
+    print(f"diffusers folder, {groups}-group VAE:", {k: f"{v:.2e}" for k, v in errors.items()})
+    assert max(errors.values()) <= TOLERANCE and pipe.autoencoder.config.norm_groups == groups
     # save_pretrained writes every key, timestep_spacing too; SD1.5's own scheduler_config.json does not.
     assert pipe.scheduler == sd15.sd_scheduler(timestep_spacing="leading") and pipe.meta["layout"] == "diffusers"
+
+
+def test_per_level_heads_of_either_spelling_map_to_per_level_num_heads():
+    base = dict(_class_name="UNet2DConditionModel", block_out_channels=[32, 64, 64], cross_attention_dim=TEXT_WIDTH,
+                down_block_types=["CrossAttnDownBlock2D"] * 3, up_block_types=["CrossAttnUpBlock2D"] * 3)
+    assert unet_keys.config_from_diffusers({**base, "attention_head_dim": [1, 2, 4]}).num_heads == (1, 2, 4)
+    assert unet_keys.config_from_diffusers({**base, "attention_head_dim": [4, 4, 4]}).num_heads == 4
+    # num_attention_heads (which diffusers itself still refuses to build) takes precedence, as diffusers reads it
+    mapped = unet_keys.config_from_diffusers({**base, "attention_head_dim": 8, "num_attention_heads": [2, 4, 8]})
+    assert (mapped.num_heads, mapped.head_channels) == ((2, 4, 8), None)
+    with pytest.raises(ValueError, match=r"per-level head counts \[1, 2\] give 2 values for 3 down blocks"):
+        unet_keys.config_from_diffusers({**base, "attention_head_dim": [1, 2]})
+    pixel = dict(_class_name="UNet2DModel", block_out_channels=[32, 64], attention_head_dim=[8, 16],
+                 down_block_types=["DownBlock2D", "AttnDownBlock2D"], up_block_types=["AttnUpBlock2D", "UpBlock2D"])
+    with pytest.raises(ValueError, match="UNet2DModel takes one head width for every block"):
+        unet_keys.config_from_diffusers(pixel)
+    assert unet_keys.config_from_diffusers({**pixel, "attention_head_dim": 16}).head_channels == 16
 
 
 def test_diffusers_folder_with_deprecated_vae_attention_names_and_text_model_prefix(tmp_path):
@@ -225,16 +248,16 @@ SCHEDULE_BUFFERS = ("betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alph
                     "posterior_mean_coef1", "posterior_mean_coef2")
 
 
-def tiny_yaml(tmp_path):
+def tiny_yaml(tmp_path, unet=LDM_UNET, flow=False):
     import yaml
 
     config = json.loads(json.dumps(sd15.SD15_INFERENCE))  # a deep copy
     params = config["model"]["params"]
     params["image_size"] = 8
-    params["unet_config"]["params"] = LDM_UNET
+    params["unet_config"]["params"] = unet
     params["first_stage_config"]["params"] = {"embed_dim": 4, "ddconfig": LDM_DDCONFIG}
     path = tmp_path / "tiny-inference.yaml"
-    path.write_text(yaml.safe_dump(config))
+    path.write_text(yaml.safe_dump(config, default_flow_style=flow))
     return path
 
 
@@ -328,6 +351,20 @@ def test_single_file_prefers_the_ema_copy(ldm_parts, tmp_path):
     assert max(_check_against_ldm(trained, ldm_parts, ldm_parts["unet"]).values()) <= TOLERANCE
 
 
+def test_single_file_with_num_head_channels_in_a_flow_style_yaml_matches_ldm(ldm_parts, tmp_path):
+    from ldm.modules.diffusionmodules.openaimodel import UNetModel
+
+    unet_params = {**LDM_UNET, "num_heads": -1, "num_head_channels": 16}  # 2, then 4 heads of 16 channels
+    parts = {**ldm_parts, "unet": sharpen_attention(randomize_with_norms(UNetModel(**unet_params), 9))}
+    src = write_single_file(single_file_state(parts), tmp_path / "model.safetensors")
+    config = sd15.config_from_yaml(tiny_yaml(tmp_path, unet_params, flow=True))
+    assert (config.unet.num_heads, config.unet.head_channels) == (None, 16)
+    config.text = CLIPTextConfig.from_dict(parts["clip"].config.to_dict())
+    errors = _check_against_ldm(sd15.from_single_file(src, config=config), parts, parts["unet"])
+    print("num_head_channels single file vs ldm:", {k: f"{v:.2e}" for k, v in errors.items()})
+    assert max(errors.values()) <= TOLERANCE
+
+
 def test_single_file_text_config_is_read_off_the_weights(ldm_parts, tmp_path):
     text = {k: v for k, v in single_file_state(ldm_parts).items() if k.startswith("cond_stage_model.")}
     native = {k[len(sd15.SINGLE_FILE_PREFIXES["text_encoder"]):]: v for k, v in text.items()}
@@ -387,12 +424,53 @@ def test_sd2_and_sdxl_diffusers_folders_are_refused(family, files, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_single_file_without_tokenizer_says_what_to_pass(ldm_parts, tmp_path, capsys):
+def test_single_file_converts_offline_with_the_shipped_vocabulary(ldm_parts, tmp_path):
+    """No --tokenizer / --bpe: CLIP ViT-L/14's vocabulary shipped with minidiff, the same ids as SD1.5's own."""
+    from transformers import CLIPTokenizer as HFTokenizer
+
+    src = write_single_file(single_file_state(ldm_parts), tmp_path / "v1-5-pruned-emaonly.safetensors")
+    text_config = tmp_path / "text-config.json"
+    text_config.write_text(json.dumps(ldm_parts["clip"].config.to_dict()))
+    dst = tmp_path / "native"
+    assert sd15.main([str(src), str(dst), "--config", str(tiny_yaml(tmp_path)), "--text-config",
+                      str(text_config)]) == 0
+    pipe = minidiff.load(dst)
+    prompts = ["a photograph of an astronaut riding a horse", "Ünïcode, punctuation!? and   spaces", ""]
+    expected = HFTokenizer.from_pretrained(TOKENIZER_DIR)(prompts, padding="max_length", max_length=77,
+                                                         truncation=True, return_tensors="pt").input_ids
+    assert torch.equal(pipe.tokenizer(prompts), expected)
+    assert max(_check_against_ldm(pipe, ldm_parts, ldm_parts["unet"]).values()) <= TOLERANCE
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_half_precision_file_is_half_the_size_and_loads_in_float32_and_half(dtype, ldm_parts, tmp_path):
     src = write_single_file(single_file_state(ldm_parts), tmp_path / "model.safetensors")
-    assert sd15.main([str(src), str(tmp_path / "out"), "--config", str(tiny_yaml(tmp_path))]) == 1
-    message = capsys.readouterr().err
-    assert "no tokenizer" in message and "--tokenizer" in message and "--bpe" in message
-    assert not (tmp_path / "out").exists()
+    args = [str(src), "--config", str(tiny_yaml(tmp_path))]
+    assert sd15.main([args[0], str(tmp_path / "full"), *args[1:]]) == 0
+    assert sd15.main([args[0], str(tmp_path / "half"), *args[1:], "--dtype", dtype]) == 0
+    half_dtype = getattr(torch, dtype)
+    ratio = check_half_precision_file(tmp_path / "full", tmp_path / "half", half_dtype)
+    full, as_float32 = minidiff.load(tmp_path / "full"), minidiff.load(tmp_path / "half")
+    as_half = minidiff.load(tmp_path / "half", dtype=half_dtype)
+    for pipe, want in ((as_float32, torch.float32), (as_half, half_dtype)):
+        assert {p.dtype for m in (pipe.unet, pipe.text_encoder) for p in m.parameters()} == {want}
+        assert {p.dtype for p in pipe.autoencoder.parameters()} == {torch.float32}  # decoding stays float32
+    g = torch.Generator().manual_seed(2)
+    x, context = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 77, TEXT_WIDTH, generator=g)
+    t = torch.tensor([981, 21])
+    with torch.no_grad():
+        expected = full.unet(x, t, context)
+        scale = expected.abs().max().item()
+        errors = {"float32": max_err(as_float32.unet(x, t, context), expected) / scale,
+                  dtype: max_err(as_half.unet(x.to(half_dtype), t, context.to(half_dtype)), expected) / scale}
+    print(f"--dtype {dtype}: file {ratio:.3f}x; U-Net vs the float32 conversion, relative:",
+          {k: f"{v:.1e}" for k, v in errors.items()})
+    # weights rounded to 11 (float16) or 8 (bfloat16) significant bits (measured 4.8e-4 / 2.5e-3),
+    # then computing in that precision (7.7e-4 / 5.9e-3)
+    bound = {"float16": 2e-3, "bfloat16": 1e-2}[dtype]
+    assert errors["float32"] <= bound and errors[dtype] <= 2 * bound
+    images = as_half.generate(prompt="a red fox", steps=2, height=16, width=16, seed=0, progress=False)
+    assert images.shape == (1, 3, 16, 16) and torch.isfinite(images).all()
 
 
 def test_wrong_config_and_existing_destination_are_errors(ldm_parts, tmp_path):

@@ -144,8 +144,8 @@ def test_img2img_bad_images_are_errors(models):
         ours.generate(prompt="x", init_image=torch.rand(1, 3, 16, 16) * 2 - 1, steps=4, progress=False)
     with pytest.raises(ValueError, match="shape"):
         ours.generate(prompt="x", init_image=torch.rand(3, 16, 16), steps=4, progress=False)
-    with pytest.raises(ValueError, match="multiple of 8"):
-        ours.generate(prompt="x", init_image=torch.rand(1, 3, 12, 16), steps=4, progress=False)
+    with pytest.raises(ValueError, match="height must be a multiple of 2"):  # the tiny autoencoder's factor
+        ours.generate(prompt="x", init_image=torch.rand(1, 3, 13, 16), steps=4, progress=False)
 
 
 def test_text_to_image_with_guidance_plms_and_caching_both_halves(models):
@@ -166,7 +166,67 @@ def test_long_prompt_is_truncated_with_a_warning(models):
     assert context.shape == (1, 77, TEXT_WIDTH)
 
 
-def test_height_not_divisible_by_8_is_an_error(models):
+def test_sizes_the_autoencoder_cannot_take_are_errors(models):
     _, ours = models
-    with pytest.raises(ValueError, match="height must be a multiple of 8"):
-        ours.generate(prompt="x", height=20, width=16, steps=2, progress=False)
+    with pytest.raises(ValueError, match=r"height must be a multiple of 2 \(the autoencoder's downsampling\) "
+                                         "between 8 and 16384, got 21"):
+        ours.generate(prompt="x", height=21, width=16, steps=2, progress=False)
+    with pytest.raises(ValueError, match="width must be a multiple of 2 .* got 6"):  # latents below the U-Net's 4
+        ours.generate(prompt="x", height=16, width=6, steps=2, progress=False)
+
+
+@pytest.fixture(scope="module")
+def odd_size_models(tmp_path_factory):
+    """A tiny SD with SD's geometry: an autoencoder of factor 8 (4 levels, 8 norm groups) and a U-Net
+    with per-level head counts, so 72x88 px are 9x11 latents, odd at every U-Net level."""
+    from diffusers import AutoencoderKL, DDIMScheduler
+
+    from conftest import randomize_with_norms
+    from test_convert_sd15 import tiny_diffusers_unet
+
+    vae = randomize_with_norms(AutoencoderKL(block_out_channels=(16, 16, 32, 32), layers_per_block=1,
+                                             down_block_types=("DownEncoderBlock2D",) * 4, norm_num_groups=8,
+                                             up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4), 12)
+    unet = tiny_diffusers_unet(seed=12, attention_head_dim=[1, 2, 4])
+    reference = tiny_diffusers_pipeline(unet=unet, seed=12, vae=vae)
+    ours = convert_diffusers(reference, tmp_path_factory.mktemp("sd15-odd"))
+    reference.scheduler = DDIMScheduler.from_config(reference.scheduler.config)
+    reference.set_progress_bar_config(disable=True)
+    return reference, ours
+
+
+def test_odd_size_generation_matches_diffusers_pipeline(odd_size_models):
+    """72x88 px: sizes diffusers takes (multiples of 8) that are not multiples of the model's total 32."""
+    reference, ours = odd_size_models
+    assert ours.latent_scale * ours.unet.config.downsample_factor == 32
+    noise = torch.randn(2, 4, 9, 11, generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        cond, uncond = ours.encode_prompt(PROMPTS), ours.encode_prompt(["", ""])
+    expected = reference(prompt_embeds=cond, negative_prompt_embeds=uncond, guidance_scale=7.5, height=72, width=88,
+                         num_inference_steps=10, latents=noise.clone(), output_type="pt").images
+    got = ours.generate(prompt=PROMPTS, guidance_scale=7.5, sampler="ddim", steps=10, noise=noise, height=72,
+                        width=88, progress=False)
+    print(f"72x88 SD images vs diffusers: max error {max_err(got, expected):.2e}")
+    assert got.shape == expected.shape == (2, 3, 72, 88)
+    assert max_err(got, expected) <= 1e-4
+
+
+def test_odd_size_cached_generation_matches_deepcache_sd_helper(odd_size_models):
+    from DeepCache import DeepCacheSDHelper
+
+    reference, ours = odd_size_models
+    noise = torch.randn(2, 4, 9, 11, generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        cond, uncond = ours.encode_prompt(PROMPTS), ours.encode_prompt(["", ""])
+    helper = DeepCacheSDHelper(pipe=reference)
+    helper.set_params(cache_interval=3, cache_branch_id=1)
+    helper.enable()
+    try:
+        expected = reference(prompt_embeds=cond, negative_prompt_embeds=uncond, guidance_scale=7.5, height=72,
+                             width=88, num_inference_steps=10, latents=noise.clone(), output_type="latent").images
+    finally:
+        helper.disable()
+    got = ours.generate(prompt=PROMPTS, guidance_scale=7.5, sampler="ddim", steps=10, noise=noise, height=72,
+                        width=88, output="latent", cache_interval=3, cache_branch=1, progress=False)
+    print(f"72x88 DeepCache branch 1 interval 3: relative to the latents' scale {scaled_err(got, expected):.2e}")
+    assert scaled_err(got, expected) <= RELATIVE_TOLERANCE and ours.last_run.shallow_calls == 6

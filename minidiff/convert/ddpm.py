@@ -1,6 +1,7 @@
 """Convert a DDPM checkpoint (CIFAR-10, LSUN church / bedroom / cat) to a minidiff model folder.
 
     python convert/ddpm.py SRC DST [--overwrite] [--variance fixed_small|fixed_large]
+                           [--dtype float16|bfloat16]
 
 SRC may be
 - a diffusers folder: `unet/` + `scheduler/` sub-folders, or the flat layout of the google/ddpm-*
@@ -22,6 +23,7 @@ from ..checkpoint import CheckpointError, check_conversion_paths, load_weights, 
 from ..pipeline import Pipeline
 from ..schedules import SchedulerConfig
 from ..unet import UNet
+from .storage import add_dtype_argument, storage_dtype
 from .unet_keys import config_from_diffusers, config_from_pesser, diffusers_to_native, pesser_to_native
 
 WEIGHT_NAMES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin", "model.safetensors")
@@ -92,13 +94,15 @@ def from_pesser_file(src: Path, variance: str | None = None) -> Pipeline:
     return Pipeline(unet, sched, meta={"source": str(src), "family": "ddpm"})
 
 
-def convert(src, dst, *, overwrite: bool = False, variance: str | None = None) -> Pipeline:
-    """Read SRC (folder or original file), write the native folder DST atomically."""
+def convert(src, dst, *, overwrite: bool = False, variance: str | None = None, dtype=None) -> Pipeline:
+    """Read SRC (folder or original file), write the native folder DST atomically (in `dtype`:
+    "float16" / "bfloat16" halve the file)."""
+    dtype = storage_dtype(dtype)
     src, dst = check_conversion_paths(src, dst, overwrite)
     pipe = from_diffusers_folder(src) if src.is_dir() else from_pesser_file(src, variance)
     if variance and src.is_dir():
         pipe.scheduler.variance_type = variance
-    pipe.save(dst, overwrite=overwrite)
+    pipe.save(dst, overwrite=overwrite, dtype=dtype)
     return pipe
 
 
@@ -108,15 +112,17 @@ def main(argv=None):
     parser.add_argument("dst", help="minidiff model folder to write")
     parser.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
     parser.add_argument("--variance", choices=["fixed_small", "fixed_large"], help="override the DDPM variance")
+    add_dtype_argument(parser)
     args = parser.parse_args(argv)
     try:
-        pipe = convert(args.src, args.dst, overwrite=args.overwrite, variance=args.variance)
+        pipe = convert(args.src, args.dst, overwrite=args.overwrite, variance=args.variance,
+                       dtype=args.dtype)
     except (CheckpointError, FileExistsError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     n = sum(p.numel() for p in pipe.unet.parameters())
     print(f"wrote {args.dst}: DDPM U-Net, {n:,} parameters, {pipe.unet.num_branches} cache branches, "
-          f"variance {pipe.scheduler.variance_type}")
+          f"variance {pipe.scheduler.variance_type}; {args.dtype} weights")
     return 0
 
 

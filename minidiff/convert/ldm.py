@@ -1,7 +1,7 @@
 """Convert a CompVis latent-diffusion checkpoint (LDM-4-G ImageNet `cin256-v2` and class-conditional
 models of its family) to a minidiff model folder.
 
-    python convert/ldm.py SRC DST [--config MODEL.yaml] [--overwrite] [--no-ema]
+    python convert/ldm.py SRC DST [--config MODEL.yaml] [--overwrite] [--no-ema] [--dtype float16|bfloat16]
 
 SRC is the single file the CompVis code writes: `model.ckpt`, a PyTorch Lightning pickle read
 without executing anything in it (weights under "state_dict"), or a flat `.safetensors` export.
@@ -16,9 +16,9 @@ The schedule buffers (betas, alphas_cumprod, ...), `logvar` and Lightning's oute
 ignored: the schedule is recomputed from the config, as LDM does.
 
 The architecture comes from the model's yaml (`--config`); without it the values of cin256-v2.yaml
-are used (built in below). The yaml is read by `compvis.read_yaml`, a small reader that understands the
-block style the CompVis configs use (nested `key: value` mappings, `- item` lists, `[a, b]` flow
-lists, comments); it reports the line of anything else, so no YAML library is needed.
+are used (built in below). The yaml is read by `compvis.read_yaml`: PyYAML's safe_load when
+installed (`pip install 'minidiff[convert]'`), any valid YAML; otherwise a small reader of the block
+style the CompVis configs use, which names the line of anything else.
 
 Sampling follows LDM's DDIM: its "linear" schedule (linear in sqrt(beta), diffusers'
 `scaled_linear`), timesteps `range(0, T, T // S) + 1` (`steps_offset=1`, leading spacing) and the
@@ -38,6 +38,7 @@ from .compvis import EMA_PREFIX, ema_key, read_yaml
 from ..pipeline import Pipeline
 from ..schedules import SchedulerConfig
 from ..unet import UNet, UNetConfig
+from .storage import add_dtype_argument, storage_dtype
 from .unet_keys import config_from_openaimodel, openaimodel_to_native
 from .vae_keys import autoencoder_config_from_ldm, ldm_to_native
 
@@ -227,11 +228,13 @@ def from_checkpoint(src, config: LDMConfig, *, use_ema: bool = True) -> Pipeline
     return Pipeline(unet, config.scheduler, autoencoder=autoencoder, null_class=config.null_class, meta=meta)
 
 
-def convert(src, dst, *, config=None, overwrite: bool = False, use_ema: bool = True) -> Pipeline:
-    """Read SRC (CompVis .ckpt / .safetensors) and write the native folder DST atomically."""
+def convert(src, dst, *, config=None, overwrite: bool = False, use_ema: bool = True, dtype=None) -> Pipeline:
+    """Read SRC (CompVis .ckpt / .safetensors) and write the native folder DST atomically (in
+    `dtype`: "float16" / "bfloat16" halve the file)."""
+    dtype = storage_dtype(dtype)
     src, dst = check_conversion_paths(src, dst, overwrite)
     pipe = from_checkpoint(src, load_config(config), use_ema=use_ema)
-    pipe.save(dst, overwrite=overwrite)
+    pipe.save(dst, overwrite=overwrite, dtype=dtype)
     return pipe
 
 
@@ -242,9 +245,11 @@ def main(argv=None):
     parser.add_argument("--config", help="the model's CompVis yaml (default: cin256-v2's values)")
     parser.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
     parser.add_argument("--no-ema", action="store_true", help="use model.diffusion_model.* even when EMA weights exist")
+    add_dtype_argument(parser)
     args = parser.parse_args(argv)
     try:
-        pipe = convert(args.src, args.dst, config=args.config, overwrite=args.overwrite, use_ema=not args.no_ema)
+        pipe = convert(args.src, args.dst, config=args.config, overwrite=args.overwrite, use_ema=not args.no_ema,
+                       dtype=args.dtype)
     except (CheckpointError, FileExistsError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -252,7 +257,7 @@ def main(argv=None):
     ae = sum(p.numel() for p in pipe.autoencoder.parameters())
     print(f"wrote {args.dst}: U-Net {unet:,} parameters incl. class embedding ({pipe.meta['weights']} weights), "
           f"{pipe.autoencoder.config.kind.upper()} first stage {ae:,}, {pipe.unet.num_branches} cache branches, "
-          f"null class {pipe.null_class}")
+          f"null class {pipe.null_class}; {args.dtype} weights")
     return 0
 
 

@@ -1,14 +1,16 @@
 """Convert Stable Diffusion 1.x (v1.5 and its fine-tunes) to a minidiff model folder.
 
-    python convert/sd15.py SRC DST [--overwrite] [--tokenizer DIR | --bpe FILE.txt.gz]
-                           [--config v1-inference.yaml] [--text-config config.json] [--non-ema]
+    python convert/sd15.py SRC DST [--overwrite] [--dtype float16|bfloat16]
+                           [--tokenizer DIR | --bpe FILE.txt.gz] [--config v1-inference.yaml]
+                           [--text-config config.json] [--non-ema]
 
 SRC is either
 - the original single file, `.safetensors` or `.ckpt`: `model.diffusion_model.*` (U-Net, openaimodel
   layout), `first_stage_model.*` (KL VAE), `cond_stage_model.transformer.text_model.*` (CLIP ViT-L/14).
   `v1-5-pruned.*` keeps its EMA U-Net under `model_ema.*`; that copy is preferred (--non-ema to
-  refuse it). The file holds no tokenizer and no architecture: pass --tokenizer or --bpe, and
-  --config for a non-standard size (SD1.5's v1-inference.yaml is built in);
+  refuse it). The file holds no tokenizer and no architecture: CLIP ViT-L/14's vocabulary ships with
+  minidiff and is used unless --tokenizer or --bpe names another one, and SD1.5's v1-inference.yaml
+  is built in (--config for a non-standard size);
 - a diffusers folder: unet/ vae/ text_encoder/ tokenizer/ scheduler/ (weights .safetensors or .bin;
   the tokenizer as vocab.json + merges.txt or, as transformers 5 saves it, tokenizer.json).
 
@@ -16,7 +18,9 @@ The noise schedule is SD1.5's (scaled_linear 0.00085..0.012, steps_offset 1, set
 False); which sampler runs on it is chosen at `generate` time. SD2.x and SDXL are refused with a
 message naming what the file is. The model is built component by component on the meta device and
 takes the file's tensors as its weights, so conversion holds about one copy of the model, plus the
-one the writer makes; DST is written atomically, never half.
+one the writer makes; DST is written atomically, never half. `--dtype float16` writes the weights
+in half precision, a file half the size (as the public `*-fp16` files); `minidiff.load` reads it
+back in float32 or float16.
 """
 from __future__ import annotations
 
@@ -40,6 +44,7 @@ from .compvis import YamlError, ema_key, read_yaml
 from ..pipeline import Pipeline
 from ..schedules import SchedulerConfig
 from ..text import CLIPTextConfig, CLIPTextEncoder, CLIPTokenizer
+from .storage import add_dtype_argument, storage_dtype
 from .text_keys import text_config_from_weights, text_keys_to_native, tokenizer_from_folder
 from ..unet import UNet, UNetConfig
 
@@ -72,11 +77,6 @@ SD15_INFERENCE = {"model": {"target": "ldm.models.diffusion.ddpm.LatentDiffusion
             "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2, "attn_resolutions": [], "dropout": 0.0}}},
     "cond_stage_config": {"target": "ldm.modules.encoders.modules.FrozenCLIPEmbedder"},
 }}}
-
-TOKENIZER_HELP = ("pass --tokenizer DIR (a folder with vocab.json and merges.txt, e.g. the tokenizer/ folder of "
-                  "the diffusers repo stable-diffusion-v1-5) or --bpe bpe_simple_vocab_16e6.txt.gz (OpenAI's CLIP "
-                  "vocabulary, shipped in the clip-anytorch and open-clip-torch wheels)")
-
 
 @dataclass
 class SD1Config:
@@ -279,23 +279,24 @@ class SingleFile:
         return self._tensors.pop(key) if self._tensors is not None else self._file.get_tensor(key)
 
 
-def load_tokenizer(tokenizer_dir=None, bpe=None) -> Optional[CLIPTokenizer]:
+def load_tokenizer(tokenizer_dir=None, bpe=None) -> CLIPTokenizer:
+    """The tokenizer of --tokenizer DIR or --bpe FILE; with neither, CLIP ViT-L/14's shipped with minidiff."""
     if tokenizer_dir is not None and bpe is not None:
         raise ValueError("pass either --tokenizer or --bpe, not both")
     if tokenizer_dir is not None:
         return tokenizer_from_folder(tokenizer_dir)
-    return CLIPTokenizer.from_bpe_gz(bpe) if bpe is not None else None
+    return CLIPTokenizer.from_bpe_gz(bpe) if bpe is not None else CLIPTokenizer.default()
 
 
 def from_single_file(path, *, config: Optional[SD1Config] = None, tokenizer: Optional[CLIPTokenizer] = None,
                      ema: bool = True, allow_nan: bool = False) -> Pipeline:
-    """Pipeline of an original SD1.x `.safetensors` / `.ckpt` file."""
+    """Pipeline of an original SD1.x `.safetensors` / `.ckpt` file; without `tokenizer`, SD1.x's own
+    (CLIP ViT-L/14's vocabulary, shipped with minidiff)."""
     path = Path(path)
     config = config or config_from_yaml()
     source = SingleFile(path)
     reject_other_families(source.shapes, str(path), linear_projection=config.unet.use_linear_projection)
-    if tokenizer is None:
-        raise CheckpointError(f"{path.name} is a single-file checkpoint, which holds no tokenizer: {TOKENIZER_HELP}")
+    tokenizer = tokenizer if tokenizer is not None else CLIPTokenizer.default()
     if not any(k.startswith(SINGLE_FILE_PREFIXES["unet"]) for k in source.keys()):
         raise CheckpointError(f"{path} has no model.diffusion_model.* keys, so it is not a Stable Diffusion "
                               "single file (a lone U-Net, VAE or text encoder?)")
@@ -357,8 +358,10 @@ def from_diffusers_folder(src, *, allow_nan: bool = False) -> Pipeline:
 
 
 def convert(src, dst, *, overwrite: bool = False, config=None, tokenizer_dir=None, bpe=None, text_config=None,
-            ema: bool = True, allow_nan: bool = False) -> Pipeline:
-    """Read SRC (single file or diffusers folder) and write the native folder DST atomically."""
+            ema: bool = True, allow_nan: bool = False, dtype=None) -> Pipeline:
+    """Read SRC (single file or diffusers folder) and write the native folder DST atomically (in
+    `dtype`: "float16" / "bfloat16" halve the file)."""
+    dtype = storage_dtype(dtype)
     src, dst = check_conversion_paths(src, dst, overwrite)
     if src.is_dir():
         if config is not None or text_config is not None:
@@ -373,7 +376,7 @@ def convert(src, dst, *, overwrite: bool = False, config=None, tokenizer_dir=Non
             sd1.text = CLIPTextConfig.from_dict(text)
         pipe = from_single_file(src, config=sd1, tokenizer=load_tokenizer(tokenizer_dir, bpe), ema=ema,
                                 allow_nan=allow_nan)
-    pipe.save(dst, overwrite=overwrite)
+    pipe.save(dst, overwrite=overwrite, dtype=dtype)
     return pipe
 
 
@@ -389,10 +392,12 @@ def main(argv=None):
                         "read from the weights, 64-channel heads)")
     parser.add_argument("--non-ema", action="store_true", help="use model.diffusion_model.* even if model_ema.* exists")
     parser.add_argument("--allow-nan", action="store_true", help="convert weights that contain NaN/Inf")
+    add_dtype_argument(parser)
     args = parser.parse_args(argv)
     try:
         pipe = convert(args.src, args.dst, overwrite=args.overwrite, config=args.config, tokenizer_dir=args.tokenizer,
-                       bpe=args.bpe, text_config=args.text_config, ema=not args.non_ema, allow_nan=args.allow_nan)
+                       bpe=args.bpe, text_config=args.text_config, ema=not args.non_ema, allow_nan=args.allow_nan,
+                       dtype=args.dtype)
     except (CheckpointError, FileExistsError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -400,7 +405,7 @@ def main(argv=None):
     counts = {name: sum(p.numel() for p in module.parameters()) for name, module in modules.items()}
     print(f"wrote {args.dst}: Stable Diffusion 1.x ({pipe.meta['layout']}), "
           + ", ".join(f"{name} {n:,}" for name, n in counts.items())
-          + f" parameters; {pipe.unet.num_branches} cache branches")
+          + f" parameters; {pipe.unet.num_branches} cache branches; {args.dtype} weights")
     return 0
 
 

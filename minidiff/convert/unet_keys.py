@@ -233,21 +233,14 @@ def config_from_diffusers(d: dict) -> UNetConfig:
     if not isinstance(depth, int):
         raise ValueError(f"per-level transformer_layers_per_block {depth} is not supported")
     conditional = cls == "UNet2DConditionModel"
-    heads = d.get("num_attention_heads") or d.get("attention_head_dim")
-    if conditional and isinstance(heads, (list, tuple)):
-        if len(set(heads)) != 1:
-            raise ValueError(f"per-level head counts {heads} are not supported")
-        heads = heads[0]
-    if not conditional and isinstance(d.get("attention_head_dim"), (list, tuple)):
-        raise ValueError("per-level attention_head_dim is not supported")
+    num_heads, head_channels = _diffusers_heads(d, conditional, len(down))
     return UNetConfig(
         in_channels=d.get("in_channels", 3), out_channels=d.get("out_channels", 3),
         model_channels=d["block_out_channels"][0], channel_mult=_channel_mult(d["block_out_channels"]),
         num_res_blocks=d.get("layers_per_block", 2), attention_levels=tuple(attn_down),
         mid_attention=d.get("add_attention", True),
         attention_type="transformer" if conditional else "self",
-        num_heads=heads if conditional else None,
-        head_channels=None if conditional else d.get("attention_head_dim"),
+        num_heads=num_heads, head_channels=head_channels,
         transformer_depth=depth, context_dim=d.get("cross_attention_dim", 1280) if conditional else None,
         use_linear_projection=d.get("use_linear_projection", False),
         num_classes=d.get("num_class_embeds"), class_cond="add", dropout=d.get("dropout", 0.0),
@@ -255,6 +248,30 @@ def config_from_diffusers(d: dict) -> UNetConfig:
         downsample_padding=d.get("downsample_padding", 1), flip_sin_to_cos=d.get("flip_sin_to_cos", True),
         freq_shift=d.get("freq_shift", 0), sample_size=d.get("sample_size"),
     )
+
+
+def _diffusers_heads(d: dict, conditional: bool, levels: int) -> tuple:
+    """(num_heads, head_channels) of a diffusers U-Net config, each an int or one value per level.
+
+    UNet2DConditionModel reads `num_attention_heads or attention_head_dim` as the number of heads
+    (SD's configs say attention_head_dim: 8 and mean 8 heads: the naming slip of diffusers #2011),
+    one per down block; up blocks take the list reversed, so level i has entry i either way, and the
+    middle block the last. UNet2DModel reads attention_head_dim as the width of a head (None: one head
+    as wide as the block).
+    """
+    if conditional:
+        heads = d.get("num_attention_heads") or d.get("attention_head_dim")
+        if isinstance(heads, (list, tuple)):
+            if len(heads) != levels:
+                raise ValueError(f"per-level head counts {list(heads)} give {len(heads)} values for {levels} "
+                                 "down blocks; diffusers needs one per block")
+            heads = heads[0] if len(set(heads)) == 1 else tuple(heads)
+        return heads, None
+    width = d.get("attention_head_dim")
+    if isinstance(width, (list, tuple)):
+        raise ValueError(f"UNet2DModel attention_head_dim {list(width)} is a list; diffusers' UNet2DModel takes "
+                         "one head width for every block (an int or null)")
+    return None, width
 
 
 def config_from_openaimodel(p: dict, num_classes: int | None = None) -> UNetConfig:
@@ -279,14 +296,7 @@ def config_from_openaimodel(p: dict, num_classes: int | None = None) -> UNetConf
     mult = tuple(p.get("channel_mult", (1, 2, 4, 8)))
     ds = [2 ** i for i in range(len(mult))]
     levels = tuple(i for i, f in enumerate(ds) if f in set(p["attention_resolutions"]))
-    heads, head_ch = p.get("num_heads", -1), p.get("num_head_channels", -1)
-    legacy = p.get("legacy", True)
-    if heads == -1 and head_ch == -1:
-        raise ValueError("unet_config needs num_heads or num_head_channels")
-    if legacy or head_ch == -1:
-        num_heads, head_channels = (heads, None) if heads != -1 else (None, head_ch)
-    else:
-        num_heads, head_channels = None, head_ch
+    num_heads, head_channels = _openaimodel_heads(p, mult, levels)
     if p.get("num_classes") is not None:
         raise ValueError("openaimodel label_emb class conditioning is not supported; cin256-v2-style models pass "
                          "the class through cross-attention")
@@ -300,6 +310,27 @@ def config_from_openaimodel(p: dict, num_classes: int | None = None) -> UNetConf
         norm_eps=1e-5, downsample_padding=1, flip_sin_to_cos=True, freq_shift=0,
         sample_size=p.get("image_size"),
     )
+
+
+def _openaimodel_heads(p: dict, mult: tuple, levels: tuple) -> tuple:
+    """(num_heads, head_channels) of openaimodel's `num_heads` / `num_head_channels` (-1: unset).
+
+    num_head_channels, when set, wins: every attention layer gets channels // num_head_channels heads
+    of that width, `legacy` or not (legacy recomputes the width as channels // heads, the same
+    number when it divides). Otherwise each layer has num_heads heads of channels // num_heads.
+    num_heads_upsample only reaches the old AttentionBlock, never a spatial transformer.
+    """
+    heads, width = p.get("num_heads", -1), p.get("num_head_channels", -1)
+    if heads in (-1, None) and width in (-1, None):
+        raise ValueError("unet_config needs num_heads or num_head_channels (openaimodel refuses both unset)")
+    split = ("num_head_channels", width) if width not in (-1, None) else ("num_heads", heads)
+    for level in sorted(set(levels) | {len(mult) - 1}):  # attention levels and the middle block
+        channels = p["model_channels"] * mult[level]
+        if channels % split[1]:
+            raise ValueError(f"unet_config {split[0]}={split[1]} does not divide the {channels} channels at level "
+                             f"{level}; openaimodel would build attention narrower than its block, which minidiff "
+                             "does not implement")
+    return (None, width) if split[0] == "num_head_channels" else (heads, None)
 
 
 def config_from_pesser(ch: int, ch_mult, num_res_blocks: int, attn_resolutions, resolution: int,

@@ -115,7 +115,10 @@ def autoencoder_config_from_ldm(ddconfig: dict, embed_dim: int, n_embed: int | N
         if key in ddconfig and ddconfig.pop(key) != expected:
             raise ValueError(f"ddconfig.{key} must be {expected!r}: minidiff's autoencoder only "
                              "implements the vanilla LDM encoder/decoder.")
-    renames = {"ch": "base_channels", "ch_mult": "channel_mult", "out_ch": "out_channels"}
+    # LDM's Normalize hard-codes 32 groups; a ddconfig that names its own count (as ports of other
+    # autoencoders do, in diffusers' spelling) gets it.
+    renames = {"ch": "base_channels", "ch_mult": "channel_mult", "out_ch": "out_channels",
+               "norm_num_groups": "norm_groups"}
     params = {renames.get(k, k): v for k, v in ddconfig.items()}
     kind = "vq" if n_embed is not None else "kl"
     return AutoencoderConfig.from_dict({**params, "kind": kind, "embed_dim": embed_dim, "n_embed": n_embed,
@@ -136,7 +139,7 @@ def autoencoder_config_from_diffusers(config: dict, *, scale_factor: float | Non
     defaulted = set(config.get("_use_default_values", ()))  # filled in by diffusers, not in the file
     config = {k: v for k, v in config.items()
               if not k.startswith("_") and not (k == "scaling_factor" and k in defaulted)}
-    expected = {"act_fn": "silu", "norm_num_groups": NORM_GROUPS, "use_quant_conv": True,
+    expected = {"act_fn": "silu", "use_quant_conv": True,
                 "use_post_quant_conv": True, "mid_block_add_attention": True, "shift_factor": None,
                 "latents_mean": None, "latents_std": None, "norm_type": "group"}
     for key, value in expected.items():
@@ -148,7 +151,7 @@ def autoencoder_config_from_diffusers(config: dict, *, scale_factor: float | Non
             raise ValueError(f"diffusers config {key}={config[key]} is not supported; only plain "
                              f"{block} blocks (no per-level attention) map onto the LDM layout.")
     ignored = {"sample_size", "force_upcast", "lookup_from_codebook", "scaling_factor"}
-    known = {"in_channels", "out_channels", "block_out_channels", "layers_per_block", "latent_channels",
+    known = {"in_channels", "out_channels", "block_out_channels", "layers_per_block", "latent_channels", "norm_num_groups",
              "num_vq_embeddings", "vq_embed_dim", "down_block_types", "up_block_types", *expected, *ignored}
     unknown = sorted(set(config) - known)
     if unknown:
@@ -179,4 +182,5 @@ def autoencoder_config_from_diffusers(config: dict, *, scale_factor: float | Non
         resolution=config.get("sample_size", 256),
         n_embed=config.get("num_vq_embeddings", 256) if is_vq else None,
         scale_factor=float(scale_factor),
+        norm_groups=config.get("norm_num_groups", NORM_GROUPS),
     )
