@@ -374,6 +374,7 @@ class UNet(nn.Module):
                 self.input_blocks.append(Layer([Downsample(ch, cfg.downsample_padding)]))
                 skip_channels.append(ch)
 
+        self.skip_channels = tuple(skip_channels)  # one per input block, in order
         self.middle_block = Layer([res(ch, ch)] + ([attn(ch)] if cfg.mid_attention else []) + [res(ch, ch)])
 
         self.output_blocks = nn.ModuleList()
@@ -409,11 +410,10 @@ class UNet(nn.Module):
     def skip_shapes(self, height: int, width: int) -> list:
         """(C, H, W) of every skip connection for an input of the given size."""
         shapes = []
-        for layer in self.input_blocks:
+        for layer, ch in zip(self.input_blocks, self.skip_channels):
             last = layer[-1]
             if isinstance(last, Downsample):  # a stride-2 3x3 conv: odd sizes round up (padding 1) or down
                 height, width = ((n + 1) // 2 if not last.asymmetric else n // 2 for n in (height, width))
-            ch = last.out_channels if isinstance(last, InputConv) else _channels_of(last)
             shapes.append((ch, height, width))
         return shapes
 
@@ -683,18 +683,6 @@ def _tensors(value):
     elif isinstance(value, (tuple, list)):  # PreparedContext is a tuple too
         for item in value:
             yield from _tensors(item)
-
-
-def _channels_of(block: nn.Module) -> int:
-    if isinstance(block, ResBlock):
-        return block.conv2.out_channels
-    if isinstance(block, Downsample):
-        return block.conv.out_channels
-    if isinstance(block, AttentionBlock):
-        return block.to_out.out_features
-    if isinstance(block, SpatialTransformer):
-        return block.norm.num_channels
-    raise TypeError(f"unexpected block {type(block).__name__}")
 
 
 def _attention_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
