@@ -12,7 +12,6 @@ a finished sample: a restart skips every batch whose files all exist.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -23,7 +22,6 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from .samplers import SAMPLERS
 
 RUN_FILE = "run.json"  # the settings the folder's samples were made with
 
@@ -138,47 +136,15 @@ def _sum_over_ranks(values: list, device, world: int) -> list:
     return counts.tolist()
 
 
-def add_generate_arguments(parser: argparse.ArgumentParser):
-    """The `Pipeline.generate` options shared by `minidiff sample` and this module."""
-    parser.add_argument("--model", required=True, help="minidiff model folder (see convert/ for public checkpoints)")
-    parser.add_argument("--steps", type=int, default=50)
-    parser.add_argument("--sampler", default="ddim", choices=sorted(SAMPLERS))
-    parser.add_argument("--eta", type=float, default=0.0)
-    parser.add_argument("--cache-interval", type=int, default=1, help="N: one full U-Net step every N steps")
-    parser.add_argument("--cache-branch", type=int, default=0, help="skip connection the shallow path keeps")
-    parser.add_argument("--cache-schedule", default="uniform", choices=["uniform", "nonuniform", "calibrated"])
-    parser.add_argument("--class", dest="class_labels", type=int, nargs="+", help="class label(s)")
-    parser.add_argument("--prompt", nargs="+", help="text prompt(s) for text-conditioned models")
-    parser.add_argument("--negative-prompt")
-    parser.add_argument("--guidance-scale", type=float)
-    parser.add_argument("--height", type=int)
-    parser.add_argument("--width", type=int)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
-    parser.add_argument("--allow-nan", action="store_true", help="load weights even if they contain NaN/Inf")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="minidiff.sample", description="Write NUM samples as PNGs, shared across "
-                                     "torchrun processes; a restart skips finished samples.")
-    add_generate_arguments(parser)
-    parser.add_argument("-n", "--num", type=int, required=True,
-                        help="how many samples (sample i uses seed + i); under torchrun write -n N, as torchrun takes "
-                        "--num for an abbreviation of its own --numa-binding")
-    parser.add_argument("--out", required=True, help="folder for 000000.png, 000001.png, ...")
-    parser.add_argument("--batch-size", type=int, default=1, help="samples per U-Net batch (per process)")
-    parser.add_argument("--device", help="default: this rank's GPU when there is one, else cpu")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the U-Net's full and shallow paths")
-    return parser
-
-
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+def run(args) -> int:
+    """Sample `args.num` images into `args.out` as this torchrun rank's share (the options of
+    `minidiff sample-many`); every rank writes its own files, rank 0 reports."""
     from .checkpoint import CheckpointError
     from .pipeline import load
 
     rank, world, device, made_group = _distributed(args.device)
-    settings = {k: v for k, v in vars(args).items() if k not in ("num", "out", "device", "compile", "allow_nan")}
+    settings = {k: v for k, v in vars(args).items()
+                if k not in ("num", "out", "device", "compile", "allow_nan", "argv", "threads")}
     settings["model"] = str(Path(args.model).resolve())
     try:
         pipe = load(args.model, device=device, dtype=getattr(torch, args.dtype), allow_nan=args.allow_nan)
@@ -205,5 +171,7 @@ def main(argv=None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # torchrun -m minidiff.sample ...: the same flags as `minidiff sample-many`
+    from .cli import sample_many_main
+
+    sys.exit(sample_many_main())

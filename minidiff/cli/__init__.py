@@ -13,13 +13,13 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 from .edge import Parser, USER_ERRORS, check_output, cli_message, default_threads, require, set_threads
-from .generate import _demo, _demo_parser, _info, _info_parser, _sample, _sample_parser
+from .generate import _demo, _demo_parser, _info, _info_parser, _sample, _sample_many, _sample_many_parser, _sample_parser
 from .measure import _analyze, _analyze_parser, _bench, _bench_parser
 from .training import _toy_metric, _toy_metric_parser, _train, _train_parser
 
 __all__ = ["main", "COMMANDS", "run", "check_output", "cli_message", "default_threads", "require", "set_threads",
-           "sample_main", "demo_main", "info_main", "train_main", "toy_metric_main", "analyze_main", "bench_main",
-           "convert_main", "version"]
+           "sample_main", "sample_many_main", "demo_main", "info_main", "train_main", "toy_metric_main",
+           "analyze_main", "bench_main", "convert_main", "version"]
 
 
 # -- convert -----------------------------------------------------------------------------------------
@@ -99,6 +99,10 @@ def demo_main(argv=None):
     return run("demo", argv)
 
 
+def sample_many_main(argv=None):
+    return run("sample-many", argv)
+
+
 def info_main(argv=None):
     return run("info", argv)
 
@@ -123,6 +127,8 @@ def bench_main(argv=None):
 COMMANDS = {
     "demo": Command(_demo_parser, _demo, "the main job: sample the shipped model with and without caching"),
     "sample": Command(_sample_parser, _sample, "sample a model folder, optionally with caching"),
+    "sample-many": Command(_sample_many_parser, _sample_many, "many samples as PNGs, resumable, shared across "
+                           "torchrun processes"),
     "info": Command(_info_parser, _info, "what a model folder is and what it takes"),
     "train": Command(_train_parser, _train, "train a toy model (also under torchrun -m minidiff.train)"),
     "analyze": Command(_analyze_parser, _analyze, "feature similarity, depth profile, switch experiment, calibration, "

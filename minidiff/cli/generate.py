@@ -1,6 +1,7 @@
-"""Command lines that make images: `sample`, `demo` and `info`."""
+"""Command lines that make images: `sample`, `sample-many` (also under torchrun), `demo` and `info`."""
 from __future__ import annotations
 
+import argparse
 import math
 
 from ..grid import IMAGE_FORMATS
@@ -102,6 +103,49 @@ def _example_cond(pipe):
     if cfg.context_dim is not None:
         return torch.zeros(1, 77, cfg.context_dim, device=pipe.device, dtype=pipe.dtype)
     return None
+
+
+# -- sample-many (also torchrun -m minidiff.sample) ------------------------------------------------
+
+def add_generate_arguments(parser: argparse.ArgumentParser):
+    """The `Pipeline.generate` options shared by `minidiff sample` and this module."""
+    parser.add_argument("--model", required=True, help="minidiff model folder (see convert/ for public checkpoints)")
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--sampler", default="ddim", choices=sorted(SAMPLERS))
+    parser.add_argument("--eta", type=float, default=0.0)
+    parser.add_argument("--cache-interval", type=int, default=1, help="N: one full U-Net step every N steps")
+    parser.add_argument("--cache-branch", type=int, default=0, help="skip connection the shallow path keeps")
+    parser.add_argument("--cache-schedule", default="uniform", choices=["uniform", "nonuniform", "calibrated"])
+    parser.add_argument("--class", dest="class_labels", type=int, nargs="+", help="class label(s)")
+    parser.add_argument("--prompt", nargs="+", help="text prompt(s) for text-conditioned models")
+    parser.add_argument("--negative-prompt")
+    parser.add_argument("--guidance-scale", type=float)
+    parser.add_argument("--height", type=int)
+    parser.add_argument("--width", type=int)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    parser.add_argument("--allow-nan", action="store_true", help="load weights even if they contain NaN/Inf")
+
+
+def _sample_many_parser() -> Parser:
+    parser = Parser(prog="minidiff sample-many", description="Write NUM samples as PNGs, shared across "
+                                     "torchrun processes; a restart skips finished samples.")
+    add_generate_arguments(parser)
+    parser.add_argument("-n", "--num", type=int, required=True,
+                        help="how many samples (sample i uses seed + i); under torchrun write -n N, as torchrun takes "
+                        "--num for an abbreviation of its own --numa-binding")
+    parser.add_argument("--out", required=True, help="folder for 000000.png, 000001.png, ...")
+    parser.add_argument("--batch-size", type=int, default=1, help="samples per U-Net batch (per process)")
+    parser.add_argument("--device", help="default: this rank's GPU when there is one, else cpu")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the U-Net's full and shallow paths")
+    _threads_arg(parser)
+    return parser
+
+
+def _sample_many(args) -> int:
+    from ..sample import run
+
+    return run(args)
 
 
 # -- demo --------------------------------------------------------------------------------------------
