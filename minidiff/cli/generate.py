@@ -88,8 +88,11 @@ def _sample(args) -> int:
           f"{torch.get_num_threads()} thread(s); shallow/full MACs {ratio:.3f}, MAC bound on speedup "
           f"{1 / run.mac_fraction:.2f}x (uniform N={args.cache_interval}: "
           f"{mac_bound(1, args.cache_interval - 1, ratio):.2f}x)")
-    print(f"MACs {run.mac_fraction:.3f} of the uncached run, forecast order {run.forecast}; full steps per sample: "
-          + "; ".join(f"{i}: {steps}" for i, steps in enumerate(run.full_steps_per_sample)))
+    per_sample = run.full_steps_per_sample
+    if run.shallow_calls or run.forecast:  # say what caching did; an uncached run has nothing to add
+        chosen = (f"full steps {per_sample[0]}" if all(steps == per_sample[0] for steps in per_sample) else
+                  "full steps per sample: " + "; ".join(f"{i}: {steps}" for i, steps in enumerate(per_sample)))
+        print(f"MACs {run.mac_fraction:.3f} of the uncached run, forecast order {run.forecast}; {chosen}")
     return 0
 
 
