@@ -22,6 +22,16 @@ def check_labels(labels, batch: int, num_classes: int, device, network: str) -> 
     return labels.long()
 
 
+
+def batch_timesteps(t, x: torch.Tensor) -> torch.Tensor:
+    """t (a number or one per sample) as a (B,) tensor on x's device, B = x.shape[0]."""
+    t = torch.as_tensor(t, device=x.device)
+    if t.ndim == 0:
+        return t.expand(x.shape[0])
+    if t.shape != (x.shape[0],):
+        raise ValueError(f"t must be a scalar or have shape ({x.shape[0]},), got {tuple(t.shape)}")
+    return t
+
 def check_config(self) -> None:
     """Every field of a UNetConfig in range, with the field named in the error."""
     def need(ok, msg):

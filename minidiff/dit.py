@@ -25,7 +25,7 @@ from einops import rearrange
 from torch import nn
 
 from .config import config_from_dict, config_to_dict
-from .checks import check_labels
+from .checks import batch_timesteps, check_labels
 from .unet import CrossAttention, FeatureCache, TimeEmbedding, count_macs, timestep_embedding
 
 
@@ -187,11 +187,7 @@ class DiT(nn.Module):
     def embed(self, x: torch.Tensor, t, cond=None) -> torch.Tensor:
         """SiLU(time + class embedding), (B, D); computed once per call."""
         cfg = self.config
-        t = torch.as_tensor(t, device=x.device)
-        if t.ndim == 0:
-            t = t.expand(x.shape[0])
-        elif t.shape != (x.shape[0],):
-            raise ValueError(f"t must be a scalar or have shape ({x.shape[0]},), got {tuple(t.shape)}")
+        t = batch_timesteps(t, x)
         emb = self.time_embed(timestep_embedding(t, cfg.hidden_size, True, 0.0).to(x.dtype))
         if cfg.num_classes is None:
             if cond is not None:

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from .checks import check_config, check_labels
+from .checks import batch_timesteps, check_config, check_labels
 from .config import config_from_dict, config_to_dict
 
 
@@ -447,11 +447,7 @@ class UNet(nn.Module):
     def _check_cond(self, x: torch.Tensor, t, cond) -> tuple:
         """(timesteps as a (B,) tensor, checked conditioning): the checks run outside the compiled paths."""
         cfg = self.config
-        t = torch.as_tensor(t, device=x.device)
-        if t.ndim == 0:
-            t = t.expand(x.shape[0])
-        elif t.shape != (x.shape[0],):
-            raise ValueError(f"t must be a scalar or have shape ({x.shape[0]},), got {tuple(t.shape)}")
+        t = batch_timesteps(t, x)
         if cfg.num_classes is not None:
             return t, self._check_labels(cond, x.shape[0])
         if cfg.context_dim is not None:
