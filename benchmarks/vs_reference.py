@@ -11,6 +11,8 @@ Each case runs four ways: minidiff and diffusers, each eager and under torch.com
 inductor backend; minidiff compiles its full and shallow paths, diffusers its whole U-Net), and
 four ratios are printed: minidiff eager and compiled, each over diffusers eager and compiled
 (< 1 means minidiff is faster). Compilation happens in a warm-up run that is not timed.
+minidiff eager runs as its Pipeline runs on CPU: float32 weights packed for oneDNN once
+(minidiff/packing.py); --no-pack measures the plain layers.
 Runs alternate so machine noise hits all alike; times are medians. Outputs are compared too.
 Peak memory is the peak RSS of a child process that builds one implementation and runs one
 configuration alone (--child), polled during the run.
@@ -31,6 +33,7 @@ from typing import Optional
 
 import torch
 
+from minidiff import packing
 from minidiff.allocator import retain_freed_memory
 
 warnings.filterwarnings("ignore")
@@ -61,7 +64,8 @@ def reference_unet(model: str, unet_kwargs: Optional[dict] = None):
     return diffusers.UNet2DConditionModel(**(unet_kwargs or SD15_UNET)).eval()
 
 
-def build(model: str, latent: int, device="cpu", dtype=torch.float32, unet_kwargs: Optional[dict] = None):
+def build(model: str, latent: int, device="cpu", dtype=torch.float32, unet_kwargs: Optional[dict] = None,
+          pack: bool = True):
     """(diffusers U-Net, minidiff U-Net with the same weights, x, cond) for one model."""
     from minidiff.checkpoint import load_weights
     from minidiff.unet import UNet
@@ -70,15 +74,19 @@ def build(model: str, latent: int, device="cpu", dtype=torch.float32, unet_kwarg
     ref = reference_unet(model, unet_kwargs)
     config = config_from_diffusers(dict(ref.config, _class_name=type(ref).__name__))
     ours = load_weights(UNet(config), diffusers_to_native(ref.state_dict(), config)).eval()
+    ref, ours = ref.to(device, dtype), ours.to(device, dtype)
+    if pack:
+        packing.pack(ours)  # as a minidiff Pipeline does on CPU in float32 (a no-op elsewhere)
     context_dim = (unet_kwargs or SD15_UNET)["cross_attention_dim"]
-    return ref.to(device, dtype), ours.to(device, dtype), *inputs(model, latent, device, dtype, context_dim)
+    return ref, ours, *inputs(model, latent, device, dtype, context_dim)
 
 
 def compiled(ref, ours, **kwargs):
-    """Compiled twins sharing the weights: diffusers' whole U-Net, minidiff's full and shallow paths."""
-    ref_c, ours_c = copy.copy(ref), copy.copy(ours)  # new attribute dicts, the same parameters
+    """Compiled twins: diffusers' whole U-Net (sharing its weights), minidiff's full and shallow paths
+    (a copy: compiling returns layers to plain weights, which the eager run keeps packed)."""
+    ref_c = copy.copy(ref)  # a new attribute dict, the same parameters
     ref_c.compile(**kwargs)
-    return ref_c, ours_c.compile_paths(**kwargs)
+    return ref_c, copy.deepcopy(ours).compile_paths(**kwargs)
 
 
 def ref_call(ref, x, t, cond):
@@ -177,6 +185,8 @@ def child(args):
         config = config_from_diffusers(dict(ref.config, _class_name=type(ref).__name__))
         del ref
         ours = UNet(config).eval()
+        if not args.no_pack:
+            packing.pack(ours)
         fn = lambda: our_sampling(ours, x, cond, args.steps, args.interval)
     else:
         ref = reference_unet(model)
@@ -197,7 +207,7 @@ def child(args):
 
 def peak_memory(model, impl, interval, args):
     cmd = [sys.executable, __file__, "--child", impl, "--models", model, "--latent", str(args.latent),
-           "--steps", str(args.steps), "--interval", str(interval)]
+           "--steps", str(args.steps), "--interval", str(interval)] + (["--no-pack"] if args.no_pack else [])
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
     return json.loads(out)["peak_mib"]
 
@@ -207,7 +217,7 @@ RATIOS = (("ours", "ref"), ("ours", "ref compiled"), ("ours compiled", "ref"), (
 
 
 def compare(model, args):
-    ref, ours, x, cond = build(model, args.latent)
+    ref, ours, x, cond = build(model, args.latent, pack=not args.no_pack)
     impls = {"ours": ours, "ref": ref}
     if not args.no_compile:
         impls["ref compiled"], impls["ours compiled"] = compiled(ref, ours)
@@ -265,6 +275,8 @@ def main():
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory child runs")
     parser.add_argument("--no-compile", action="store_true", help="eager only (compiling SD1.5 on CPU takes minutes)")
+    parser.add_argument("--no-pack", action="store_true",
+                        help="minidiff eager with plain CPU weights (no oneDNN packing, see minidiff/packing.py)")
     parser.add_argument("--quick", action="store_true", help="sd15, 10 steps, N=5, 1 repeat, no memory runs")
     parser.add_argument("--child", choices=["ours", "ref"], help=argparse.SUPPRESS)
     parser.add_argument("--interval", type=int, default=1, help=argparse.SUPPRESS)
@@ -274,7 +286,8 @@ def main():
     if args.quick:
         args.models, args.steps, args.intervals, args.repeats, args.no_memory = ["sd15"], 10, [5], 1, True
 
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; medians of {args.repeats}")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; medians of {args.repeats}; minidiff eager "
+          + ("with plain weights" if args.no_pack or not packing.available() else "with oneDNN-packed weights"))
     for model in args.models:
         compare(model, args)
 

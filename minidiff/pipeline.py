@@ -22,6 +22,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
+from . import packing
 from .adaptive import AdaptiveUNet
 from .cache import CachedUNet, check_calibration, load_calibrated, make_schedule
 from .checkpoint import (CheckpointError, atomic_folder, build_loaded, read_state_dict, save_json,
@@ -92,6 +93,8 @@ class Pipeline:
         self.last_run: Optional[RunStats] = None
         unet.num_train_timesteps = scheduler.num_train_timesteps  # lets the U-Net refuse timesteps past it
         self._shallow_ratios: dict = {}
+        if packing.available(self.device, self.dtype):  # see `to`
+            packing.pack(self.unet)
 
     # -- properties ---------------------------------------------------------------------------
 
@@ -113,10 +116,15 @@ class Pipeline:
         size = self.unet.config.sample_size or 32
         return size * self.latent_scale
 
-    def to(self, device=None, dtype=None) -> "Pipeline":
-        """Move the models; the autoencoder stays float32 (half-precision decoding overflows)."""
+    def to(self, device=None, dtype=None, *, pack: bool = True) -> "Pipeline":
+        """Move the models; the autoencoder stays float32 (half-precision decoding overflows).
+
+        On CPU in float32 the denoiser's layers are then marked for oneDNN weight packing
+        (minidiff.packing: each weight is reordered once, on first use, instead of on every call)."""
         check_dtype(self.device if device is None else torch.device(device), dtype)
-        self.unet.to(device=device, dtype=dtype)
+        self.unet.to(device=device, dtype=dtype)  # packed layers return to plain weights first
+        if pack and packing.available(self.device, self.dtype):
+            packing.pack(self.unet)
         if self.text_encoder is not None:
             self.text_encoder.to(device=device, dtype=dtype)
         if self.autoencoder is not None:
@@ -609,14 +617,14 @@ def split_state_dict(sd: dict) -> dict:
 
 
 def load(path, *, device="cpu", dtype: Optional[torch.dtype] = None, allow_nan: bool = False,
-         check: str = "first-use") -> Pipeline:
+         check: str = "first-use", pack: bool = True) -> Pipeline:
     """Load a native minidiff model folder (see convert/ for public checkpoints).
 
     `dtype` is the U-Net's and text encoder's precision, float32 unless given, whatever the file
     holds (a float16 file loads as float32 or, asked, as float16); the autoencoder stays float32.
     Weights with NaN/Inf are refused (unless `allow_nan`): with `check="first-use"` by each layer
     just before it first runs, so loading reads no weight it does not need yet; `check="now"`
-    reads them all before returning.
+    reads them all before returning. `pack=False` keeps CPU weights in the plain layout (see Pipeline.to).
     """
     if check not in ("first-use", "now"):
         raise ValueError(f"check must be 'first-use' or 'now', got {check!r}")
@@ -678,4 +686,4 @@ def load(path, *, device="cpu", dtype: Optional[torch.dtype] = None, allow_nan: 
                     null_class=config.get("null_class"), class_names=config.get("class_names"),
                     calibration=calibration, meta=meta)
     pipe.calibration_error = calibration_error
-    return pipe.to(device=device, dtype=dtype)
+    return pipe.to(device=device, dtype=dtype, pack=pack)

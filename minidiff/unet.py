@@ -630,7 +630,9 @@ class UNet(nn.Module):
         The batch dimension is compiled dynamic, so a guided run (2B) and an unguided one (B), or a
         smaller last batch, reuse one graph; batch 1 is the exception, compiled once on its own."""
         from .checkpoint import finish_finite_checks
+        from .packing import unpack
 
+        unpack(self)  # inductor packs weights its own way; it cannot trace oneDNN-blocked ones
         finish_finite_checks(self)  # checks pending since a lazy load would break the compiled graph
         self._full = _batch_dynamic(torch.compile(self._full, **kwargs))
         self._shallow = _batch_dynamic(torch.compile(self._shallow, **kwargs))
