@@ -15,14 +15,17 @@ the plain weight. `unpack(model)` undoes it all. Outputs agree with the plain la
 rounding (the convolutions are bit-identical on the shapes measured; linear layers differ in the
 last bits, as two BLAS kernels do).
 """
-from typing import Optional
+import copy
+import itertools
+import weakref
+from typing import List, Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
-__all__ = ["available", "pack", "unpack", "packed_layers"]
+__all__ = ["available", "pack", "pack_now", "unpack", "packed_layers"]
 
 
 def available(device: torch.device = torch.device("cpu"), dtype: torch.dtype = torch.float32) -> bool:
@@ -41,34 +44,94 @@ class _PackedWeight(nn.Parameter):
         return memo[id(self)]
 
 
+# Packed weights reach the kernels through an int handle, not as tensors: torch.compile traces the
+# two custom ops below as opaque calls (fusing the norms, activations and adds around them), and
+# never has to trace a blocked-layout tensor, which it cannot.
+_WEIGHTS: dict = {}  # handle -> weakref to a _PackedWeight
+_handles = itertools.count()
+
+
+def _register(weight: torch.Tensor) -> int:
+    handle = next(_handles)
+    _WEIGHTS[handle] = weakref.ref(weight, lambda _, handle=handle: _WEIGHTS.pop(handle, None))
+    return handle
+
+
+def _weight(handle: int) -> torch.Tensor:
+    weight = _WEIGHTS[handle]() if handle in _WEIGHTS else None
+    if weight is None:
+        raise RuntimeError(f"packed weight {handle} no longer exists (its layer was unpacked or freed)")
+    return weight
+
+
+@torch.library.custom_op("minidiff::packed_conv2d", mutates_args=())
+def packed_conv2d(x: torch.Tensor, bias: Optional[torch.Tensor], handle: int, out_channels: int, kernel: List[int],
+                  padding: List[int], stride: List[int], dilation: List[int], groups: int) -> torch.Tensor:
+    """A convolution with a packed weight; channels-last out for channels-last in, else the default layout."""
+    out = torch.ops.mkldnn._convolution_pointwise(x, _weight(handle), bias, padding, stride, dilation, groups,
+                                                  "none", [], "")
+    return out if x.is_contiguous(memory_format=torch.channels_last) else out.contiguous()
+
+
+@packed_conv2d.register_fake
+def _(x, bias, handle, out_channels, kernel, padding, stride, dilation, groups):
+    size = [(n + 2 * p - d * (k - 1) - 1) // s + 1 for n, k, p, s, d in zip(x.shape[2:], kernel, padding, stride, dilation)]
+    layout = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+    return x.new_empty((x.shape[0], out_channels, *size)).contiguous(memory_format=layout)
+
+
+@torch.library.custom_op("minidiff::packed_linear", mutates_args=())
+def packed_linear(x: torch.Tensor, bias: Optional[torch.Tensor], handle: int, out_features: int) -> torch.Tensor:
+    """A linear layer with a packed weight over the last dimension of x (any strides)."""
+    return torch.ops.mkldnn._linear_pointwise(x, _weight(handle), bias, "none", [], "")
+
+
+@packed_linear.register_fake
+def _(x, bias, handle, out_features):
+    return x.new_empty((*x.shape[:-1], out_features))
+
+
 class _Packable:
-    """Placed in front of a Conv2d or Linear class by `pack`; `_plain_class` is the class it replaced."""
+    """Placed in front of a Conv2d or Linear class by `pack`; `_plain_class` is the class it replaced.
+    `_handle` is set while the layer holds a packed weight."""
 
     _plain_class: type
+    _handle: Optional[int] = None
 
     def _is_packed(self) -> bool:
-        return self.weight.is_mkldnn
+        return self._handle is not None
 
     def _plain_weight(self) -> torch.Tensor:
         return self.weight.to_dense() if self._is_packed() else self.weight
 
     def _use_packed(self, x: torch.Tensor) -> bool:
         """Pack on the first call that can use it; False for calls that need the plain weight."""
+        if torch.compiler.is_compiling():  # traced: packed layers stay packed (compile_paths packs them all first)
+            return self._is_packed()
         if (x.device.type != "cpu" or x.dtype != torch.float32 or self.weight.dtype != torch.float32
                 or torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, self.weight, self.bias))
-                or _get_current_dispatch_mode() is not None or torch.compiler.is_compiling()):
+                or _get_current_dispatch_mode() is not None):
             return False
+        self._pack()
+        return True
+
+    def _pack(self):
         if not self._is_packed():
             self._weight_requires_grad = self.weight.requires_grad
             self._weight_format = _layout(self.weight)
             with torch.no_grad():
-                self.weight = _PackedWeight(self._reorder(self.weight.detach(), x), requires_grad=False)
-        return True
+                self.weight = _PackedWeight(self._reorder(self.weight.detach()), requires_grad=False)
+            self._handle = _register(self.weight)
+
+    def _to_plain_weight(self):
+        if self._is_packed():
+            self.weight = nn.Parameter(self._plain_weight(), requires_grad=self._weight_requires_grad)
+            _WEIGHTS.pop(self._handle, None)
+            del self._handle
 
     def _restore(self):
         """Back to the plain class, with a plain weight."""
-        if self._is_packed():
-            self.weight = nn.Parameter(self._plain_weight(), requires_grad=self.__dict__.get("_weight_requires_grad", True))
+        self._to_plain_weight()
         self.__dict__.pop("_weight_requires_grad", None)
         self.__dict__.pop("_weight_format", None)
         self.__class__ = self._plain_class
@@ -77,14 +140,21 @@ class _Packable:
         self._restore()
         return self._apply(fn, recurse)
 
+    def __deepcopy__(self, memo):
+        clone = self.__class__.__new__(self.__class__)
+        memo[id(self)] = clone
+        clone.__dict__.update(copy.deepcopy(self.__dict__, memo))
+        if self._is_packed():  # the copy's packed weight is its own
+            clone._handle = _register(clone.weight)
+        return clone
+
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
         if self._is_packed():
             destination[prefix + "weight"] = self._plain_weight()
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        if self._is_packed():  # load into a plain weight; the next inference call packs it again
-            self.weight = nn.Parameter(self._plain_weight(), requires_grad=self._weight_requires_grad)
+        self._to_plain_weight()  # load into a plain weight; the next inference call packs it again
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
@@ -96,7 +166,7 @@ class _PackableConv2d(_Packable):
         return (self.kernel_size == (1, 1) and self.stride == (1, 1) and self.padding == (0, 0)
                 and self.dilation == (1, 1) and self.groups == 1)
 
-    def _reorder(self, weight, x):
+    def _reorder(self, weight):
         if self._pointwise():
             return torch.ops.mkldnn._reorder_linear_weight(weight.reshape(weight.shape[:2]).contiguous())
         return torch.ops.mkldnn._reorder_convolution_weight(weight.contiguous(), list(self.padding), list(self.stride),
@@ -112,24 +182,21 @@ class _PackableConv2d(_Packable):
     def _conv_forward(self, x, weight, bias):
         if x.ndim != 4 or not self._use_packed(x):
             return super()._conv_forward(x, self._plain_weight(), bias)
-        if self.weight.ndim == 2:  # (B, C, H, W) -> (B, H, W, C), a view of a channels-last tensor
-            out = torch.ops.mkldnn._linear_pointwise(x.permute(0, 2, 3, 1), self.weight, bias, "none", [], "")
-            out = out.permute(0, 3, 1, 2)
-        else:
-            out = torch.ops.mkldnn._convolution_pointwise(x, self.weight, bias, list(self.padding), list(self.stride),
-                                                          list(self.dilation), self.groups, "none", [], "")
-        # oneDNN answers channels-last; a caller passing the default layout gets it back
-        return out if x.is_contiguous(memory_format=torch.channels_last) else out.contiguous()
+        if self._pointwise():  # (B, C, H, W) -> (B, H, W, C): a view when x is channels-last
+            out = packed_linear(x.permute(0, 2, 3, 1), bias, self._handle, self.out_channels).permute(0, 3, 1, 2)
+            return out if x.is_contiguous(memory_format=torch.channels_last) else out.contiguous()
+        return packed_conv2d(x, bias, self._handle, self.out_channels, list(self.kernel_size), list(self.padding),
+                             list(self.stride), list(self.dilation), self.groups)
 
 
 class _PackableLinear(_Packable):
-    def _reorder(self, weight, x):
+    def _reorder(self, weight):
         return torch.ops.mkldnn._reorder_linear_weight(weight.contiguous())
 
     def forward(self, x):
         if not self._use_packed(x):
             return F.linear(x, self._plain_weight(), self.bias)
-        return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+        return packed_linear(x, self.bias, self._handle, self.out_features)
 
 
 def _layout(weight: torch.Tensor) -> torch.memory_format:
@@ -171,6 +238,16 @@ def unpack(model: nn.Module) -> int:
     for layer in layers:
         layer._restore()
     return len(layers)
+
+
+def pack_now(model: nn.Module) -> int:
+    """Mark as `pack` does, then reorder every marked layer's weight now (compile_paths does this:
+    the compiled graph calls packed layers as such); returns how many layers are packed."""
+    pack(model)
+    for layer in model.modules():
+        if isinstance(layer, _Packable) and available(layer.weight.device, layer.weight.dtype):
+            layer._pack()
+    return packed_layers(model)
 
 
 def packed_layers(model: nn.Module) -> int:

@@ -623,17 +623,18 @@ class UNet(nn.Module):
         """Finish a cut from a deep feature (cached or forecast), as forward_shallow does."""
         return self._from_cache(state, hidden)
 
-    def compile_paths(self, **kwargs) -> "UNet":
+    def compile_paths(self, *, pack: bool = True, **kwargs) -> "UNet":
         """torch.compile the full and the shallow path (each branch compiles once, on first use).
 
         Not `nn.Module.compile`, which compiles `__call__` in place; this returns the U-Net itself.
         The batch dimension is compiled dynamic, so a guided run (2B) and an unguided one (B), or a
         smaller last batch, reuse one graph; batch 1 is the exception, compiled once on its own."""
         from .checkpoint import finish_finite_checks
-        from .packing import unpack
+        from .packing import pack_now
 
-        unpack(self)  # inductor packs weights its own way; it cannot trace oneDNN-blocked ones
         finish_finite_checks(self)  # checks pending since a lazy load would break the compiled graph
+        if pack:
+            pack_now(self)  # the graph calls packed layers as opaque oneDNN kernels (CPU float32 only)
         self._full = _batch_dynamic(torch.compile(self._full, **kwargs))
         self._shallow = _batch_dynamic(torch.compile(self._shallow, **kwargs))
         return self

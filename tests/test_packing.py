@@ -1,5 +1,6 @@
 """oneDNN weight packing (minidiff.packing): the same numbers as plain layers, the same state_dict,
-and every way out (unpack, .to, gradients, FLOP counting, compile, deepcopy) back to plain weights."""
+every way out (unpack, .to, gradients, FLOP counting, deepcopy) back to plain weights, and compiled
+paths that call the packed kernels."""
 import copy
 
 import pytest
@@ -167,7 +168,7 @@ def test_layers_that_cannot_pack_are_left_alone():
     assert packing.pack(model) == 0
 
 
-def test_pipeline_packs_on_cpu_float32_and_compile_unpacks():
+def test_pipeline_packs_on_cpu_float32_and_compiled_paths_call_packed_kernels():
     pipe = tiny_pipeline()
     assert packing.pack(pipe.unet) == 0  # nothing left to mark: the pipeline did it
     pipe.to(pack=False)
@@ -179,5 +180,8 @@ def test_pipeline_packs_on_cpu_float32_and_compile_unpacks():
     plain.to(pack=False)
     want = plain.generate(batch_size=2, steps=3, class_labels=[0, 1], seed=0, output="latent", progress=False)
     assert (images - want).abs().max().item() <= 1e-5
-    pipe.unet.compile_paths(backend="eager")
-    assert packing.packed_layers(pipe.unet) == 0 and not any(isinstance(m, packing._Packable) for m in pipe.unet.modules())
+    marked = sum(isinstance(m, packing._Packable) for m in pipe.unet.modules())
+    pipe.unet.compile_paths(backend="eager", fullgraph=True)  # fullgraph: the packed kernels trace as ops
+    assert packing.packed_layers(pipe.unet) == marked  # all of them, before tracing
+    compiled = pipe.generate(batch_size=2, steps=3, class_labels=[0, 1], seed=0, output="latent", progress=False)
+    assert torch.equal(compiled, images)

@@ -91,7 +91,8 @@ def test_compiled_sampling_compiles_each_path_once_across_steps_and_batch_sizes(
     expected = {b: _sample(unet, b, context) for b in (2, 4, 3)}
     unet.compile_paths(backend="eager")
     for b in (2, 4, 3):
-        assert torch.allclose(_sample(unet, b, context), expected[b], atol=1e-5, rtol=0)
+        # compiled paths call oneDNN-packed linear layers: last-bit differences, scaled by outputs ~100
+        assert (_sample(unet, b, context) - expected[b]).abs().max() <= 1e-6 * expected[b].abs().max()
         assert counters["stats"]["unique_graphs"] == 2, dict(counters["stats"])
     assert not counters["graph_break"] and not counters["recompiles"]
 
