@@ -16,7 +16,10 @@ rounding (the convolutions are bit-identical on the shapes measured; linear laye
 last bits, as two BLAS kernels do).
 """
 import copy
+import ctypes
 import itertools
+import mmap
+import sys
 import weakref
 from typing import List, Optional
 
@@ -119,9 +122,11 @@ class _Packable:
         if not self._is_packed():
             self._weight_requires_grad = self.weight.requires_grad
             self._weight_format = _layout(self.weight)
+            plain = self.weight
             with torch.no_grad():
-                self.weight = _PackedWeight(self._reorder(self.weight.detach()), requires_grad=False)
+                self.weight = _PackedWeight(self._reorder(plain.detach()), requires_grad=False)
             self._handle = _register(self.weight)
+            _release_file_pages(plain)
 
     def _to_plain_weight(self):
         if self._is_packed():
@@ -197,6 +202,38 @@ class _PackableLinear(_Packable):
         if not self._use_packed(x):
             return F.linear(x, self._plain_weight(), self.bias)
         return packed_linear(x, self.bias, self._handle, self.out_features)
+
+
+_MADV_PAGEOUT = 21  # Linux 5.4+
+
+
+def _release_file_pages(tensor: torch.Tensor):
+    """Ask the kernel to drop the pages of a weight memory-mapped from a model file (`minidiff.load`
+    maps the file instead of copying it), which its packed copy replaces: otherwise both stay
+    resident. Advisory and safe: a page read again comes back from the file, and a page written
+    since it was mapped is kept. Only file-backed mappings are touched; anywhere but Linux, nothing."""
+    if not sys.platform.startswith("linux") or tensor.device.type != "cpu" or tensor.numel() == 0:
+        return
+    start = tensor.data_ptr()
+    end = start + tensor.numel() * tensor.element_size()
+    try:
+        with open("/proc/self/maps") as maps:
+            for line in maps:
+                fields = line.split()
+                low, high = (int(a, 16) for a in fields[0].split("-"))
+                if low <= start < high:
+                    if len(fields) < 6 or fields[4] == "0" or not fields[5].startswith("/"):
+                        return  # anonymous memory: freed with the tensor anyway
+                    break
+            else:
+                return
+        page = mmap.PAGESIZE
+        first, last = -(-start // page) * page, min(end, high) // page * page  # whole pages of this tensor only
+        if last > first:
+            ctypes.CDLL(None, use_errno=True).madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first),
+                                                      _MADV_PAGEOUT)
+    except (OSError, ValueError, AttributeError):
+        pass  # an older kernel or a restricted /proc: the pages stay, as without this
 
 
 def _layout(weight: torch.Tensor) -> torch.memory_format:
