@@ -5,15 +5,16 @@ reorders into its blocked layout on every call. Where the arithmetic is small ne
 (the U-Net's deep levels: 1280 channels at 8x8 or 4x4 latents) that reorder costs as much as the
 convolution itself. `pack(model)` marks every Conv2d and Linear to keep its weight in the blocked
 layout: each layer reorders its weight once, on its first inference call (so a lazily loaded model
-still reads each weight only when it is first needed), keeps only the blocked copy, and from then
-on calls oneDNN directly.
+still reads each weight only when it is first needed), keeps only the blocked copy (the pages of a
+memory-mapped file weight are given back), and from then on calls oneDNN directly, through two
+custom ops that torch.compile traces as opaque kernels (`UNet.compile_paths` packs first).
 
 What stays as before: `state_dict` reads and writes the plain layout; `load_state_dict` works;
-`.to()` / `.half()` / `.cuda()` return layers to plain weights first; a call that needs gradients,
-runs under a dispatch mode (FLOP counting, fake tensors) or is being traced by torch.compile uses
-the plain weight. `unpack(model)` undoes it all. Outputs agree with the plain layers to float32
-rounding (the convolutions are bit-identical on the shapes measured; linear layers differ in the
-last bits, as two BLAS kernels do).
+`.to()` / `.half()` / `.cuda()` return layers to plain weights first; a call that needs gradients
+or runs under a dispatch mode (FLOP counting, fake tensors) uses the plain weight; `deepcopy` works.
+`unpack(model)` undoes it all. Outputs agree with the plain layers to float32 rounding: 3x3
+convolutions are bit-identical on the shapes measured, linear and 1x1 layers differ in the last
+bits, as two BLAS kernels do.
 """
 import copy
 import ctypes

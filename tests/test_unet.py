@@ -190,7 +190,10 @@ def test_bad_inputs_give_clear_errors(tmp_path):
 def test_compiled_paths_give_the_same_numbers():
     """UNet.compile wraps both paths; the 'eager' backend checks the wiring without slow codegen."""
     pytest.importorskip("torch._dynamo")
+    from minidiff import packing
+
     unet = tiny_unet(channel_mult=(1, 2), num_res_blocks=1)
+    packing.pack(unet)  # compile_paths packs: the same kernels on both sides
     x, y = torch.randn(2, 3, 8, 8), torch.tensor([0, 3])
     with torch.no_grad():
         ref = unet(x, 10, y)
