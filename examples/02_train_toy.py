@@ -19,7 +19,7 @@ import torch
 from minidiff.data import save_grid
 from minidiff.data import find_weights
 from minidiff.metrics import load_metric
-from minidiff.train import PRESETS, TrainConfig, train
+from minidiff.trainer import PRESETS, TrainConfig, train
 
 out = Path("out/02_train_toy")
 config = TrainConfig(dataset="digits", image_size=16, **PRESETS["small"], batch_size=32, lr=1e-3, warmup_steps=50,

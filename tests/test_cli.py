@@ -36,9 +36,9 @@ def no_work(monkeypatch):
     import minidiff.data
     import minidiff.demo
     import minidiff.metrics
-    import minidiff.train
+    import minidiff.trainer
 
-    for module, name in ((minidiff.pipeline, "load"), (minidiff.demo, "load"), (minidiff.train, "train"),
+    for module, name in ((minidiff.pipeline, "load"), (minidiff.demo, "load"), (minidiff.trainer, "train"),
                          (minidiff.metrics, "train_metric"), (minidiff.data, "load_dataset")):
         monkeypatch.setattr(module, name, refuse)
 
@@ -272,3 +272,16 @@ def test_example_03_tiny_builds_its_own_tokenizer():
     image = pipe.generate(prompt="a horse", guidance_scale=7.5, sampler="plms", steps=2, height=64, width=64,
                           seed=0, progress=False)
     assert image.shape == (1, 3, 64, 64) and torch.isfinite(image).all()
+
+
+@pytest.mark.parametrize("module, command", [("minidiff.train", "minidiff train"),
+                                             ("minidiff.sample", "minidiff sample-many")])
+def test_torchrun_entry_modules_are_the_commands(module, command, tmp_path):
+    """`torchrun -m minidiff.train|sample` run the CLI commands; a bad flag is a usage error (2)."""
+    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    done = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, env=env,
+                          cwd=tmp_path, timeout=120)
+    assert done.returncode == 0 and done.stdout.startswith(f"usage: {command} ")
+    done = subprocess.run([sys.executable, "-m", module, "--no-such-flag"], capture_output=True, text=True, env=env,
+                          cwd=tmp_path, timeout=120)
+    assert done.returncode == 2 and "error:" in done.stderr and "Traceback" not in done.stderr

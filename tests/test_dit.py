@@ -13,7 +13,7 @@ from minidiff.dit import DiT, DiTConfig
 from minidiff.pipeline import Pipeline
 from minidiff.samplers import SAMPLERS
 from minidiff.schedules import SchedulerConfig
-from minidiff.train import PRESETS, TrainConfig, train
+from minidiff.trainer import PRESETS, TrainConfig, train
 
 SHIPPED = Path(__file__).resolve().parents[1] / "weights" / "digits-dit"
 

@@ -14,11 +14,11 @@ import torch
 
 pytest.importorskip("sklearn")
 
-from minidiff import train as train_module
+from minidiff import trainer as train_module
 from minidiff.checkpoint import CheckpointError, read_state_dict
 from minidiff.pipeline import load
 from minidiff.cli import train_main as main
-from minidiff.train import TrainConfig, train
+from minidiff.trainer import TrainConfig, train
 
 REPO = Path(__file__).resolve().parents[1]
 

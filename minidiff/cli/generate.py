@@ -146,7 +146,7 @@ def _sample_many_parser() -> Parser:
 
 
 def _sample_many(args) -> int:
-    from ..sample import run
+    from ..sharded import run
 
     return run(args)
 

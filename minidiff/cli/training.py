@@ -26,7 +26,7 @@ TRAIN_FLAG_HELP = {
 def _train_parser() -> Parser:
     from dataclasses import fields
 
-    from ..train import PRESETS, TrainConfig
+    from ..trainer import PRESETS, TrainConfig
 
     p = Parser(prog="minidiff train", description="Train a small diffusion U-Net (DDPM epsilon loss).",
                argument_default=argparse.SUPPRESS)
@@ -59,7 +59,7 @@ def _int_tuple(text: str) -> tuple:
 def _train(args):
     """Flags mirror TrainConfig; with --resume, unspecified flags come from the checkpoint."""
     from ..config import config_from_dict
-    from ..train import PRESETS, TrainConfig, TrainingInterrupted, checkpoint_dir, train
+    from ..trainer import PRESETS, TrainConfig, TrainingInterrupted, checkpoint_dir, train
 
     args = {k: v for k, v in vars(args).items() if k not in ("threads", "argv")}
     resume = args.pop("resume", None)
