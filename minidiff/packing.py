@@ -18,6 +18,7 @@ bits, as two BLAS kernels do.
 """
 import copy
 import ctypes
+import functools
 import itertools
 import mmap
 import sys
@@ -33,9 +34,26 @@ __all__ = ["available", "pack", "pack_now", "unpack", "packed_layers"]
 
 
 def available(device: torch.device = torch.device("cpu"), dtype: torch.dtype = torch.float32) -> bool:
-    """Whether packing applies: float32 on a CPU whose torch has oneDNN."""
+    """Whether packing applies: float32 on a CPU whose torch has oneDNN and its packed kernels."""
     return (torch.device(device).type == "cpu" and dtype == torch.float32 and torch.backends.mkldnn.is_available()
-            and torch.backends.mkldnn.enabled)
+            and torch.backends.mkldnn.enabled and _kernels_work())
+
+
+@functools.lru_cache(maxsize=None)
+def _kernels_work() -> bool:
+    """Run both packed kernels once on a tiny layer: a torch build whose oneDNN lacks them (some
+    non-x86 builds) keeps plain layers instead of failing in the middle of a sampling run."""
+    try:
+        with torch.inference_mode():
+            x, w = torch.ones(1, 2, 3, 3), torch.ones(4, 2, 3, 3)
+            conv = torch.ops.mkldnn._convolution_pointwise(
+                x, torch.ops.mkldnn._reorder_convolution_weight(w, [1, 1], [1, 1], [1, 1], 1), None,
+                [1, 1], [1, 1], [1, 1], 1, "none", [], "")
+            linear = torch.ops.mkldnn._linear_pointwise(
+                torch.ones(3, 2), torch.ops.mkldnn._reorder_linear_weight(torch.ones(4, 2)), None, "none", [], "")
+        return conv[0, 0, 1, 1].item() == 18.0 and linear[0, 0].item() == 2.0
+    except (RuntimeError, AttributeError, NotImplementedError):
+        return False
 
 
 class _PackedWeight(nn.Parameter):

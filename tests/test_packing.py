@@ -221,3 +221,13 @@ def test_packing_a_memory_mapped_weight_does_not_keep_both_copies_resident(tmp_p
     assert packing.packed_layers(conv) == 1 and (got - want).abs().max() <= 1e-5 * want.abs().max()
     assert grown < 18, f"resident memory grew by {grown:.0f} MiB for a 36 MiB weight"  # without release: ~36
     assert torch.equal(mapped["weight"], weight)  # the mapping still reads back from the file
+
+
+def test_a_torch_without_the_packed_kernels_keeps_plain_layers(monkeypatch):
+    """Some torch builds have oneDNN without these kernels: packing is then simply off."""
+    assert packing._kernels_work()  # here they run (and give the right numbers)
+    monkeypatch.setattr(packing, "_kernels_work", lambda: False)
+    assert not packing.available()
+    pipe = tiny_pipeline()
+    assert not any(isinstance(m, packing._Packable) for m in pipe.unet.modules())
+    assert packing.pack(text_unet()) == 0
