@@ -31,6 +31,8 @@ from typing import Iterable, Optional
 import torch
 from torch import nn
 
+from .layout import memory_format
+
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 
 
@@ -316,9 +318,7 @@ def build_loaded(build, state_dict: dict, what: str = "model", *, device="cpu",
     for key, value in state_dict.items():
         target = dtype if dtype is not None and value.is_floating_point() else value.dtype
         if value.device != device or value.dtype != target:
-            layout = expected[key]
-            channels_last = layout.ndim == 4 and not layout.is_contiguous() \
-                and layout.is_contiguous(memory_format=torch.channels_last)
+            channels_last = memory_format(expected[key]) == torch.channels_last
             value = value.to(device=device, dtype=target,
                              memory_format=torch.channels_last if channels_last else torch.preserve_format)
         tensors[key] = value

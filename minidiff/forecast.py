@@ -14,6 +14,8 @@ from typing import Optional, Sequence
 
 import torch
 
+from .layout import memory_format
+
 MAX_ORDER = 2  # higher orders amplify noise in the history more than they remove bias
 
 
@@ -61,7 +63,7 @@ class History:
         if not self.slots:
             shape = (batch,) + tuple(value.shape[1:])
             self.slots = [torch.zeros(shape, dtype=value.dtype, device=value.device).to(
-                memory_format=_layout(value)) for _ in range(self.order + 1)]
+                memory_format=memory_format(value)) for _ in range(self.order + 1)]
             self.times = [[] for _ in range(batch)]
         shift = [r for r in rows.tolist() if self.times[r] and self.times[r][-1] != t]
         if shift and self.order > 0:  # a revisited timestep overwrites its slot instead of shifting
@@ -104,9 +106,3 @@ class History:
             out.addcmul_(slot, w)
         return out
 
-
-def _layout(value: torch.Tensor):
-    """channels_last for 4-d tensors stored that way, else the default layout."""
-    if value.ndim == 4 and value.is_contiguous(memory_format=torch.channels_last) and not value.is_contiguous():
-        return torch.channels_last
-    return torch.contiguous_format

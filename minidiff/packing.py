@@ -30,6 +30,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
+from .layout import memory_format
+
 __all__ = ["available", "pack", "pack_now", "unpack", "packed_layers"]
 
 
@@ -91,6 +93,11 @@ def _conv2d(x: torch.Tensor, bias: Optional[torch.Tensor], handle: int, out_chan
     """A convolution with a packed weight; channels-last out for channels-last in, else the default layout."""
     out = torch.ops.mkldnn._convolution_pointwise(x, _weight(handle), bias, padding, stride, dilation, groups,
                                                   "none", [], "")
+    return _as_laid_out(out, x)
+
+
+def _as_laid_out(out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """oneDNN answers channels-last; a caller passing the default layout gets it back."""
     return out if x.is_contiguous(memory_format=torch.channels_last) else out.contiguous()
 
 
@@ -115,6 +122,12 @@ packed_linear = torch.library.custom_op("minidiff::packed_linear", _linear, muta
 @packed_linear.register_fake
 def _(x, bias, handle, out_features):
     return x.new_empty((*x.shape[:-1], out_features))
+
+
+def _kernels() -> tuple:
+    """(conv2d, linear): the custom ops while torch.compile traces, so the graph holds them as
+    opaque nodes; their bodies otherwise (the ops' dispatch costs ~20 us a call)."""
+    return (packed_conv2d, packed_linear) if torch.compiler.is_compiling() else (_conv2d, _linear)
 
 
 class _Packable:
@@ -144,7 +157,7 @@ class _Packable:
     def _pack(self):
         if not self._is_packed():
             self._weight_requires_grad = self.weight.requires_grad
-            self._weight_format = _layout(self.weight)
+            self._weight_format = memory_format(self.weight)
             plain = self.weight
             with torch.no_grad():
                 self.weight = _PackedWeight(self._reorder(plain.detach()), requires_grad=False)
@@ -210,14 +223,12 @@ class _PackableConv2d(_Packable):
     def _conv_forward(self, x, weight, bias):
         if x.ndim != 4 or not self._use_packed(x):
             return super()._conv_forward(x, self._plain_weight(), bias)
-        compiling = torch.compiler.is_compiling()  # eager calls skip the op's dispatch (~20 us a call)
+        conv2d, linear = _kernels()
         if self._pointwise():  # (B, C, H, W) -> (B, H, W, C): a view when x is channels-last
-            linear = packed_linear if compiling else _linear
             out = linear(x.permute(0, 2, 3, 1), bias, self._handle, self.out_channels).permute(0, 3, 1, 2)
-            return out if x.is_contiguous(memory_format=torch.channels_last) else out.contiguous()
-        return (packed_conv2d if compiling else _conv2d)(
-            x, bias, self._handle, self.out_channels, list(self.kernel_size), list(self.padding), list(self.stride),
-            list(self.dilation), self.groups)
+            return _as_laid_out(out, x)
+        return conv2d(x, bias, self._handle, self.out_channels, list(self.kernel_size), list(self.padding),
+                      list(self.stride), list(self.dilation), self.groups)
 
 
 class _PackableLinear(_Packable):
@@ -227,11 +238,16 @@ class _PackableLinear(_Packable):
     def forward(self, x):
         if not self._use_packed(x):
             return F.linear(x, self._plain_weight(), self.bias)
-        return (packed_linear if torch.compiler.is_compiling() else _linear)(x, self.bias, self._handle,
-                                                                             self.out_features)
+        _, linear = _kernels()
+        return linear(x, self.bias, self._handle, self.out_features)
 
 
 _MADV_PAGEOUT = 21  # Linux 5.4+
+
+
+@functools.lru_cache(maxsize=None)
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(None, use_errno=True)
 
 
 def _release_file_pages(tensor: torch.Tensor):
@@ -257,15 +273,9 @@ def _release_file_pages(tensor: torch.Tensor):
         page = mmap.PAGESIZE
         first, last = -(-start // page) * page, min(end, high) // page * page  # whole pages of this tensor only
         if last > first:
-            ctypes.CDLL(None, use_errno=True).madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first),
-                                                      _MADV_PAGEOUT)
+            _libc().madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), _MADV_PAGEOUT)
     except (OSError, ValueError, AttributeError):
         pass  # an older kernel or a restricted /proc: the pages stay, as without this
-
-
-def _layout(weight: torch.Tensor) -> torch.memory_format:
-    channels_last = weight.ndim == 4 and not weight.is_contiguous() and weight.is_contiguous(memory_format=torch.channels_last)
-    return torch.channels_last if channels_last else torch.contiguous_format
 
 
 _CLASSES: dict = {}

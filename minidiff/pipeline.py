@@ -93,8 +93,7 @@ class Pipeline:
         self.last_run: Optional[RunStats] = None
         unet.num_train_timesteps = scheduler.num_train_timesteps  # lets the U-Net refuse timesteps past it
         self._shallow_ratios: dict = {}
-        if packing.available(self.device, self.dtype):  # see `to`
-            packing.pack(self.unet)
+        self._pack_denoiser()
 
     # -- properties ---------------------------------------------------------------------------
 
@@ -123,13 +122,18 @@ class Pipeline:
         (minidiff.packing: each weight is reordered once, on first use, instead of on every call)."""
         check_dtype(self.device if device is None else torch.device(device), dtype)
         self.unet.to(device=device, dtype=dtype)  # packed layers return to plain weights first
-        if pack and packing.available(self.device, self.dtype):
-            packing.pack(self.unet)
+        if pack:
+            self._pack_denoiser()
         if self.text_encoder is not None:
             self.text_encoder.to(device=device, dtype=dtype)
         if self.autoencoder is not None:
             self.autoencoder.to(device=device)
         return self
+
+    def _pack_denoiser(self):
+        """oneDNN weight packing, where it applies (CPU, float32): see `to`."""
+        if packing.available(self.device, self.dtype):
+            packing.pack(self.unet)
 
     # -- conditioning -------------------------------------------------------------------------
 

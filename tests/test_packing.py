@@ -13,7 +13,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from minidiff import packing
 from minidiff.unet import UNet, UNetConfig
 
-pytestmark = pytest.mark.skipif(not packing.available(), reason="this torch has no oneDNN")
+pytestmark = pytest.mark.skipif(not packing.available(), reason="this torch lacks oneDNN's packed kernels")
 
 # 3x3 and 1x1 convolutions (ResBlock shortcuts, transformer projections), linear layers, cross-attention
 TEXT_UNET = dict(in_channels=4, out_channels=4, model_channels=32, channel_mult=(1, 2), num_res_blocks=1,
@@ -26,8 +26,7 @@ def text_unet() -> UNet:
 
 def inputs(batch=2, size=8):
     torch.manual_seed(3)
-    return torch.randn(batch, 4, size, size), torch.tensor([10, 700][:batch] * (batch // 2 or 1))[:batch], \
-        torch.randn(batch, 5, 16)
+    return torch.randn(batch, 4, size, size), torch.tensor([10, 700] * batch)[:batch], torch.randn(batch, 5, 16)
 
 
 def layer_kinds(model):
