@@ -17,9 +17,9 @@ from pathlib import Path
 import torch
 
 from minidiff import load
-from minidiff.metrics import psnr
+from minidiff.analysis import write_csv
 from minidiff.cache import make_schedule
-from minidiff.metrics import load_metric
+from minidiff.metrics import load_metric, psnr
 
 
 def rows_for(model: str, *, per_class: int, intervals, branches, schedules, seed: int, metric) -> list:
@@ -116,10 +116,7 @@ def main():
                          schedules=args.schedules, seed=args.seed, metric=metric)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    with open(out / "frontier_models.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(rows, out / "frontier_models.csv")
     plot(rows, out / "frontier_models.png")
     print(f"wrote {out / 'frontier_models.csv'}, {out / 'frontier_models.png'}")
 

@@ -9,14 +9,13 @@ on PixArt-alpha), and the share of the layer's change carried by its top 10% of 
 whose redundancy lives on the token axis has a large ratio: a few positions move, the rest stay.
 """
 import argparse
-import csv
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from minidiff import load
-from minidiff.analysis import record_features
+from minidiff.analysis import record_features, write_csv
 
 
 def token_rows(model: str, steps: int, per_class: int) -> list:
@@ -71,10 +70,7 @@ def main():
     rows = [r for m in args.models for r in token_rows(m, args.steps, args.per_class)]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    with open(out / "token_change.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(rows, out / "token_change.csv")
     plot(rows, out / "change_by_step.png")
     print(f"wrote {out / 'token_change.csv'}, {out / 'change_by_step.png'}")
 
