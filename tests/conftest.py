@@ -46,6 +46,18 @@ def randomize(module: torch.nn.Module, std: float = 0.05, seed: int = 0) -> torc
     return module.eval()
 
 
+def randomize_near_unit_norms(module: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """Random weights everywhere (`randomize`), then GroupNorm/LayerNorm scales near 1, so signals
+    survive the whole depth of a network."""
+    randomize(module, seed=seed)
+    g = torch.Generator().manual_seed(seed + 100)
+    with torch.no_grad():
+        for m in module.modules():
+            if isinstance(m, (torch.nn.GroupNorm, torch.nn.LayerNorm)):
+                m.weight.copy_(1 + 0.1 * torch.randn(m.weight.shape, generator=g))
+    return module.eval()
+
+
 def randomize_with_norms(module, seed=0, std=0.05):
     """Random weights everywhere, so zero-initialised outputs cannot hide a mapping error."""
     generator = torch.Generator().manual_seed(seed)
@@ -114,6 +126,16 @@ def tiny_pipeline(attention_type="self", seed=0):
     unet = randomize(UNet(cfg), std=0.08, seed=seed)
     sched = SchedulerConfig(beta_schedule="linear", clip_sample=False)
     return Pipeline(unet, sched, null_class=3)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One thread for a module's tests, whatever an earlier test set: tiny models run fastest on one
+    thread, and far faster on a busy machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])

@@ -7,8 +7,7 @@ import json
 
 import pytest
 import torch
-from conftest import randomize
-from torch import nn
+from conftest import randomize_near_unit_norms
 
 from minidiff.autoencoder import Autoencoder, AutoencoderConfig
 from minidiff.unet import UNet, UNetConfig
@@ -16,17 +15,6 @@ from minidiff.convert.unet_keys import config_from_diffusers, diffusers_to_nativ
 from minidiff.convert.vae_keys import diffusers_to_native as vae_diffusers_to_native
 
 diffusers = pytest.importorskip("diffusers")
-
-
-def _randomize(module, seed):
-    """Random weights, norm scales near 1 so signals survive every layer."""
-    randomize(module, seed=seed)
-    g = torch.Generator().manual_seed(seed + 100)
-    with torch.no_grad():
-        for m in module.modules():
-            if isinstance(m, (nn.GroupNorm, nn.LayerNorm)):
-                m.weight.copy_(1 + 0.1 * torch.randn(m.weight.shape, generator=g))
-    return module.eval()
 
 
 def max_err(a, b):
@@ -45,7 +33,7 @@ PER_LEVEL = {"1-4-8": [1, 4, 8], "8-2-1": [8, 2, 1], "4-4-4": [4, 4, 4]}
 def _conditional(heads, seed=0, **overrides):
     """(diffusers reference, minidiff U-Net with its weights) for per-level `heads`."""
     kwargs = {**CONDITIONAL, "attention_head_dim": heads, **overrides}
-    ref = _randomize(diffusers.UNet2DConditionModel(**kwargs), seed)
+    ref = randomize_near_unit_norms(diffusers.UNet2DConditionModel(**kwargs), seed)
     base = config_from_diffusers({**kwargs, "attention_head_dim": 1})  # everything but the heads
     config = dataclasses.replace(base, num_heads=tuple(heads))
     unet = UNet(config)
@@ -122,7 +110,7 @@ def test_odd_sizes_full_and_shallow_paths_equal_forward(padding):
     reusing that cache equals it too (the deep state it reuses is exactly what it would recompute)."""
     config = UNetConfig(model_channels=16, channel_mult=(1, 2, 2), num_res_blocks=1, attention_levels=(1,),
                         norm_groups=8, downsample_padding=padding, num_heads=(1, 2, 4))
-    unet = _randomize(UNet(config), seed=4)
+    unet = randomize_near_unit_norms(UNet(config), seed=4)
     x, t = torch.randn(2, 3, 11, 7), torch.tensor([3, 700])
     assert [s[1:] for s in unet.skip_shapes(11, 7)][-1] == ((3, 2) if padding else (2, 1))
     with torch.no_grad():
@@ -145,7 +133,7 @@ def test_head_width_and_group_count_match_unet2dmodel():
     kwargs = dict(sample_size=16, block_out_channels=(16, 32, 48), layers_per_block=1, attention_head_dim=8,
                   norm_num_groups=8, down_block_types=("AttnDownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
                   up_block_types=("UpBlock2D", "AttnUpBlock2D", "AttnUpBlock2D"))
-    ref = _randomize(diffusers.UNet2DModel(**kwargs), seed=6)
+    ref = randomize_near_unit_norms(diffusers.UNet2DModel(**kwargs), seed=6)
     config = config_from_diffusers(kwargs)
     unet = UNet(config)
     unet.load_state_dict(diffusers_to_native(ref.state_dict(), config))
@@ -161,7 +149,7 @@ def test_head_width_and_group_count_match_unet2dmodel():
 
 @pytest.mark.parametrize("groups", [8, 4, 16])
 def test_autoencoder_group_counts_match_autoencoderkl(groups):
-    ref = _randomize(diffusers.AutoencoderKL(
+    ref = randomize_near_unit_norms(diffusers.AutoencoderKL(
         block_out_channels=(16, 32), layers_per_block=1, latent_channels=4, norm_num_groups=groups,
         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2), seed=groups)
     config = AutoencoderConfig(base_channels=16, channel_mult=(1, 2), num_res_blocks=1, norm_groups=groups,

@@ -8,7 +8,8 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from conftest import check_half_precision_file, manifest, meta_state_dict, randomize, shared_path
+from conftest import (check_half_precision_file, manifest, meta_state_dict, randomize_near_unit_norms,
+                      shared_path)
 from torch import nn
 
 from minidiff.convert.ldm import CIN256_V2, check_family, convert, ldm_config, load_config, main, map_checkpoint
@@ -61,17 +62,6 @@ def tolerance(sample):
     return max(1e-4, 2e-6 * sample.abs().max().item())
 
 
-def _randomize(module, seed):
-    """Random weights everywhere, norm scales near 1 so signals survive the whole depth."""
-    randomize(module, seed=seed)
-    g = torch.Generator().manual_seed(seed + 100)
-    with torch.no_grad():
-        for m in module.modules():
-            if isinstance(m, (nn.GroupNorm, nn.LayerNorm)):
-                m.weight.copy_(1 + 0.1 * torch.randn(m.weight.shape, generator=g))
-    return module.eval()
-
-
 def _original(spec, seed=0):
     """The original modules of a class-conditional LDM: U-Net, ClassEmbedder table, VQ first stage."""
     unet_kwargs = {k: v for k, v in spec.items() if k != "n_classes"}
@@ -83,11 +73,11 @@ def _original(spec, seed=0):
     first.quant_conv, first.post_quant_conv = nn.Conv2d(3, 3, 1), nn.Conv2d(3, 3, 1)
     first.quantize = nn.Module()
     first.quantize.embedding = nn.Embedding(16, 3)
-    unet = _randomize(UNetModel(image_size=8, in_channels=3, out_channels=3, use_spatial_transformer=True,
-                                **unet_kwargs), seed)
+    unet = randomize_near_unit_norms(UNetModel(image_size=8, in_channels=3, out_channels=3,
+                                               use_spatial_transformer=True, **unet_kwargs), seed)
+    embedder = randomize_near_unit_norms(nn.Embedding(spec["n_classes"], spec["context_dim"]), seed + 1)
     return SimpleNamespace(unet=unet, apply_model=lambda x, t, context: unet(x, t, context=[context] * depth),
-                           embedder=_randomize(nn.Embedding(spec["n_classes"], spec["context_dim"]), seed + 1),
-                           first_stage=_randomize(first, seed + 2), spec=spec)
+                           embedder=embedder, first_stage=randomize_near_unit_norms(first, seed + 2), spec=spec)
 
 
 def _checkpoint(orig, ema_unet=None):

@@ -15,12 +15,7 @@ from minidiff.frontier import FEWER, fewer_steps, frontier, parse_samplers
 from minidiff.samplers import SAMPLER_OPTIONS, SAMPLERS, draws_noise, num_model_calls
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
