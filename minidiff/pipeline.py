@@ -81,7 +81,7 @@ class Pipeline:
 
     def __init__(self, unet: UNet, scheduler: SchedulerConfig, *, autoencoder=None, text_encoder=None,
                  tokenizer=None, null_class: Optional[int] = None, class_names: Optional[list] = None,
-                 calibration: Optional[dict] = None, meta: Optional[dict] = None):
+                 calibration: Optional[dict] = None, meta: Optional[dict] = None, pack: bool = True):
         self.unet, self.scheduler = unet.eval(), scheduler
         self.autoencoder = autoencoder.eval() if autoencoder is not None else None
         self.text_encoder = text_encoder.eval() if text_encoder is not None else None
@@ -93,7 +93,9 @@ class Pipeline:
         self.last_run: Optional[RunStats] = None
         unet.num_train_timesteps = scheduler.num_train_timesteps  # lets the U-Net refuse timesteps past it
         self._shallow_ratios: dict = {}
-        self._pack_denoiser()
+        self.packs = pack  # False for a network still being trained (its EMA is updated in place)
+        if pack:
+            self._pack_denoiser()
 
     # -- properties ---------------------------------------------------------------------------
 
@@ -115,14 +117,16 @@ class Pipeline:
         size = self.unet.config.sample_size or 32
         return size * self.latent_scale
 
-    def to(self, device=None, dtype=None, *, pack: bool = True) -> "Pipeline":
+    def to(self, device=None, dtype=None, *, pack: Optional[bool] = None) -> "Pipeline":
         """Move the models; the autoencoder stays float32 (half-precision decoding overflows).
 
         On CPU in float32 the denoiser's layers are then marked for oneDNN weight packing
-        (minidiff.packing: each weight is reordered once, on first use, instead of on every call)."""
+        (minidiff.packing: each weight is reordered once, on first use, instead of on every call).
+        `pack` None keeps the pipeline's choice (`Pipeline(..., pack=)`); True or False changes it."""
         check_dtype(self.device if device is None else torch.device(device), dtype)
         self.unet.to(device=device, dtype=dtype)  # packed layers return to plain weights first
-        if pack:
+        self.packs = self.packs if pack is None else pack
+        if self.packs:
             self._pack_denoiser()
         if self.text_encoder is not None:
             self.text_encoder.to(device=device, dtype=dtype)
@@ -688,6 +692,6 @@ def load(path, *, device="cpu", dtype: Optional[torch.dtype] = None, allow_nan: 
                       stacklevel=2)
     pipe = Pipeline(unet, scheduler, autoencoder=autoencoder, text_encoder=text_encoder, tokenizer=tokenizer,
                     null_class=config.get("null_class"), class_names=config.get("class_names"),
-                    calibration=calibration, meta=meta)
+                    calibration=calibration, meta=meta, pack=False)
     pipe.calibration_error = calibration_error
     return pipe.to(device=device, dtype=dtype, pack=pack)

@@ -255,8 +255,9 @@ def train(config: TrainConfig, resume=None, *, overwrite: bool = False) -> Train
         if resume is not None:
             state = _read_checkpoint(resume, cfg)
             step, seconds, losses, loss_sum = _restore(state, model, ema, optimizer, order, noise_gen)
+        # pack=False: the EMA is updated in place after every step, so its weights must stay plain
         pipeline = Pipeline(ema, scheduler_config(cfg), null_class=data.num_classes if cfg.class_cond else None,
-                            class_names=data.class_names if cfg.class_cond else None)
+                            class_names=data.class_names if cfg.class_cond else None, pack=False)
         if step >= cfg.steps:
             return Trained(pipeline, model, optimizer, step, losses)
 
