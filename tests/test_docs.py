@@ -46,7 +46,7 @@ def test_the_pages_hold_python_blocks_and_few_are_exempt():
 
 @pytest.mark.parametrize("path, line, code", BLOCKS,
                          ids=[f"{p.relative_to(REPO)}:{line}" for p, line, _ in BLOCKS])
-def test_python_block_runs(path, line, code, monkeypatch, capsys):
+def test_python_block_runs(path, line, code, monkeypatch):
     monkeypatch.chdir(REPO)
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     # Padding with blank lines keeps the page's own line numbers in any traceback.
@@ -54,11 +54,8 @@ def test_python_block_runs(path, line, code, monkeypatch, capsys):
     try:
         exec(compiled, {"__name__": "__doc_snippet__"})
     except Exception as e:
-        tb = e.__traceback__
-        while tb.tb_next is not None and tb.tb_frame.f_code.co_filename != compiled.co_filename:
-            tb = tb.tb_next
-        where = line
-        while tb is not None:
+        where, tb = line, e.__traceback__
+        while tb is not None:  # the deepest frame in the block: the page's line that failed
             if tb.tb_frame.f_code.co_filename == compiled.co_filename:
                 where = tb.tb_lineno
             tb = tb.tb_next
@@ -100,7 +97,7 @@ def test_every_command_the_readme_names_exists():
     for command in sorted(commands):
         assert re.search(rf"\b{command[0]}\b", top), f"README names `minidiff {command[0]}`, not in --help"
         if len(command) == 2 and command[0] != "convert":
-            assert f"{command[1]}" in _help([command[0], "--help"]).split("usage:")[-1], \
+            assert command[1] in _help([command[0], "--help"]).split("usage:")[-1], \
                 f"README names `minidiff {' '.join(command)}`, not in `minidiff {command[0]} --help`"
         elif len(command) == 2:
             _help(["convert", command[1], "--help"])
