@@ -23,6 +23,8 @@ from typing import Optional, Sequence
 
 import torch
 
+from .forecast import lagrange_weights
+
 
 def _check_history(times: Sequence[float], values: Sequence[torch.Tensor]):
     if len(times) != len(values) or not values:
@@ -40,17 +42,9 @@ def combine(values: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.T
     return out
 
 
-def linear_weights(times: Sequence[float], t: float) -> list:
-    """Weights of the line through the last two full steps at t (of reuse, with one full step)."""
-    if len(times) == 1:
-        return [1.0]
-    u = (t - times[-1]) / (times[-1] - times[-2])
-    return [0.0] * (len(times) - 2) + [-u, 1 + u]
-
-
 def linear(times: Sequence[float], values: Sequence[torch.Tensor], t: float) -> torch.Tensor:
     """The line through the last two full steps at t (reuse with one): the fallback the rules share."""
-    return values[-1] if len(values) == 1 else combine(values, linear_weights(times, t))
+    return values[-1] if len(values) == 1 else combine(values[-2:], lagrange_weights(times[-2:], t))
 
 
 # -- FoCa -----------------------------------------------------------------------------------------
@@ -82,7 +76,10 @@ def foca(times: Sequence[float], values: Sequence[torch.Tensor], t: float,
       needs it on long gaps: the last forecast's error enters the next gap's dF_local divided by one
       call's spacing and comes out multiplied by e / 2, so errors grow by about N / 2 per gap on 1:N.
     Not exact on quadratics: dF_full is the slope half a gap back, and a stale `recent` value (a
-    reuse before the second full step) enters dF_local as if it were the trajectory.
+    reuse before the second full step) enters dF_local as if it were the trajectory. What it adds
+    to the line through the last two full steps comes only from the recursion through the last
+    forecast before the anchor: were `recent` reset to the full steps at each one (as cache-dit's
+    docstring says, not its code), every forecast would be that line.
     """
     _check_history(times, values)
     if len(values) == 1:
@@ -231,7 +228,8 @@ def chebyshev(times: Sequence[float], values: Sequence[torch.Tensor], t: float, 
     fit, at = design[:-1], design[-1]
     gram = fit.T @ fit + ridge * torch.eye(degree + 1, dtype=torch.float64)
     fitted = (at @ torch.linalg.solve(gram, fit.T)).tolist()  # the fit's forecast, as a weight per full step
-    line = linear_weights(times, t)
+    line = lagrange_weights(times[-2:], t)  # the line through the last two full steps (reuse with one)
+    line = [0.0] * (len(values) - len(line)) + line
     return combine(values, [mix * c + (1 - mix) * w for c, w in zip(fitted, line)])
 
 

@@ -70,6 +70,17 @@ def test_foca_on_a_line_never_recovers_from_its_one_full_step_start():
     assert forecasts == {1: 0, 2: 0, 4: 5, 5: 6, 7: 6.5, 8: 7.5, 10: 10.25, 11: 11.25}
 
 
+def test_foca_from_a_clean_window_is_the_line_through_the_full_steps():
+    """With `recent` started at the last two full steps, both slopes agree and every forecast, fed back,
+    stays on the line through them, even on a curve: the recursion through a stale value is all FoCa adds."""
+    curve = trajectory(lambda t: (t / 100) ** 2 + math.sin(t / 50), COEFFS)
+    times = [981, 901, 861]
+    targets = [841, 801, 781, 701]
+    for t, forecast in zip(targets, run_foca(times, [curve(s) for s in times], targets)):
+        line = curve(861) + (t - 861) / (861 - 901) * (curve(861) - curve(901))
+        torch.testing.assert_close(forecast, line, **EXACT)
+
+
 def test_foca_horizon_pulls_long_forecasts_back_toward_the_anchor():
     """cache-dit's damping: past H, F_n + (H / e)(H / 2)(dF_full + dF_local). Line F = t with slope 1,
     anchor 4 at t = 4: at e = 6 with H = 3 the reach is 3 * 3 / 6 = 1.5, so 4 + 1.5 = 5.5; within H, exact."""
