@@ -255,7 +255,7 @@ def dicache(values: Sequence[torch.Tensor], probes: Sequence[torch.Tensor], prob
     - A probe that did not move between the two full steps gives no rate: gamma = clip[0] there
       (DiCache would divide by zero).
     Exact on trajectories where probe and feature move along lines at one pace, as long as the
-    ratio stays within the clip (a line in t, say, with the probe at 1 .. 1.5 gaps past t_{n-1}).
+    ratio stays within the clip (both lines in t, say, and t 1 to 1.5 gaps past t_{n-1}).
     """
     if len(values) != len(probes) or not values:
         raise ValueError(f"DiCache needs one probe per full-step value and at least one of each, got "
