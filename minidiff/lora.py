@@ -220,3 +220,17 @@ def unload_lora(pipe):
         module.load_state_dict({"weight": original}, strict=False)
     state.originals.clear()
     state.loaded.clear()
+
+
+def parse_lora_arg(text: str) -> tuple:
+    """`FILE[:SCALE]` (the CLI's --lora) -> (path, scale); a path may itself hold colons."""
+    path, _, tail = text.rpartition(":")
+    try:
+        scale = float(tail) if path else None
+    except ValueError:
+        scale = None
+    if scale is None:
+        path, scale = text, 1.0
+    if not math.isfinite(scale):
+        raise ValueError(f"--lora {text!r}: the scale after ':' must be a finite number")
+    return path, scale

@@ -226,3 +226,33 @@ def test_truncated_and_pickled_files_are_refused(setup, tmp_path):
     with pytest.raises(ValueError, match="finite number"):
         ours.load_lora(tmp_path / "whole.safetensors", scale=float("nan"))
     assert lora.loaded(ours) == []
+
+
+def test_cli_sample_merges_each_lora_at_its_scale_and_refuses_a_bad_one(setup, tmp_path, capsys):
+    from PIL import Image
+
+    from minidiff.cli import main
+
+    reference, ours, folder = setup
+    model = folder / "sd-native"
+    good = peft_file(tmp_path / "style.safetensors", reference, seed=6)
+    common = ["sample", "--model", str(model), "--prompt", "a red fox", "--steps", "2", "--threads", "1"]
+    outputs = {}
+    for name, extra in (("bare", []), ("lora", ["--lora", f"{good}:0.7", "--lora", str(good)])):
+        outputs[name] = tmp_path / f"{name}.png"
+        assert main(common + ["--out", str(outputs[name])] + extra) == 0
+    pixels = {k: torch.tensor(list(Image.open(v).getdata()), dtype=torch.float32) for k, v in outputs.items()}
+    assert (pixels["bare"] - pixels["lora"]).abs().max() > 0
+    bad = _save(tmp_path / "sdxl.safetensors", BAD_FILES["SDXL names"][0])
+    capsys.readouterr()
+    assert main(common + ["--out", str(tmp_path / "x.png"), "--lora", f"{bad}:0.5"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "Stable Diffusion XL" in err and err.count("\n") == 1
+    assert not (tmp_path / "x.png").exists()
+
+
+@pytest.mark.parametrize("text,parsed", [("a.safetensors", ("a.safetensors", 1.0)), ("a.safetensors:0.5", ("a.safetensors", 0.5)),
+                                         ("C:/x/a.safetensors:-1", ("C:/x/a.safetensors", -1.0)),
+                                         ("dir:v2/a.safetensors", ("dir:v2/a.safetensors", 1.0))])
+def test_lora_flag_is_file_and_optional_scale(text, parsed):
+    assert lora.parse_lora_arg(text) == parsed
