@@ -104,21 +104,21 @@ def _names(pipe) -> dict:
     return names
 
 
-def _refuse_other_kinds(key: str):
+def _refuse_other_kinds(key: str, source: str):
     for marker, what in _NOT_LORA.items():
         if marker in key:
-            raise CheckpointError(f"LoRA key {key!r} belongs to {what} adapter, not a LoRA; minidiff merges "
+            raise CheckpointError(f"{source}: LoRA key {key!r} belongs to {what} adapter, not a LoRA; minidiff merges "
                                   "plain LoRA (lora_down/lora_up or lora_A/lora_B) only")
     if key.startswith(_SDXL_MARKERS) or any(marker in key for marker in _SDXL_MARKERS[-2:]):
-        raise CheckpointError(f"LoRA key {key!r} is a Stable Diffusion XL layer name (openaimodel-style U-Net "
-                              "names, a second text encoder): this LoRA is for SDXL, and the model is SD1.x-shaped")
+        raise CheckpointError(f"{source}: LoRA key {key!r} is a Stable Diffusion XL layer name (openaimodel-style "
+                              "U-Net names, a second text encoder): this LoRA is for SDXL, and the model is SD1.x-shaped")
 
 
 def _group(tensors: dict, source: str) -> dict:
     """{module name in the file: {"up", "down", "alpha"}}, every key accounted for."""
     groups: dict = {}
     for key, value in tensors.items():
-        _refuse_other_kinds(key)
+        _refuse_other_kinds(key, source)
         name = _PROCESSOR[0].sub(_PROCESSOR[1], key)
         match = next(((m, part) for pattern, part in _PARTS if (m := pattern.match(name))), None)
         if match is None:

@@ -106,7 +106,8 @@ def compare_outputs(ours, reference):
     t = torch.tensor([981, 21])
     ids = reference.tokenizer(PROMPTS, padding="max_length", max_length=77, return_tensors="pt").input_ids
     with torch.no_grad():
-        return {"unet": relative_err(ours.unet(x, t, context), reference.unet(x, t, encoder_hidden_states=context).sample),
+        expected = reference.unet(x, t, encoder_hidden_states=context).sample
+        return {"unet": relative_err(ours.unet(x, t, context), expected),
                 "text": relative_err(ours.text_encoder(ids), reference.text_encoder(ids).last_hidden_state)}
 
 
@@ -251,7 +252,8 @@ def test_cli_sample_merges_each_lora_at_its_scale_and_refuses_a_bad_one(setup, t
     assert not (tmp_path / "x.png").exists()
 
 
-@pytest.mark.parametrize("text,parsed", [("a.safetensors", ("a.safetensors", 1.0)), ("a.safetensors:0.5", ("a.safetensors", 0.5)),
+@pytest.mark.parametrize("text,parsed", [("a.safetensors", ("a.safetensors", 1.0)),
+                                         ("a.safetensors:0.5", ("a.safetensors", 0.5)),
                                          ("C:/x/a.safetensors:-1", ("C:/x/a.safetensors", -1.0)),
                                          ("dir:v2/a.safetensors", ("dir:v2/a.safetensors", 1.0))])
 def test_lora_flag_is_file_and_optional_scale(text, parsed):
