@@ -16,8 +16,10 @@ from minidiff import export
 from minidiff.checkpoint import CheckpointError
 from minidiff.cli import main as cli
 from minidiff.convert import ddpm, sd15
-from test_convert_sd15 import (SCHEDULE_BUFFERS, TOKENIZER_DIR, LdmFirstStage, LDM_UNET, convert_diffusers,
-                               single_file_state, tiny_clip, tiny_diffusers_pipeline, tiny_yaml, write_single_file)
+from test_convert_sd15 import (SCHEDULE_BUFFERS, TOKENIZER_DIR, UNET_CONFIGS, LdmFirstStage, LDM_UNET,
+                               convert_diffusers, single_file_state, tiny_clip, tiny_diffusers_pipeline,
+                               tiny_diffusers_unet, tiny_yaml, write_single_file)
+from minidiff.convert import export_keys, unet_keys
 from minidiff.text import CLIPTextConfig
 
 REPO = Path(__file__).resolve().parents[1]
@@ -67,6 +69,38 @@ def test_diffusers_folder_round_trip_gives_back_every_tensor(sd):
         mine, theirs = cls.from_pretrained(exported / part).config, cls.from_pretrained(source / part).config
         assert {k: v for k, v in mine.items() if not k.startswith("_")} == \
                {k: v for k, v in theirs.items() if not k.startswith("_")}, part
+
+
+PIXEL_UNETS = {  # UNet2DModel: one head width for all blocks, or one head per block
+    "head-width-16": dict(attention_head_dim=16, num_class_embeds=5),
+    "one-head-per-block": dict(attention_head_dim=None, add_attention=False, downsample_padding=0, freq_shift=1,
+                               flip_sin_to_cos=False),
+}
+
+
+def _round_trip(reference, conditional):
+    cfg = unet_keys.config_from_diffusers(dict(reference.config))
+    native = unet_keys.diffusers_to_native(reference.state_dict(), cfg)
+    assert same_tensors(export_keys.unet_to(native, cfg, "diffusers"), reference.state_dict())
+    written = export.unet_config(cfg, conditional=conditional)
+    assert unet_keys.config_from_diffusers(written) == cfg
+    rebuilt = type(reference).from_config(written)
+    assert {k: v.shape for k, v in rebuilt.state_dict().items()} == {k: v.shape for k, v in reference.state_dict().items()}
+
+
+@pytest.mark.parametrize("name", list(UNET_CONFIGS))
+def test_unet2dconditionmodel_variants_round_trip_keys_and_config(name):
+    _round_trip(tiny_diffusers_unet(seed=3, **UNET_CONFIGS[name]), conditional=True)
+
+
+@pytest.mark.parametrize("name", list(PIXEL_UNETS))
+def test_unet2dmodel_variants_round_trip_keys_and_config(name):
+    from diffusers import UNet2DModel
+
+    reference = UNet2DModel(sample_size=8, in_channels=3, out_channels=3, block_out_channels=(32, 64),
+                            layers_per_block=1, down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+                            up_block_types=("AttnUpBlock2D", "UpBlock2D"), norm_num_groups=8, **PIXEL_UNETS[name])
+    _round_trip(reference, conditional=False)
 
 
 @pytest.mark.parametrize("sampler,scheduler", [("ddim", "DDIMScheduler"), ("dpmpp_2m", "DPMSolverMultistepScheduler")])
