@@ -176,14 +176,19 @@ def _layer_label(layer) -> str:
 # -- images as PNG sprite sheets -----------------------------------------------------------------------
 
 def png_data_uri(images: torch.Tensor) -> str:
-    """(rows, cols, C, H, W) in [0, 1] -> a data: URI of one PNG, rows of images one under another."""
+    """(rows, cols, C, H, W) in [0, 1] -> a data: URI of one PNG sheet, interleaved by pixel row.
+
+    Sheet row y * rows + r holds pixel row y of every image in row r (a step of a trajectory), side by
+    side; consecutive steps of one pixel row then sit on adjacent scanlines, where the PNG "up" filter
+    makes them compress about a third better than images stacked whole. explain.js reads it back.
+    """
     rows, cols, channels, h, w = images.shape
     pixels = (images.clamp(0, 1) * 255).round().to(torch.uint8)
-    sheet = pixels.permute(0, 3, 1, 4, 2).reshape(rows * h, cols * w, channels).numpy()
     if channels not in (1, 3):
-        sheet = np.repeat(sheet[..., :1], 3, axis=2)
-        channels = 3
-    raw = b"".join(b"\x00" + row.tobytes() for row in sheet)  # filter 0 on every scanline
+        pixels, channels = pixels[:, :, :1].expand(-1, -1, 3, -1, -1), 3
+    sheet = pixels.permute(3, 0, 1, 4, 2).reshape(h * rows, cols * w * channels).numpy().astype(np.int16)
+    up = np.diff(sheet, axis=0, prepend=np.zeros((1, sheet.shape[1]), np.int16)) % 256  # filter 2: minus the row above
+    raw = b"".join(b"\x02" + line.astype(np.uint8).tobytes() for line in up)
 
     def chunk(kind: bytes, body: bytes) -> bytes:
         return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)

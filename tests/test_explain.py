@@ -6,7 +6,6 @@ installs them); where any is missing they skip with the reason. Pages are built 
 import base64
 import io
 import json
-import math
 import shutil
 from pathlib import Path
 
@@ -32,8 +31,9 @@ def test_png_sheet_round_trips_exactly():
     assert sheet.size == (2 * 5, 3 * 4) and sheet.mode == "L"
     pixels = torch.frombuffer(bytearray(sheet.tobytes()), dtype=torch.uint8).reshape(12, 10)
     expected = (images * 255).round().to(torch.uint8)
-    assert torch.equal(pixels[4:8, 5:10], expected[1, 1, 0])  # step 1, sample 1
-    assert torch.equal(pixels[0:4, 0:5], expected[0, 0, 0])
+    for step in range(3):  # pixel row y of step r is sheet row 3 y + r (interleaved)
+        assert torch.equal(pixels[step::3, 5:10], expected[step, 1, 0])
+        assert torch.equal(pixels[step::3, 0:5], expected[step, 0, 0])
 
 
 def test_trajectory_ends_at_the_image_and_tracks_the_run():
@@ -221,7 +221,7 @@ def test_every_control_changes_the_view(pages, browser, kind):
             _set(browser, control, others[-1])
         else:
             low, high, value = (int(control.get_attribute(a)) for a in ("min", "max", "value"))
-            _set(browser, control, str(low if value != low else high))
+            _set(browser, control, str(high if value != high else low))
         if _view(browser) == before:
             unchanged.append(name)
     assert unchanged == []
@@ -231,7 +231,7 @@ def test_keyboard_reaches_every_control(pages, browser):
     from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.keys import Keys
 
-    folder, _ = pages["unet"]
+    folder, data = pages["unet"]
     _open(browser, folder)
     wanted = set(browser.execute_script(
         "return Array.from(document.querySelectorAll('select, input, button, [tabindex=\"0\"]'))"
@@ -244,8 +244,8 @@ def test_keyboard_reaches_every_control(pages, browser):
     assert wanted and wanted <= set(seen), sorted(wanted - set(seen))
     # the focused heatmap answers the arrow keys with a reading
     browser.execute_script("document.getElementById('heat-canvas').focus()")
-    ActionChains(browser).send_keys(Keys.ARROW_RIGHT).perform()
+    ActionChains(browser).send_keys(Keys.ARROW_RIGHT, Keys.ARROW_DOWN).perform()  # from (1, 2) to (2, 3)
     readout = browser.execute_script("return document.getElementById('heat-readout').textContent")
-    assert "step 1" in readout and "step 2" in readout and "cosine similarity" in readout
-    value = float(readout.rsplit(" ", 1)[1])
-    assert 0 < value <= 1 and not math.isnan(value)
+    layer = browser.execute_script("return document.getElementById('heat-layer').value")
+    assert readout.startswith(f"{layer}: step 2 (t=") and " vs step 3 (t=" in readout
+    assert float(readout.rsplit(" ", 1)[1]) == pytest.approx(data["heatmaps"]["matrices"][layer][1][2], abs=5e-5)

@@ -51,13 +51,23 @@
     img.src = uri;
     return img;
   }
-  function drawRow(canvas, img, row) {
-    var s = D.model.size, n = D.settings.batch;
-    if (canvas.width !== s * n) { canvas.width = s * n; canvas.height = s; canvas.style.maxWidth = (n * 120) + "px"; }
+  function narrow() { return window.innerWidth < 640; }
+  function perLine() { var n = D.settings.batch; return narrow() && n > 4 ? Math.ceil(n / 2) : n; }
+  function drawRow(canvas, img, row) {  // row `row` of a sheet interleaved by pixel row (explain.py png_data_uri)
+    var s = D.model.size, n = D.settings.batch, cols = perLine(), lines = Math.ceil(n / cols);
+    if (canvas.width !== s * cols || canvas.height !== s * lines) {
+      canvas.width = s * cols; canvas.height = s * lines; canvas.style.maxWidth = (cols * 120) + "px";
+    }
     var ctx = canvas.getContext("2d");
     ctx.imageSmoothingEnabled = false;
-    ctx.clearRect(0, 0, canvas.width, canvas.height);
-    if (img && img.complete) ctx.drawImage(img, 0, row * s, s * n, s, 0, 0, s * n, s);
+    ctx.fillStyle = "#000";
+    ctx.fillRect(0, 0, canvas.width, canvas.height);
+    if (!img || !img.complete || !img.naturalHeight) return;
+    var rows = img.naturalHeight / s;
+    for (var line = 0; line < lines; line++) {
+      var count = Math.min(cols, n - line * cols);
+      for (var y = 0; y < s; y++) ctx.drawImage(img, line * cols * s, y * rows + row, count * s, 1, 0, line * s + y, count * s, 1);
+    }
   }
 
   // -- the header ----------------------------------------------------------------------------------
@@ -113,20 +123,20 @@
                    stroke: on ? C.blue : "#aab1bb", "stroke-dasharray": on ? "" : "4 3" }, g);
       el("text", { x: p.x + 10, y: p.y + p.h / 2 + 4.5, "font-size": 13, "font-weight": 700, fill: on ? "#fff" : C.ink }, g, block.name);
       el("text", { x: p.x + p.w - 10, y: p.y + p.h / 2 + 4.5, "font-size": 11.5, "text-anchor": "end", fill: on ? "#fff" : C.muted }, g,
-         block.label + (block.shape ? "  " + shape(block.shape) : ""));
+         (narrow() ? "" : block.label + "  ") + shape(block.shape));
     });
     var c = pos.cache;  // where the reused feature enters
     el("circle", { cx: c.x, cy: c.y, r: 9, fill: C.orange, stroke: C.ink, "stroke-width": 1.2 }, svg);
     el("text", { x: c.x, y: c.y + 4, "text-anchor": "middle", "font-size": 11, "font-weight": 700, fill: C.ink }, svg, "C");
-    el("text", { x: c.tx, y: c.ty, "text-anchor": c.anchor, "font-size": 12, "font-weight": 700, fill: C.ink }, svg, "\u2190 cached: " + b.cached);
+    if (!c.hide) el("text", { x: c.tx, y: c.ty, "text-anchor": c.anchor, "font-size": 12, "font-weight": 700, fill: C.ink }, svg, "\u2190 cached: " + b.cached);
     networkStats(b);
   }
 
   function layoutUnet(N) {  // encoder down the left, decoder up the right, skips straight across
     var enc = N.blocks.filter(function (x) { return x.group === "enc"; });
     var dec = N.blocks.filter(function (x) { return x.group === "dec"; });
-    var n = enc.length, rowH = 40, boxH = 30, w = 250, gap = 110, top = 12;
-    var width = 2 * w + gap + 120, boxes = {}, edges = [];
+    var compact = narrow(), n = enc.length, rowH = 40, boxH = 30, w = compact ? 150 : 250, gap = compact ? 56 : 110, top = 12;
+    var width = 2 * w + gap + (compact ? 20 : 120), boxes = {}, edges = [];
     enc.forEach(function (x, i) { boxes[x.name] = { x: 10, y: top + i * rowH, w: w, h: boxH }; });
     dec.forEach(function (x, i) { boxes[x.name] = { x: 10 + w + gap, y: top + (n - 1 - i) * rowH, w: w, h: boxH }; });
     boxes.mid = { x: 10 + (w + gap) / 2, y: top + n * rowH + 8, w: w, h: boxH };
@@ -143,7 +153,8 @@
                    label: "skip " + k, lx: p.x + p.w + gap / 2, ly: y - 5 });
     });
     var b = D.network.branches[net.branch], cut = boxes[b.live.filter(function (x) { return x.indexOf("dec") === 0; })[0]];
-    var cache = { x: cut.x + cut.w - 30, y: cut.y + cut.h + 5, tx: cut.x + cut.w + 8, ty: cut.y + cut.h + 9, anchor: "start" };
+    var cache = { x: cut.x + cut.w - 30, y: cut.y + cut.h + 5, tx: cut.x + cut.w + 8, ty: cut.y + cut.h + 9, anchor: "start",
+                  hide: compact };
     return { width: width, height: m.y + m.h + 14, boxes: boxes, edges: edges, cache: cache };
   }
 
@@ -189,7 +200,7 @@
     var branches = unique(Object.keys(D.timeline.calibrated).map(Number).concat(adaptiveRuns().map(function (r) { return r.branch; }))).sort(function (a, b) { return a - b; });
     if (!branches.length) branches = [0];
     tl.branch = +fillSelect($("tl-branch"), branches, function (b) { return "branch " + b; });
-    if (D.settings.forecasts.indexOf(2) < 0) $("tl-forecast").querySelector("option[value='2']").textContent = "forecast it (order 2; not in this build's images)";
+    if (D.settings.forecasts.indexOf(2) < 0) $("tl-forecast").querySelector("option[value='2']").textContent = "forecast (order 2; no images here)";
     $("tl-interval").addEventListener("input", function () { tl.interval = +this.value; $("tl-interval-out").textContent = this.value; drawTimeline(); });
     $("tl-branch").addEventListener("change", function () { tl.branch = +this.value; refreshBudgets(); drawTimeline(); });
     $("tl-forecast").addEventListener("change", function () { tl.forecast = +this.value; drawTimeline(); });
@@ -203,7 +214,7 @@
     var select = $("tl-budget");
     if (!budgets.length) { fillSelect(select, ["none"], function () { return "none at this branch"; }); select.disabled = true; tl.budget = null; return; }
     select.disabled = false;
-    tl.budget = fillSelect(select, budgets, function (b) { return pct(b) + " of the MACs"; });
+    tl.budget = fillSelect(select, budgets, function (b) { return pct(b) + " of MACs"; });
   }
 
   function drawTimeline() {
@@ -215,7 +226,7 @@
     if (cal && cal[k]) rows.push({ name: "calibrated 1:" + k + ", branch " + tl.branch, steps: cal[k] });
     var run = tl.budget === null ? null : D.runs["adaptive|-|" + tl.branch + "|2|" + tl.budget];
     if (run) run.full_per_sample.forEach(function (steps, i) { rows.push({ name: "adaptive, sample " + (i + 1), steps: steps, adaptive: true }); });
-    var labelW = 175, cell = 14, rowH = 26, width = labelW + calls * cell + 10, height = 24 + rows.length * rowH + 22;
+    var labelW = 200, cell = 14, rowH = 26, width = labelW + calls * cell + 10, height = 24 + rows.length * rowH + 22;
     svg.setAttribute("viewBox", "0 0 " + width + " " + height);
     svg.setAttribute("width", width);
     svgTitle(svg, "tl-svg", "Full and shallow steps of each schedule at interval " + k,
@@ -264,7 +275,7 @@
     if (ctrl === "schedule") return SCHEDULE_NAMES[v] || v;
     if (ctrl === "interval") return "1:" + v;
     if (ctrl === "forecast") return v === "0" ? "reuse" : "forecast, order " + v;
-    if (ctrl === "budget") return pct(+v) + " of the MACs";
+    if (ctrl === "budget") return pct(+v) + " of MACs";
     return "branch " + v;
   }
 
@@ -311,7 +322,8 @@
     $("img-cached").setAttribute("aria-label", "cached samples (" + $("img-cached-caption").textContent + "), predicted clean image at step " + (step + 1));
     var kinds = $("img-kinds");
     clear(kinds);
-    kinds.style.gridTemplateColumns = "repeat(" + D.settings.batch + ", 1fr)";
+    kinds.style.gridTemplateColumns = "repeat(" + perLine() + ", 1fr)";
+    kinds.style.maxWidth = $("img-cached").style.maxWidth;
     run.full_per_sample.forEach(function (steps) {
       var span = document.createElement("span"), full = steps.indexOf(step) >= 0;
       span.className = full ? "full" : (run.forecast > 0 ? "forecast" : "reuse");
@@ -324,13 +336,14 @@
     var button = $("img-play");
     if (playing) { clearInterval(playing); playing = null; button.textContent = "Play"; button.setAttribute("aria-pressed", "false"); return; }
     button.textContent = "Pause"; button.setAttribute("aria-pressed", "true");
-    if (step >= D.settings.calls - 1) { step = 0; $("img-step").value = "0"; drawImages(); }
-    playing = setInterval(function () {
-      step = Math.min(step + 1, D.settings.calls - 1);
+    function tick() {
+      step = step >= D.settings.calls - 1 ? 0 : step + 1;
       $("img-step").value = String(step);
       drawImages();
       if (step >= D.settings.calls - 1) togglePlay();
-    }, 120);
+    }
+    playing = setInterval(tick, 120);
+    tick();  // the first step at once, so a press always answers
   }
 
   // -- 4. the measurement ------------------------------------------------------------------------------
@@ -342,6 +355,7 @@
     return [0, 1, 2].map(function (k) { return Math.round(a[k] + f * (b[k] - a[k])); });
   }
   var heat = { layer: null, lo: 0, cursor: [0, 1] };
+  var redrawSwitch = function () {};
 
   function measureSection() {
     var H = D.heatmaps;
@@ -349,10 +363,11 @@
       "Bright bands along the diagonal mean the feature barely changes between neighbouring steps, so it can be reused. " +
       "Compare the deep layers with the shallow ones, and see the depth profile beside it: adjacent-step similarity of every layer from the input, down to the " +
       (D.network.kind === "unet" ? "bottleneck and back up." : "middle of the stack and the cached residuals.");
-    var lo = 1;
-    H.layers.forEach(function (name) { H.matrices[name].forEach(function (row) { row.forEach(function (v) { lo = Math.min(lo, v); }); }); });
-    heat.lo = Math.max(0, Math.floor(lo * 20) / 20);
-    $("heat-lo").textContent = heat.lo.toFixed(2);
+    var all = [];  // one colour scale for every layer, from the 5th percentile of all values (a few outliers go dark)
+    H.layers.forEach(function (name) { H.matrices[name].forEach(function (row) { row.forEach(function (v) { all.push(v); }); }); });
+    all.sort(function (a, b) { return a - b; });
+    heat.lo = Math.min(0.9, Math.max(0, Math.floor(all[Math.floor(all.length * 0.05)] * 20) / 20));
+    $("heat-lo").textContent = "\u2264 " + heat.lo.toFixed(2);
     var roles = {}; D.depth.forEach(function (r) { roles[r.layer] = r.role; });
     var cached = D.network.branches[0].cached;
     heat.layer = fillSelect($("heat-layer"), H.layers, function (n) { return n + (roles[n] ? " \u2013 " + roles[n] : ""); }, cached);
@@ -402,7 +417,7 @@
     var rows = D.depth, svg = $("depth-svg");
     clear(svg);
     var lo = Math.min.apply(null, rows.map(function (r) { return r.adjacent_mean; }));
-    lo = Math.max(0, Math.floor(lo * 50) / 50 - 0.02);
+    lo = Math.min(0.94, Math.max(0, Math.floor(lo * 50) / 50 - 0.02));  // keep DeepCache's 0.95 line in view
     var left = 44, bw = 22, width = left + rows.length * bw + 10, top = 14, h = 200, height = top + h + 62;
     svg.setAttribute("viewBox", "0 0 " + width + " " + height);
     svgTitle(svg, "depth-svg", "Depth profile: adjacent-step similarity per layer",
@@ -440,6 +455,7 @@
     slider.max = String(S.at.length - 1);
     slider.value = String(Math.floor(S.at.length / 2));
     slider.addEventListener("input", drawSwitch);
+    redrawSwitch = drawSwitch;
     function drawSwitch() {
       var i = +slider.value, k = S.at[i], row = S.rows.filter(function (r) { return r.switch_at === k; })[0];
       $("switch-out").textContent = k + (k === 0 ? " (new class throughout)" : k >= D.settings.calls ? " (never switched)" : "");
@@ -490,6 +506,12 @@
   timelineSection();
   imagesSection();
   measureSection();
+  var wasNarrow = narrow();
+  window.addEventListener("resize", function () {  // the drawings change layout at phone width
+    if (narrow() === wasNarrow) return;
+    wasNarrow = narrow();
+    drawNetwork(); drawImages(); redrawSwitch();
+  });
   $("heat-canvas").addEventListener("focus", drawHeat);
   $("heat-canvas").addEventListener("blur", drawHeat);
 })();
