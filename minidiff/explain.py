@@ -16,7 +16,6 @@ import math
 import shutil
 import struct
 import sys
-import time
 import warnings
 import zlib
 from dataclasses import dataclass
@@ -143,7 +142,7 @@ def network(pipe, shapes: dict, macs: list, grid: Grid) -> dict:
     names = analysis.layer_names(unet)
     if hasattr(unet, "blocks"):  # a DiT: a residual stream through `depth` blocks
         depth = unet.config.depth
-        blocks = [{"name": f"block.{i}", "group": "block", "label": f"block {i}", "shape": shapes.get(f"block.{i}")}
+        blocks = [{"name": f"block.{i}", "group": "block", "label": "attn + MLP", "shape": shapes.get(f"block.{i}")}
                   for i in range(depth)]
         live = [[f"block.{i}" for i in range(depth) if i <= b or i >= depth - 1 - b] for b in range(unet.num_branches)]
         skips, kind = [], "dit"
@@ -236,7 +235,6 @@ def gather(pipe, grid: Grid = FULL, *, model_dir=None, name: str = "", progress:
     settings = grid_settings(pipe, grid, {m["branch"]: m["ratio"] for m in macs})
     switches = grid.switches if pipe.unet.config.num_classes is not None else 0
     bar = tqdm(total=len(settings) + 3 + switches, desc="explain", disable=not progress, file=sys.stderr)
-    start = time.perf_counter()
 
     record = analysis.record_features(pipe, steps=grid.steps, sampler=SAMPLER, batch_size=grid.batch, seed=SEED,
                                       **conditioning_kwargs(pipe, grid.batch))
@@ -277,7 +275,6 @@ def gather(pipe, grid: Grid = FULL, *, model_dir=None, name: str = "", progress:
                      "matrices": {k: [[round(float(v), 4) for v in row] for row in m] for k, m in matrices.items()}},
         "depth": [{k: (round(v, 5) if isinstance(v, float) else v) for k, v in row.items()} for row in depth],
         "switch": switch,
-        "seconds": round(time.perf_counter() - start, 1),
     }
 
 

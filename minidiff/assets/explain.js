@@ -125,6 +125,7 @@
       el("text", { x: p.x + p.w - 10, y: p.y + p.h / 2 + 4.5, "font-size": 11.5, "text-anchor": "end", fill: on ? "#fff" : C.muted }, g,
          (narrow() ? "" : block.label + "  ") + shape(block.shape));
     });
+    if (pos.decorate) pos.decorate(svg);
     var c = pos.cache;  // where the reused feature enters
     el("circle", { cx: c.x, cy: c.y, r: 9, fill: C.orange, stroke: C.ink, "stroke-width": 1.2 }, svg);
     el("text", { x: c.x, y: c.y + 4, "text-anchor": "middle", "font-size": 11, "font-weight": 700, fill: C.ink }, svg, "C");
@@ -158,18 +159,30 @@
     return { width: width, height: m.y + m.h + 14, boxes: boxes, edges: edges, cache: cache };
   }
 
-  function layoutDit(N) {  // the residual stream as a vertical line, blocks hanging off it
-    var rowH = 40, boxH = 30, w = 260, top = 12, x0 = 130, boxes = {}, edges = [];
+  function layoutDit(N) {  // the residual stream as a vertical line; each block reads it and adds back (+)
+    var rowH = 40, boxH = 30, w = 230, top = 16, stream = 190, x0 = 230, boxes = {}, edges = [], depth = N.blocks.length;
     N.blocks.forEach(function (x, i) { boxes[x.name] = { x: x0, y: top + i * rowH, w: w, h: boxH }; });
-    var height = top + N.blocks.length * rowH + 10;
-    for (var i = 0; i + 1 < N.blocks.length; i++) {
-      var p = boxes[N.blocks[i].name], q = boxes[N.blocks[i + 1].name];
-      edges.push({ from: N.blocks[i].name, to: N.blocks[i + 1].name, d: "M" + (x0 + w / 2) + "," + (p.y + p.h) + " L" + (x0 + w / 2) + "," + (q.y - 1) });
+    N.blocks.forEach(function (x, i) {
+      var y = top + i * rowH + boxH / 2;
+      edges.push({ from: x.name, to: x.name, d: "M" + stream + "," + (y - 8) + " L" + (x0 - 1) + "," + (y - 8) });
+      edges.push({ from: x.name, to: x.name, d: "M" + x0 + "," + (y + 8) + " L" + (stream + 8) + "," + (y + 8) });
+    });
+    var b = D.network.branches[net.branch], first = boxes["block." + (b.branch + 1)], last = boxes["block." + (depth - 2 - b.branch)];
+    var y0 = first.y - 2, y1 = last.y + last.h + 2;
+    function decorate(svg) {
+      el("line", { x1: stream, x2: stream, y1: 2, y2: top + depth * rowH, stroke: C.ink, "stroke-width": 3 }, svg);
+      el("text", { x: stream, y: top + depth * rowH + 14, "text-anchor": "middle", "font-size": 11, fill: C.muted }, svg, "residual stream \u2193");
+      N.blocks.forEach(function (x, i) {
+        var y = top + i * rowH + boxH / 2 + 8;
+        el("circle", { cx: stream, cy: y, r: 6, fill: "#fff", stroke: C.ink }, svg);
+        el("text", { x: stream, y: y + 4, "text-anchor": "middle", "font-size": 11, "font-weight": 700, fill: C.ink }, svg, "+");
+      });
+      el("rect", { x: stream - 24, y: y0, width: 10, height: y1 - y0, rx: 4, fill: C.orange, stroke: C.ink }, svg);
+      el("text", { x: stream - 32, y: (y0 + y1) / 2 - 4, "text-anchor": "end", "font-size": 12, "font-weight": 700, fill: C.ink }, svg, "cached:");
+      el("text", { x: stream - 32, y: (y0 + y1) / 2 + 11, "text-anchor": "end", "font-size": 11.5, fill: C.ink }, svg, "blocks " + (b.branch + 1) + "\u2013" + (depth - 2 - b.branch) + ", added once");
     }
-    var b = D.network.branches[net.branch];
-    var p0 = boxes["block." + b.branch];  // the last block before the cached ones
-    return { width: x0 + w + 20, height: height, boxes: boxes, edges: edges,
-             cache: { x: x0 + w / 2, y: p0.y + p0.h + 5, tx: x0 - 12, ty: p0.y + p0.h + 9, anchor: "end" } };
+    return { width: x0 + w + 20, height: top + depth * rowH + 22, boxes: boxes, edges: edges, decorate: decorate,
+             cache: { x: stream - 19, y: (y0 + y1) / 2 - 22, hide: true } };
   }
 
   function networkStats(b) {
