@@ -18,7 +18,7 @@ import struct
 import sys
 import warnings
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
 from typing import Optional
@@ -52,11 +52,14 @@ class Grid:
     branch_count: int = 3  # branches spread from the shallowest to the deepest
     switches: int = 10  # switch-experiment steps
     timeline_intervals: tuple = tuple(range(1, 11))
+    probe_count: int = 0  # real digits for the linear probes (half fit, half scored); 0: no probes
+    probe_timesteps: tuple = (999, 800, 600, 400, 200, 0)
+    probe_layers: int = 7  # spread over the depth
 
 
 FULL = Grid()
 QUICK = Grid(steps=10, batch=2, intervals=(2, 5), forecasts=(0, 2), budgets=(0.5,), schedules=("uniform", "nonuniform"),
-             branch_count=2, switches=2, timeline_intervals=(1, 2, 3, 5))
+             branch_count=2, switches=2, timeline_intervals=(1, 2, 3, 5), probe_timesteps=(900, 100), probe_layers=2)
 
 
 # -- the adapter to minidiff's caching API -------------------------------------------------------
@@ -234,7 +237,9 @@ def gather(pipe, grid: Grid = FULL, *, model_dir=None, name: str = "", progress:
     macs = shallow_macs(pipe)
     settings = grid_settings(pipe, grid, {m["branch"]: m["ratio"] for m in macs})
     switches = grid.switches if pipe.unet.config.num_classes is not None else 0
-    bar = tqdm(total=len(settings) + 3 + switches, desc="explain", disable=not progress, file=sys.stderr)
+    probes = grid.probe_count if can_probe(pipe) else 0
+    bar = tqdm(total=len(settings) + 3 + switches + (1 if probes else 0), desc="explain", disable=not progress,
+               file=sys.stderr)
 
     record = analysis.record_features(pipe, steps=grid.steps, sampler=SAMPLER, batch_size=grid.batch, seed=SEED,
                                       **conditioning_kwargs(pipe, grid.batch))
@@ -257,6 +262,8 @@ def gather(pipe, grid: Grid = FULL, *, model_dir=None, name: str = "", progress:
                 "full_per_sample": run["full_per_sample"], "sprite": _sprite(run)}
             bar.update()
     switch = switch_data(pipe, grid, model_dir, calls, bar) if switches else None
+    probes = probe_data(pipe, grid, probes) if probes else None
+    bar.update(1 if probes else 0)
     bar.close()
     cfg = pipe.unet.config
     return {
@@ -275,6 +282,7 @@ def gather(pipe, grid: Grid = FULL, *, model_dir=None, name: str = "", progress:
                      "matrices": {k: [[round(float(v), 4) for v in row] for row in m] for k, m in matrices.items()}},
         "depth": [{k: (round(v, 5) if isinstance(v, float) else v) for k, v in row.items()} for row in depth],
         "switch": switch,
+        "probes": probes,
     }
 
 
@@ -309,6 +317,30 @@ def switch_data(pipe, grid: Grid, model_dir, calls: int, bar) -> dict:
     return {"old": names[old], "new": names[new], "rows": rows, "at": keys, "sprite": png_data_uri(sheet)}
 
 
+def can_probe(pipe) -> bool:
+    """Probes read real digits, so only for a model trained on them, with scikit-learn (which ships them)."""
+    import importlib.util
+
+    dataset = pipe.meta.get("training", {}).get("config", {}).get("dataset")
+    return dataset == "digits" and pipe.unet.config.num_classes is not None \
+        and importlib.util.find_spec("sklearn") is not None
+
+
+def probe_data(pipe, grid: Grid, count: int) -> dict:
+    """Linear-probe accuracy (can a layer's pooled feature tell the digit?) per layer and timestep, on
+    real digits noised to x_t; the pixels themselves are the control."""
+    from . import probe
+
+    images, labels = probe.real_digits(pipe, count, SEED)
+    names = analysis.layer_names(pipe.unet)
+    picks = sorted({round(i * (len(names) - 1) / max(1, grid.probe_layers - 1)) for i in range(grid.probe_layers)})
+    result = probe.probe_real(pipe, images, labels, grid.probe_timesteps, layers=[names[i] for i in picks], seed=SEED)
+    accuracy = {name: [next(r["accuracy"] for r in result.rows if r["layer"] == name and r["timestep"] == t)
+                       for t in grid.probe_timesteps] for name in result.layers}
+    return {"timesteps": list(grid.probe_timesteps), "layers": result.layers, "accuracy": accuracy,
+            "chance": result.chance, "count": len(labels)}
+
+
 def _finite(value: float) -> Optional[float]:
     return None if not math.isfinite(value) else round(value, 2)
 
@@ -329,12 +361,13 @@ def write_page(data: dict, out, *, overwrite: bool = False) -> Path:
     return out
 
 
-def build(model, out, *, quick: bool = False, overwrite: bool = False, progress: bool = True) -> Path:
-    """Load `model`, gather the page's data and write it to `out`."""
+def build(model, out, *, quick: bool = False, probes: int = 0, overwrite: bool = False, progress: bool = True) -> Path:
+    """Load `model`, gather the page's data (with linear probes on `probes` real digits) and write it to `out`."""
     from .pipeline import load
 
     pipe = load(model)
-    data = gather(pipe, QUICK if quick else FULL, model_dir=model, name=Path(model).resolve().name, progress=progress)
+    grid = replace(QUICK if quick else FULL, probe_count=probes)
+    data = gather(pipe, grid, model_dir=model, name=Path(model).resolve().name, progress=progress)
     return write_page(data, out, overwrite=overwrite)
 
 

@@ -7,6 +7,7 @@ import base64
 import io
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -53,12 +54,13 @@ def test_trajectory_ends_at_the_image_and_tracks_the_run():
 
 @pytest.fixture(scope="module")
 def pages(tmp_path_factory):
-    """Quick pages for the U-Net and the DiT, built once for the module: {kind: (folder, data)}."""
+    """Quick pages for the U-Net (with a few probes) and the DiT, built once for the module: {kind: (folder, data)}."""
     torch.set_num_threads(1)
     out = {}
     for kind, model in MODELS.items():
         pipe = minidiff.load(model)
-        data = explain.gather(pipe, explain.QUICK, model_dir=model, name=model.name, progress=False)
+        grid = replace(explain.QUICK, probe_count=40 if kind == "unet" else 0)
+        data = explain.gather(pipe, grid, model_dir=model, name=model.name, progress=False)
         folder = explain.write_page(data, tmp_path_factory.mktemp(kind) / "page")
         out[kind] = (folder, data)
     return out
@@ -86,6 +88,11 @@ def test_page_data_is_consistent(pages, kind):
     assert len(data["heatmaps"]["matrices"][data["heatmaps"]["layers"][0]]) == calls
     if kind == "unet":
         assert data["switch"]["at"][0] == 0 and data["switch"]["at"][-1] == calls
+        probes = data["probes"]
+        assert probes["layers"][0] == "pixels" and probes["chance"] == pytest.approx(0.1) and probes["count"] == 40
+        assert all(len(a) == 2 and all(0 <= v <= 1 for v in a) for a in probes["accuracy"].values())
+    else:
+        assert data["probes"] is None
     assert sum(f.stat().st_size for f in folder.iterdir()) < 15e6
 
 
@@ -176,6 +183,8 @@ def test_page_loads_clean_and_offline(pages, browser, kind):
     blocks = browser.execute_script("return Array.from(document.querySelectorAll('#net-svg g.block'))"
                                     ".map(function (g) { return g.getAttribute('data-block'); })")
     assert blocks == [b["name"] for b in data["network"]["blocks"]]
+    lines = browser.execute_script("return document.querySelectorAll('#probe-svg polyline').length")
+    assert lines == (len(data["probes"]["layers"]) if data["probes"] else 0)
 
 
 @pytest.mark.parametrize("kind", ["unet", "dit"])

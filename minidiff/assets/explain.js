@@ -400,7 +400,7 @@
       heat.cursor = [Math.max(0, Math.min(n - 1, c[0] + moves[ev.key][0])), Math.max(0, Math.min(n - 1, c[1] + moves[ev.key][1]))];
       readHeat(); drawHeat();
     });
-    drawHeat(); drawDepth(); switchSection();
+    drawHeat(); drawDepth(); switchSection(); probeSection();
   }
 
   function drawHeat() {
@@ -507,6 +507,48 @@
     });
     for (var k = 0; k <= maxK; k += Math.max(1, Math.round(maxK / 5))) el("text", { x: x(k), y: top + h + 16, "text-anchor": "middle", "font-size": 10.5, fill: C.muted }, svg, String(k));
     el("text", { x: (left + width) / 2, y: top + h + 34, "text-anchor": "middle", "font-size": 11, fill: C.muted }, svg, "switch step k");
+  }
+
+  function probeSection() {
+    var P = D.probes;
+    if (!P) {
+      $("probe-text").textContent = "Not measured for this page: rebuild with minidiff explain --probes 300 (a model trained on " +
+        "the digits) to add them.";
+      $("probe-figure").hidden = true;
+      return;
+    }
+    $("probe-text").textContent = "A linear probe is the simplest possible classifier, trained on one layer's pooled feature to " +
+      "name the digit in a real image noised to timestep t (" + P.count + " digits, half to fit, half to score). Where a probe " +
+      "succeeds, that layer already holds the digit's identity at that noise level; the pixels are the control.";
+    var svg = $("probe-svg"), left = 44, right = 84, top = 12, h = 200, width = 560, height = top + h + 44;
+    var T = P.timesteps, colours = [C.orange, C.sky, C.green, C.blue, C.vermillion, C.purple, C.ink, "#999933"];
+    var dashes = ["", "6 3", "2 3", "", "6 3", "2 3", "", "6 3"];
+    svg.setAttribute("viewBox", "0 0 " + width + " " + height);
+    svgTitle(svg, "probe-svg", "Linear-probe accuracy per layer against the timestep",
+      P.layers.map(function (n) { return n + ": " + P.accuracy[n].map(function (a, i) { return "t=" + T[i] + " " + pct(a); }).join(", "); }).join("; "));
+    function x(i) { return left + (width - left - right) * (T.length === 1 ? 0.5 : i / (T.length - 1)); }
+    function y(a) { return top + h * (1 - a); }
+    [0, 0.5, 1].forEach(function (a) {
+      el("line", { x1: left, x2: width - right, y1: y(a), y2: y(a), stroke: C.line }, svg);
+      el("text", { x: left - 5, y: y(a) + 4, "text-anchor": "end", "font-size": 10.5, fill: C.muted }, svg, pct(a));
+    });
+    el("line", { x1: left, x2: width - right, y1: y(P.chance), y2: y(P.chance), stroke: C.muted, "stroke-dasharray": "2 4" }, svg);
+    el("text", { x: width - right - 4, y: y(P.chance) - 4, "text-anchor": "end", "font-size": 10, fill: C.muted }, svg, "chance");
+    T.forEach(function (t, i) { el("text", { x: x(i), y: top + h + 16, "text-anchor": "middle", "font-size": 10.5, fill: C.muted }, svg, "t=" + t); });
+    el("text", { x: (left + width - right) / 2, y: top + h + 34, "text-anchor": "middle", "font-size": 11, fill: C.muted }, svg,
+       "timestep: pure noise \u2192 clean image");
+    var ends = [];
+    P.layers.forEach(function (name, k) {
+      var colour = name === "pixels" ? C.muted : colours[(k - 1 + colours.length) % colours.length];
+      var pts = P.accuracy[name].map(function (a, i) { return x(i) + "," + y(a); }).join(" ");
+      el("polyline", { points: pts, fill: "none", stroke: colour, "stroke-width": name === "pixels" ? 1.5 : 2.2,
+                       "stroke-dasharray": name === "pixels" ? "5 4" : dashes[k % dashes.length] }, svg);
+      ends.push({ name: name, colour: colour, y: y(P.accuracy[name][T.length - 1]) });
+    });
+    ends.sort(function (a, b) { return a.y - b.y; });  // direct labels at the right end, nudged apart
+    for (var i = 1; i < ends.length; i++) ends[i].y = Math.max(ends[i].y, ends[i - 1].y + 12);
+    ends.forEach(function (e) { el("text", { x: width - right + 6, y: e.y + 4, "font-size": 11, fill: e.colour, "font-weight": 700 }, svg, e.name); });
+    $("probe-caption").textContent = "Held-out accuracy of a linear probe on each layer (lines), from the noisiest timestep on the left to the clean image on the right.";
   }
 
   // -- start -------------------------------------------------------------------------------------------
