@@ -54,19 +54,19 @@
   function narrow() { return window.innerWidth < 640; }
   function perLine() { var n = D.settings.batch; return narrow() && n > 4 ? Math.ceil(n / 2) : n; }
   function drawRow(canvas, img, row) {  // row `row` of a sheet interleaved by pixel row (explain.py png_data_uri)
-    var s = D.model.size, n = D.settings.batch, cols = perLine(), lines = Math.ceil(n / cols);
-    if (canvas.width !== s * cols || canvas.height !== s * lines) {
-      canvas.width = s * cols; canvas.height = s * lines; canvas.style.maxWidth = (cols * 120) + "px";
+    var s = D.model.size, n = D.settings.batch, cols = perLine(), lines = Math.ceil(n / cols), g = 1;  // g: gap
+    var w = cols * (s + g) - g, h = lines * (s + g) - g;
+    if (canvas.width !== w || canvas.height !== h) {
+      canvas.width = w; canvas.height = h; canvas.style.maxWidth = (cols * 120) + "px";
     }
     var ctx = canvas.getContext("2d");
     ctx.imageSmoothingEnabled = false;
-    ctx.fillStyle = "#000";
-    ctx.fillRect(0, 0, canvas.width, canvas.height);
+    ctx.clearRect(0, 0, w, h);
     if (!img || !img.complete || !img.naturalHeight) return;
     var rows = img.naturalHeight / s;
-    for (var line = 0; line < lines; line++) {
-      var count = Math.min(cols, n - line * cols);
-      for (var y = 0; y < s; y++) ctx.drawImage(img, line * cols * s, y * rows + row, count * s, 1, 0, line * s + y, count * s, 1);
+    for (var k = 0; k < n; k++) {
+      var dx = (k % cols) * (s + g), dy = Math.floor(k / cols) * (s + g);
+      for (var y = 0; y < s; y++) ctx.drawImage(img, k * s, y * rows + row, s, 1, dx, dy + y, s, 1);
     }
   }
 
