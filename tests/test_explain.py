@@ -143,7 +143,6 @@ def browser():
 def _open(driver, folder):
     driver.get_log("browser"), driver.get_log("performance")  # drop what came before
     driver.get((folder / "index.html").as_uri())
-    driver.execute_script("return document.readyState")
     _wait(driver, "return !!document.querySelector('#net-svg g.block') && "
                   "document.getElementById('img-cached').width > 0")
 
@@ -171,7 +170,7 @@ def _set(driver, element, value):
 
 
 @pytest.mark.parametrize("kind", ["unet", "dit"])
-def test_page_loads_clean_and_offline(pages, browser, kind):
+def test_page_loads_clean_and_offline(browser, pages, kind):
     folder, data = pages[kind]
     _open(browser, folder)
     errors = [e for e in browser.get_log("browser") if e["level"] in ("SEVERE", "WARNING")]
@@ -188,7 +187,7 @@ def test_page_loads_clean_and_offline(pages, browser, kind):
 
 
 @pytest.mark.parametrize("kind", ["unet", "dit"])
-def test_branch_lights_up_its_blocks_and_interval_changes_the_image(pages, browser, kind):
+def test_branch_lights_up_its_blocks_and_interval_changes_the_image(browser, pages, kind):
     from selenium.webdriver.common.by import By
 
     folder, data = pages[kind]
@@ -207,7 +206,7 @@ def test_branch_lights_up_its_blocks_and_interval_changes_the_image(pages, brows
 
 
 @pytest.mark.parametrize("kind", ["unet", "dit"])
-def test_every_control_changes_the_view(pages, browser, kind):
+def test_every_control_changes_the_view(browser, pages, kind):
     from selenium.webdriver.common.by import By
 
     folder, _ = pages[kind]
@@ -236,7 +235,7 @@ def test_every_control_changes_the_view(pages, browser, kind):
     assert unchanged == []
 
 
-def test_keyboard_reaches_every_control(pages, browser):
+def test_keyboard_reaches_every_control(browser, pages):
     from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.keys import Keys
 
