@@ -137,7 +137,7 @@
     var enc = N.blocks.filter(function (x) { return x.group === "enc"; });
     var dec = N.blocks.filter(function (x) { return x.group === "dec"; });
     var compact = narrow(), n = enc.length, rowH = 40, boxH = 30, w = compact ? 150 : 250, gap = compact ? 56 : 110, top = 12;
-    var width = 2 * w + gap + (compact ? 20 : 120), boxes = {}, edges = [];
+    var width = 2 * w + gap + (compact ? 20 : 150), boxes = {}, edges = [];
     enc.forEach(function (x, i) { boxes[x.name] = { x: 10, y: top + i * rowH, w: w, h: boxH }; });
     dec.forEach(function (x, i) { boxes[x.name] = { x: 10 + w + gap, y: top + (n - 1 - i) * rowH, w: w, h: boxH }; });
     boxes.mid = { x: 10 + (w + gap) / 2, y: top + n * rowH + 8, w: w, h: boxH };
@@ -195,7 +195,7 @@
     card(box, null, "At interval " + net.interval + ", one step in " + net.interval + " runs in full and the other " +
       (net.interval - 1) + " run only the lit blocks; counting compute alone the run can be at most " +
       (bound === undefined ? "?" : bound.toFixed(2)) + " times as fast. Shallower branches save more, but reuse a feature that is " +
-      "further from the output. The reused feature: " + b.role + ".", true);
+      "further from the output. The reused feature is the output of " + b.cached + " (" + b.role + ").", true);
   }
 
   // -- 2. the timeline -----------------------------------------------------------------------------
