@@ -257,3 +257,20 @@ def test_keyboard_reaches_every_control(browser, pages):
     layer = browser.execute_script("return document.getElementById('heat-layer').value")
     assert readout.startswith(f"{layer}: step 2 (t=") and " vs step 3 (t=" in readout
     assert float(readout.rsplit(" ", 1)[1]) == pytest.approx(data["heatmaps"]["matrices"][layer][1][2], abs=5e-5)
+
+
+def test_shipped_page_is_current():
+    """docs/explain is a build of the digits model: its page files are the package's templates as they
+    are now, and its data covers the full grid."""
+    shipped = REPO / "docs" / "explain"
+    for asset in explain.ASSETS:
+        target = "index.html" if asset == "explain.html" else asset
+        assert (shipped / target).read_bytes() == (REPO / "minidiff" / "assets" / asset).read_bytes(), (
+            f"docs/explain/{target} is stale: rebuild with `minidiff explain --model weights/digits-cond "
+            "--out docs/explain --overwrite --probes 300`")
+    text = (shipped / "data.js").read_text()
+    data = json.loads(text[text.index("=") + 1:].rstrip().rstrip(";"))
+    assert data["model"]["name"] == "digits-cond" and data["settings"]["steps"] == explain.FULL.steps
+    assert len(data["runs"]) == len(explain.grid_settings(minidiff.load(MODELS["unet"]), explain.FULL,
+                                                           {b["branch"]: b["ratio"] for b in data["network"]["branches"]}))
+    assert sum(f.stat().st_size for f in shipped.iterdir()) < 5e6

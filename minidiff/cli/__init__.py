@@ -1,5 +1,5 @@
-"""The `minidiff` command line: every front end (sample, demo, info, train, analyze, bench, toy-metric, convert,
-export).
+"""The `minidiff` command line: every front end (sample, demo, info, train, analyze, bench, toy-metric, explain,
+convert, export).
 
 Library modules do not parse arguments; each command here is a parser function and a run function
 in `COMMANDS`. `run` gives every command the same edge (`edge.py`): usage errors and user errors as
