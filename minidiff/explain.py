@@ -143,7 +143,7 @@ def network(pipe, shapes: dict, macs: list, grid: Grid) -> dict:
     """Blocks in depth order, the skip arrows, and per branch which blocks a shallow step runs."""
     unet = pipe.unet
     names = analysis.layer_names(unet)
-    if hasattr(unet, "blocks"):  # a DiT: a residual stream through `depth` blocks
+    if pipe.denoiser_kind == "dit":  # a residual stream through `depth` blocks
         depth = unet.config.depth
         blocks = [{"name": f"block.{i}", "group": "block", "label": "attn + MLP", "shape": shapes.get(f"block.{i}")}
                   for i in range(depth)]
@@ -267,7 +267,7 @@ def gather(pipe, grid: Grid = FULL, *, model_dir=None, name: str = "", progress:
     bar.close()
     cfg = pipe.unet.config
     return {
-        "model": {"name": name, "kind": "dit" if hasattr(pipe.unet, "blocks") else "unet",
+        "model": {"name": name, "kind": pipe.denoiser_kind,
                   "parameters": sum(p.numel() for p in pipe.unet.parameters()), "size": pipe.default_size,
                   "channels": cfg.in_channels, "classes": pipe.class_names,
                   "labels": conditioning_kwargs(pipe, grid.batch).get("class_labels")},
