@@ -225,7 +225,10 @@
   function refreshBudgets() {
     var budgets = adaptiveRuns().filter(function (r) { return r.branch === tl.branch; }).map(function (r) { return r.budget; });
     var select = $("tl-budget");
-    if (!budgets.length) { fillSelect(select, ["none"], function () { return "none at this branch"; }); select.disabled = true; tl.budget = null; return; }
+    if (!budgets.length) {
+      var why = adaptiveRuns().length ? "none at this branch" : "not built for this model";
+      fillSelect(select, ["none"], function () { return why; }); select.disabled = true; tl.budget = null; return;
+    }
     select.disabled = false;
     tl.budget = fillSelect(select, budgets, function (b) { return pct(b) + " of MACs"; });
   }
