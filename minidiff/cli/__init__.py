@@ -1,5 +1,5 @@
-"""The `minidiff` command line: every front end (sample, demo, info, train, analyze, bench, toy-metric, convert,
-export).
+"""The `minidiff` command line: every front end (sample, demo, info, train, analyze, bench, toy-metric, explain,
+convert, export).
 
 Library modules do not parse arguments; each command here is a parser function and a run function
 in `COMMANDS`. `run` gives every command the same edge (`edge.py`): usage errors and user errors as
@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 from .edge import Parser, USER_ERRORS, check_output, cli_message, default_threads, require, set_threads
+from .explain import _explain, _explain_parser
 from .generate import _demo, _demo_parser, _info, _info_parser, _sample, _sample_many, _sample_many_parser, _sample_parser
 from .measure import _analyze, _analyze_parser, _bench, _bench_parser
 from .training import _toy_metric, _toy_metric_parser, _train, _train_parser
@@ -143,6 +144,7 @@ COMMANDS = {
                        "linear probes"),
     "bench": Command(_bench_parser, _bench, "quality-vs-speed frontier of cache schedules; adaptive caching"),
     "toy-metric": Command(_toy_metric_parser, _toy_metric, "train the toy-metric classifier for a dataset"),
+    "explain": Command(_explain_parser, _explain, "write an offline page that shows caching on a model"),
     "convert": Command(None, convert_main, "convert a public checkpoint (ddpm, ldm, sd15) to a minidiff folder"),
     "export": Command(None, export_main, "write a model folder as a diffusers folder or an SD single file"),
 }
