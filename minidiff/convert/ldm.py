@@ -233,7 +233,14 @@ def convert(src, dst, *, config=None, overwrite: bool = False, use_ema: bool = T
     `dtype`: "float16" / "bfloat16" halve the file)."""
     dtype = storage_dtype(dtype)
     src, dst = check_conversion_paths(src, dst, overwrite)
-    pipe = from_checkpoint(src, load_config(config), use_ema=use_ema)
+    try:
+        pipe = from_checkpoint(src, load_config(config), use_ema=use_ema)
+    except CheckpointError as e:
+        if config is not None or "do not fit" not in str(e):
+            raise
+        raise CheckpointError(f"{src} does not fit cin256-v2, the architecture assumed without --config (its "
+                              "weights have other keys or shapes); pass the model's yaml with --config model.yaml"
+                              ) from None
     pipe.save(dst, overwrite=overwrite, dtype=dtype)
     return pipe
 
