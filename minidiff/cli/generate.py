@@ -41,7 +41,7 @@ def add_generate_arguments(p: argparse.ArgumentParser, device_help: str = "cpu, 
     p.add_argument("--class", dest="class_labels", nargs="+", metavar="CLASS",
                    help="class number(s) or name(s) (`minidiff info` lists them); default: every class in turn")
     p.add_argument("--prompt", nargs="+", help="text prompt(s) for text-conditioned models (default: none)")
-    p.add_argument("--negative-prompt", help="what guidance steers away from (needs --guidance-scale above 1)")
+    p.add_argument("--negative-prompt", help="what guidance steers away from (default: none; needs --guidance-scale above 1)")
     p.add_argument("--guidance-scale", type=float, help="classifier-free guidance scale (default: off)")
     p.add_argument("--height", type=int, help="image height in px (default: the model's size)")
     p.add_argument("--width", type=int, help="image width in px (default: the model's size)")
