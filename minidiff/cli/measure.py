@@ -7,7 +7,7 @@ import sys
 import time
 from pathlib import Path
 
-from .edge import check_fractions, check_ints, check_output, _load, Parser, require, resolve_classes, _threads_arg
+from .edge import check_adaptive, check_fractions, check_ints, check_output, _load, Parser, require, resolve_classes, _threads_arg
 
 MAX_BATCH = 4096  # generate's limit on one batch
 # Ranges every analyze and bench option shares, checked before the model is loaded (the model's own
@@ -438,6 +438,7 @@ def _adaptive_cmd(args) -> int:
         require("matplotlib", "the refresh plot")
     pipe = _load(args)
     _check_steps(pipe, args)
+    check_adaptive(pipe, "bench adaptive")
     measured = []
 
     def progress(_row_text):  # a count as rows finish; the aligned table follows once, at the end
