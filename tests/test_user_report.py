@@ -209,6 +209,7 @@ def refused_before_work(tmp_path: Path, model: Path) -> list:
         (["sample-many", *m, "-n", "3", "--out", str(a_file)], "must name a folder"),
         (["sample-many", *m, "-n", "3", "--class", "3", "--out", str(tmp_path / "sm")], "--class 3 is the null class"),
         (["sample-many", *m, "-n", "3", "--device", "banana", "--out", str(tmp_path / "sm")], "--device"),
+        (["sample-many", *m, "-n", "3", "--height", "1", "--out", str(tmp_path / "sm")], "--height must be"),
         (["demo", *m, "--scale", "0", "--out", str(tmp_path / "d")], "--scale must be"),
         (["demo", *m, "--per-class", "100000000", "--out", str(tmp_path / "d")], "--per-class must be"),
         (["demo", *m, "--per-class", "2000", "--classifier", "none", "--out", str(tmp_path / "d")],

@@ -194,6 +194,7 @@ def _sample_many(args) -> int:
     try:
         pipe = _load_for(args, device)
         labels = resolve_classes(pipe, args.class_labels)
+        pipe.initial_noise(1, height=args.height, width=args.width)  # refuses a size the model cannot take
         if args.compile:
             pipe.unet.compile_paths()
         settings = {k: v for k, v in vars(args).items()
