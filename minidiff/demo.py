@@ -59,12 +59,17 @@ def demo(*, model=None, classifier=None, steps: int = 50, interval: int = 5, bra
          threads: int = 1, scale=None, progress: bool = True) -> list:
     """Sample the shipped (or given) model uncached and cached from the same noise; print the table,
     write the grids (images enlarged `scale` times; None: readable tiles), return the table's rows.
-    `minidiff demo` (cli.py) documents every argument."""
+    `model` is a folder or a loaded Pipeline. `minidiff demo` (cli.py) documents every argument."""
     if threads:
         torch.set_num_threads(threads)
-    model_path = Path(model) if model else find_weights(DEFAULT_MODEL)
+    if isinstance(model, Pipeline):
+        pipe, model_path = model, model.source
+    else:
+        model_path = Path(model) if model else find_weights(DEFAULT_MODEL)
+        pipe = load(model_path)
     classifier_path = None if classifier == "none" else classifier or find_weights(DEFAULT_CLASSIFIER)
-    pipe = load(model_path)
+    if schedule == "calibrated" and pipe.calibration_error:
+        raise ValueError(pipe.calibration_error)
     if schedule == "calibrated" and pipe.calibration is None:
         raise ValueError(f"the calibrated schedule needs {model_path / 'calibration.json'}; write it with "
                          f"minidiff analyze calibrate --model {model_path}, or choose another schedule")

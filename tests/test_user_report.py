@@ -177,6 +177,9 @@ def test_a_damaged_calibration_is_refused_once_naming_the_file(tmp_path, damage,
         assert cli.main(["info", "--model", str(model), "--threads", "1"]) == 0
         out, err = capsys.readouterr()
         assert "calibration: damaged" in out and "is damaged" in out and err == ""
+        assert cli.main(["demo", "--model", str(model), "--schedule", "calibrated", "--classifier", "none",
+                         "--out", str(tmp_path / "d"), "--threads", "1"]) == 1
+        assert "delete it or rerun" in one_line(capsys.readouterr().err)
 
 
 def test_an_intact_calibration_loads_silently():

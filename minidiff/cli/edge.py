@@ -126,7 +126,7 @@ def check_replaceable_image(path: Path, flag: str, overwrite: Optional[bool]):
     except OSError as e:
         raise ValueError(f"{flag} {path} exists and cannot be read ({e.strerror})") from None
     if not head.startswith(IMAGE_SIGNATURES):
-        raise FileExistsError(f"{flag} {path} exists and is not an image minidiff wrote; it was left as it is. "
+        raise FileExistsError(f"{flag} {path} exists and is not an image (PNG or JPEG); it was left as it is. "
                               "Choose another name")
     if overwrite is False:
         raise FileExistsError(f"{flag} {path} exists; pass --overwrite to replace it, or choose another name")

@@ -256,8 +256,12 @@ def _demo(args) -> int:
         if (Path(args.out) / name).exists():
             check_replaceable_image(Path(args.out) / name, "--out", None)
     require("PIL", "writing the demo's images")
-    settings = {k: v for k, v in vars(args).items() if k not in ("threads", "argv")}
-    demo.demo(**settings, threads=0)  # `run` has set the threads
+    from ..data import find_weights
+
+    settings = {k: v for k, v in vars(args).items() if k not in ("threads", "argv", "model")}
+    folder = args.model or find_weights(demo.DEFAULT_MODEL)
+    pipe = _load(argparse.Namespace(model=folder))  # a damaged calibration.json: said once, if it matters
+    demo.demo(model=pipe, **settings, threads=0)  # `run` has set the threads
     return 0
 
 
