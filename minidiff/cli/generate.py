@@ -137,14 +137,17 @@ def _sample(args) -> int:
     save_grid(images, args.out, nrow=nrow, scale=args.scale,
               captions=class_titles(pipe.class_names, labels) if labels else None)
     run = pipe.last_run
-    print(f"wrote {args.out}: {images.shape[0]} images, {run.model_calls} {network_name(pipe)} calls, "
-          f"{run.seconds:.2f} s on {torch.get_num_threads()} thread(s)")
     per_sample = run.full_steps_per_sample
+    # with the adaptive schedule a call is full for some samples only: count full steps per sample instead
+    split = "" if args.cache_schedule == "adaptive" else \
+        f" ({run.full_calls} full, {run.shallow_calls} shallow at branch {args.cache_branch})"
+    print(f"wrote {args.out}: {images.shape[0]} images, {run.model_calls} {network_name(pipe)} calls{split}, "
+          f"{run.seconds:.2f} s on {torch.get_num_threads()} thread(s)")
     if run.shallow_calls or run.forecast:  # say what caching did; an uncached run has nothing to add
         counts = sorted({len(steps) for steps in per_sample})
         full = str(counts[0]) if len(counts) == 1 else f"{counts[0]}-{counts[-1]}"
-        print(f"full steps per sample: {full} of {run.model_calls}, shallow ones at branch {args.cache_branch}; "
-              f"MACs spent {run.mac_fraction:.3f} of uncached (at most {1 / run.mac_fraction:.2f}x faster; "
+        print(f"full steps per sample: {full} of {run.model_calls}, the rest shallow at branch {args.cache_branch}; "
+              f"MACs spent {run.mac_fraction:.3f} of uncached (MAC bound on speedup {1 / run.mac_fraction:.2f}x, "
               f"shallow/full {run.shallow_ratio:.3f}), forecast order {run.forecast}")
         print(f"full steps {per_sample[0]}" if all(steps == per_sample[0] for steps in per_sample) else
               "full steps of each sample: " + "; ".join(f"{i}: {steps}" for i, steps in enumerate(per_sample)))
