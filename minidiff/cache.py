@@ -295,7 +295,8 @@ def calibration_damage(data) -> Optional[str]:
         for s, row in enumerate(rows):
             if not isinstance(row, list) or len(row) != len(rows) - s:
                 return f"segments[{branch!r}] row {s} must hold {len(rows) - s} costs"
-            if not all(type(v) in (int, float) and math.isfinite(v) and v >= 0 for v in row):
+            # >= -1e-6, not 0: a zero cost measured as 1 - cos(h, h) may round to -1e-7
+            if not all(type(v) in (int, float) and math.isfinite(v) and v >= -1e-6 for v in row):
                 return f"segments[{branch!r}] row {s} holds a cost that is not a finite number >= 0"
     branch = data.get("branch")
     if type(branch) is not int or str(branch) not in segments:
