@@ -105,6 +105,8 @@ def _sample_parser() -> Parser:
                    "out/sample.png)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out image")
     _scale_arg(p)
+    p.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
+                   help="merge a LoRA .safetensors (kohya or diffusers/PEFT) at SCALE (default 1); repeatable")
     return p
 
 
@@ -118,8 +120,12 @@ def _sample(args) -> int:
     from ..data import save_grid
     from ..demo import network_name
     from ..grid import auto_scale, check_grid, class_titles
+    from ..lora import parse_lora_arg
 
+    loras = [parse_lora_arg(text) for text in args.lora]  # a malformed --lora is refused before loading
     pipe = _load_for(args, args.device or "cpu")
+    for path, scale in loras:
+        pipe.load_lora(path, scale)
     labels = resolve_classes(pipe, args.class_labels)
     per_class = labels is None and pipe.unet.config.num_classes is not None
     if per_class:  # one image per class, as the demo does
