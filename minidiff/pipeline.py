@@ -25,7 +25,7 @@ import torch
 from . import packing
 from .adaptive import AdaptiveUNet
 from .cache import CachedUNet, check_calibration, load_calibrated, make_schedule
-from .checkpoint import (CheckpointError, atomic_folder, build_loaded, read_state_dict, save_json,
+from .checkpoint import (CheckpointError, atomic_folder, build_loaded, check_apart, read_state_dict, save_json,
                          save_safetensors)
 from .dit import DiT, DiTConfig
 from .forecast import check_order
@@ -89,6 +89,7 @@ class Pipeline:
         self.null_class, self.class_names = null_class, class_names
         self.calibration = calibration
         self.calibration_error: Optional[str] = None  # why a damaged calibration.json was skipped at load
+        self.source: Optional[Path] = None  # the folder `load` read, which `save` never replaces
         self.meta = dict(meta or {})
         self.last_run: Optional[RunStats] = None
         unet.num_train_timesteps = scheduler.num_train_timesteps  # lets the U-Net refuse timesteps past it
@@ -517,6 +518,8 @@ class Pipeline:
         state = self.state_dict()
         if dtype is not None:
             state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+        if self.source is not None:
+            check_apart(self.source, dst)  # the weights are read from there; the folder is the user's model
         with atomic_folder(dst, overwrite=overwrite) as tmp:
             save_json(self.config_dict(), tmp / "config.json")
             save_json(self.scheduler.to_dict(), tmp / "scheduler.json")
@@ -709,4 +712,5 @@ def load(path, *, device="cpu", dtype: Optional[torch.dtype] = None, allow_nan: 
                     null_class=config.get("null_class"), class_names=config.get("class_names"),
                     calibration=calibration, meta=meta, pack=False)
     pipe.calibration_error = calibration_error
+    pipe.source = path
     return pipe.to(device=device, dtype=dtype, pack=pack)

@@ -103,6 +103,30 @@ def _null_class(pipe) -> Optional[int]:
     return pipe.null_class
 
 
+DIGIT_CLASSES = 10  # the probes read real digits
+
+
+def check_probe(pipe, *, timesteps: Sequence[int], count: Optional[int] = None, per_class: int = 20,
+                trajectories: bool = True):
+    """Refuse, before any work, what `run` could not do: timesteps outside the model's noise levels,
+    too few digits for both halves of the split, trajectories of a model without classes."""
+    top = pipe.scheduler.num_train_timesteps - 1
+    bad = [t for t in timesteps if not 0 <= t <= top]
+    if bad or not timesteps:
+        raise ValueError(f"timesteps must be ints in [0, {top}] (this model's noise levels), got {bad or 'none'}")
+    if count is not None and count < 2 * DIGIT_CLASSES:
+        raise ValueError(f"count must be an int >= {2 * DIGIT_CLASSES} (2 digits per class, so that both halves of "
+                         f"the split hold some), got {count}")
+    null = _null_class(pipe)
+    if trajectories:
+        if null is None:
+            raise ValueError("trajectory probes need a class-conditional model; pass --no-trajectories to probe "
+                             "only real digits")
+        if per_class * pipe.num_real_classes() > 4096:
+            raise ValueError(f"per_class {per_class} makes {per_class * pipe.num_real_classes()} trajectories in one "
+                             "batch; at most 4096")
+
+
 def noised(pipe, images: torch.Tensor, t: int, seed: int) -> torch.Tensor:
     """x_t ~ q(x_t | x_0) for images in [-1, 1], with fixed noise."""
     a = NoiseSchedule.from_config(pipe.scheduler).alphas_cumprod[t]
@@ -130,7 +154,7 @@ def probe_real(pipe, images: torch.Tensor, labels: torch.Tensor, timesteps: Sequ
                          "dim": features[name].shape[1], "n_train": int(train.sum()), "n_test": int((~train).sum())})
         if log:
             best = max((r for r in rows if r["timestep"] == t and r["layer"] != CONTROL), key=lambda r: r["accuracy"])
-            log(f"t={t:4d}: best layer {best['layer']} {best['accuracy']:.3f}, pixels "
+            log(f"{'noise' if t < 0 else f't={t}':>6}: best layer {best['layer']} {best['accuracy']:.3f}, pixels "
                 f"{next(r['accuracy'] for r in rows if r['timestep'] == t and r['layer'] == CONTROL):.3f}")
     return ProbeResult(rows, [CONTROL, *names], 1.0 / num_classes)
 

@@ -13,7 +13,7 @@ import sys
 from dataclasses import dataclass
 from typing import Callable, Optional
 
-from .edge import Parser, USER_ERRORS, check_output, cli_message, default_threads, require, set_threads
+from .edge import Parser, USER_ERRORS, check_output, cli_message, default_threads, one_line_warnings, require, set_threads
 from .explain import _explain, _explain_parser
 from .generate import _demo, _demo_parser, _info, _info_parser, _sample, _sample_many, _sample_many_parser, _sample_parser
 from .measure import _analyze, _analyze_parser, _bench, _bench_parser
@@ -49,7 +49,7 @@ def convert_main(argv=None) -> int:
             return 2
         del argv[at:at + 2]
     converter = importlib.import_module(f"minidiff.convert.{argv[0]}").main
-    return guarded(lambda: (set_threads(threads), converter(argv[1:]))[1] or 0)
+    return guarded(lambda: (one_line_warnings(), set_threads(threads), converter(argv[1:]))[2] or 0)
 
 
 def export_main(argv=None) -> int:
@@ -94,6 +94,7 @@ def run(name: str, argv=None):
     args.argv = argv
 
     def work():
+        one_line_warnings()
         set_threads(getattr(args, "threads", None))
         return command.run(args)
 
@@ -151,7 +152,8 @@ COMMANDS = {
 
 
 def version() -> str:
-    """The installed package's version, or the source tree's when it is not installed."""
+    """The installed package's version, or the source tree's when it is not installed; imports no
+    torch, so `minidiff --version` answers at once."""
     try:
         from importlib.metadata import PackageNotFoundError, version as installed
         return installed("minidiff")
