@@ -17,6 +17,7 @@ from .edge import Parser, USER_ERRORS, check_output, cli_message, default_thread
 from .explain import _explain, _explain_parser
 from .generate import _demo, _demo_parser, _info, _info_parser, _sample, _sample_many, _sample_many_parser, _sample_parser
 from .measure import _analyze, _analyze_parser, _bench, _bench_parser
+from .plan import _plan, _plan_parser
 from .training import _toy_metric, _toy_metric_parser, _train, _train_parser
 
 __all__ = ["main", "COMMANDS", "run", "check_output", "cli_message", "default_threads", "require", "set_threads",
@@ -144,6 +145,7 @@ COMMANDS = {
     "analyze": Command(_analyze_parser, _analyze, "feature similarity, depth profile, switch experiment, calibration, "
                        "linear probes"),
     "bench": Command(_bench_parser, _bench, "quality-vs-speed frontier of cache schedules; adaptive caching"),
+    "plan": Command(_plan_parser, _plan, "measure the composed frontier; store the best run per MAC budget"),
     "toy-metric": Command(_toy_metric_parser, _toy_metric, "train the toy-metric classifier for a dataset"),
     "explain": Command(_explain_parser, _explain, "write an offline page that shows caching on a model"),
     "convert": Command(None, convert_main, "convert a public checkpoint (ddpm, ldm, sd15) to a minidiff folder"),
