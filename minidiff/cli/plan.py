@@ -58,7 +58,8 @@ def _plan(args) -> int:
     pipe = _load(args)
     metric = _metric(pipe, args.model, args.classifier)
     grid = planner.Grid(**QUICK) if args.quick else planner.Grid()
-    configs = planner.grid_configs(grid, args.steps, pipe.unet.num_branches)
+    configs = planner.grid_configs(grid, args.steps, pipe.unet.num_branches,
+                                   adaptive=hasattr(pipe.unet, "forward_cut"))
     print(f"measuring {len(configs)} configurations ({args.sampler}, guidance {args.guidance_scale or 1:g}, "
           f"reference {args.steps} steps, seeds {args.seeds})")
     start = time.perf_counter()
