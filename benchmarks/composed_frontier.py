@@ -21,7 +21,6 @@ from minidiff import planner
 from minidiff.metrics import load_metric
 from minidiff.pipeline import load
 from minidiff.planner import Config
-from minidiff.samplers import num_model_calls
 
 TABLE_BUDGETS = (0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.5, 0.6, 0.7, 0.8)
 GROUPS = ("fewer steps", "50-step fixed cache", "50-step adaptive", "composed fixed", "composed adaptive")
@@ -121,8 +120,6 @@ def check(pipe, entry, budgets, seeds, metric):
     for b in budgets:
         chosen = planner.plan_for({"plans": [entry]}, b, steps=steps, sampler=sampler, guidance=guidance)
         planned = next(r for r in rows if Config.from_dict(r).kwargs(sampler) == chosen)
-        spent = num_model_calls(sampler, planned["steps"]) / num_model_calls(sampler, steps)
-        spent *= planned["measured_cost"] / (spent or 1)  # the run's own MAC fraction, not its cap
         fits = [r for r in rows if r["cost"] <= b + 1e-9]
         print(f"\nbudget {b:.2f}: planned {Config.from_dict(planned).label()}: spent {planned['measured_cost']:.3f} "
               f"(cap {planned['cost']:.3f}), PSNR {planned['psnr']:.2f}, acc {planned.get('accuracy')}")

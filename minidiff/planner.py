@@ -142,7 +142,8 @@ def cost_of(config: Config, run_mac_fraction: float, sampler: str, reference_ste
 
 def measure(pipe, configs: Sequence[Config], *, sampler: str = "ddim", reference_steps: int = 50,
             guidance_scale=None, seeds: Sequence[int] = (11, 12, 13), metric=None, log=None) -> list:
-    """One row per configuration that runs on this model: its cost, its PSNR against the reference
+    """One row per configuration that runs on this model: its cost (an adaptive run: its cap) and
+    measured_cost (what this run spent), its PSNR against the reference
     run from the same noise (mean over images, dB), and, with a toy `metric`, class accuracy and toy
     FID. Configurations the model refuses (an adaptive budget below one full step) are skipped."""
     noise, labels = calibration_batch(pipe, seeds)
