@@ -28,7 +28,7 @@ GROUPS = ("fewer steps", "50-step fixed cache", "50-step adaptive", "composed fi
 
 def group(row, reference_steps) -> str:
     if row["kind"] == "none":
-        return "fewer steps"
+        return "reference" if row["steps"] == reference_steps else "fewer steps"
     where = "50-step" if row["steps"] == reference_steps else "composed"
     what = "adaptive" if row["kind"] == "adaptive" else "fixed cache" if where == "50-step" else "fixed"
     return f"{where} {what}"
