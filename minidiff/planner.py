@@ -292,6 +292,8 @@ def _plans_of(source):
         return source.get("plans", []), None
     if isinstance(source, (str, Path)):
         path = Path(source)
+        if not path.exists():
+            raise FileNotFoundError(f"{path} does not exist (expected a model folder or its plan.json)")
         folder, file = (path, plan_path(path)) if path.is_dir() else (path.parent, path)
         return (read_plan(file)["plans"] if file.exists() else []), folder
     plan = getattr(source, "plan", None)

@@ -126,6 +126,8 @@ def test_a_model_without_a_plan_is_refused_with_the_command(tmp_path, pipe, rows
     planner.write_entry(tmp_path / "plan.json", entry_of(rows))  # a plan for 6 steps at guidance 1 only
     with pytest.raises(planner.NoPlan, match=f"--model {tmp_path} --sampler unipc --guidance-scale 3 --steps 6"):
         planner.plan_for(tmp_path, 0.3, steps=REFERENCE, sampler="unipc", guidance=3.0)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        planner.plan_for(tmp_path / "elsewhere", 0.3)
 
 
 def test_cli_plan_writes_then_refuses_without_overwrite(tmp_path, capsys):
