@@ -108,9 +108,11 @@ class Grid:
     composed_adaptive_budgets: tuple = (0.3, 0.5, 0.7)
 
 
-def grid_configs(grid: Grid, reference_steps: int, num_branches: int, adaptive: bool = True) -> list:
+def grid_configs(grid: Grid, reference_steps: int, num_branches: int, adaptive: bool = True,
+                 adaptive_forecast: int = 2) -> list:
     """Every configuration of `grid` a network with `num_branches` can run, the reference (all steps
-    full) first; `adaptive=False` for networks without the adaptive schedule (the DiT)."""
+    full) first; `adaptive=False` for networks without the adaptive schedule (the DiT). The adaptive
+    schedule forecasts with `adaptive_forecast` (0 for samplers that inject noise: docs/adaptive.md)."""
     out = [Config(reference_steps)]
     out += [Config(k) for k in grid.fewer_steps if k < reference_steps]
     branches = [b for b in grid.branches if b < num_branches]
@@ -120,8 +122,9 @@ def grid_configs(grid: Grid, reference_steps: int, num_branches: int, adaptive: 
     out += [Config(reference_steps, "uniform", n, b, 2) for b in grid.deep_branches
             if b < num_branches and b not in branches for n in grid.intervals]
     if adaptive:
-        out += [Config(reference_steps, "adaptive", 1, 0, 2, p) for p in grid.adaptive_budgets]
-        out += [Config(k, "adaptive", 1, 0, 2, p) for k in grid.adaptive_steps if k < reference_steps
+        f = adaptive_forecast
+        out += [Config(reference_steps, "adaptive", 1, 0, f, p) for p in grid.adaptive_budgets]
+        out += [Config(k, "adaptive", 1, 0, f, p) for k in grid.adaptive_steps if k < reference_steps
                 for p in grid.composed_adaptive_budgets]
     return list(dict.fromkeys(out))
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from ..samplers import SAMPLERS
+from ..samplers import SAMPLERS, draws_noise
 from .edge import Parser, _load, _threads_arg
 
 
@@ -58,8 +58,8 @@ def _plan(args) -> int:
     pipe = _load(args)
     metric = _metric(pipe, args.model, args.classifier)
     grid = planner.Grid(**QUICK) if args.quick else planner.Grid()
-    configs = planner.grid_configs(grid, args.steps, pipe.unet.num_branches,
-                                   adaptive=hasattr(pipe.unet, "forward_cut"))
+    configs = planner.grid_configs(grid, args.steps, pipe.unet.num_branches, adaptive=hasattr(pipe.unet, "forward_cut"),
+                                   adaptive_forecast=0 if draws_noise(args.sampler) else 2)
     print(f"measuring {len(configs)} configurations ({args.sampler}, guidance {args.guidance_scale or 1:g}, "
           f"reference {args.steps} steps, seeds {args.seeds})")
     start = time.perf_counter()
