@@ -289,8 +289,8 @@ def make_command(model_dir, sampler: str, guidance_scale, steps: int) -> str:
 
 
 def _plans_of(source):
-    """(plans, model folder or None) from a pipeline (its `plan`/`plan_dir` attributes), a plan
-    dict, a plan.json path or a model folder."""
+    """(plans, model folder or None) from a pipeline (its `plan` attribute, else the plan.json of
+    the folder it was loaded from), a plan dict, a plan.json path or a model folder."""
     if isinstance(source, dict):
         return source.get("plans", []), None
     if isinstance(source, (str, Path)):
@@ -299,8 +299,10 @@ def _plans_of(source):
             raise FileNotFoundError(f"{path} does not exist (expected a model folder or its plan.json)")
         folder, file = (path, plan_path(path)) if path.is_dir() else (path.parent, path)
         return (read_plan(file)["plans"] if file.exists() else []), folder
-    plan = getattr(source, "plan", None)
-    return (plan or {}).get("plans", []), getattr(source, "plan_dir", None)
+    plan, folder = getattr(source, "plan", None), getattr(source, "source", None)  # `load` sets source
+    if plan is None and folder is not None and plan_path(folder).exists():
+        plan = read_plan(plan_path(folder))
+    return (plan or {}).get("plans", []), folder
 
 
 def plan_for(source, budget: float, steps: int = 50, sampler: str = "ddim", guidance=None) -> dict:

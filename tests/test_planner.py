@@ -8,6 +8,7 @@ import torch
 from conftest import tiny_pipeline
 
 from minidiff import cli, planner
+from minidiff.pipeline import load
 from minidiff.planner import Config, Grid
 from minidiff.samplers import num_model_calls
 
@@ -144,6 +145,11 @@ def test_cli_plan_writes_then_refuses_without_overwrite(tmp_path, capsys):
     assert cli.run("plan", argv + ["--guidance-scale", "2"]) == 0  # another guidance is added beside it
     assert len(planner.read_plan(model / "plan.json")["plans"]) == 2
     assert cli.run("plan", argv + ["--overwrite"]) == 0
+    loaded = load(model)  # a loaded pipeline finds the plan in its own folder
+    planner.generate_within(loaded, 1.0, steps=4, class_labels=[0], seed=1)
+    assert loaded.last_run.plan == {"budget": 1.0, "reference_steps": 4, "steps": 4, "sampler": "ddim"}
+    with pytest.raises(planner.NoPlan, match=f"`python -m minidiff plan --model {model} --sampler ddim "):
+        planner.generate_within(loaded, 0.5, class_labels=[0])  # 50 steps: not planned
 
 
 @pytest.mark.skipif(not SHIPPED.exists(), reason="weights/digits-cond has no plan.json")
