@@ -97,7 +97,7 @@ class AdaptiveUNet:
     def __init__(self, unet: UNet, num_steps: int, branch: int, samples: int, *, forecast: int = 2,
                  threshold: Optional[float] = None, budget: Optional[float] = None,
                  shallow_ratio: Optional[float] = None, signal: str = "forecast", slack: float = 1.0):
-        unet._check_branch(branch)
+        unet.check_branch(branch)
         if budget is not None and shallow_ratio is None:
             raise ValueError("a cache budget needs shallow_ratio, the MACs of a shallow step over a full one "
                              "(Pipeline.shallow_ratio counts them)")

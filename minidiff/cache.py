@@ -21,7 +21,8 @@ import torch
 
 from .checkpoint import save_json
 from .forecast import History, check_order
-from .unet import FeatureCache, UNet
+from .denoiser import FeatureCache
+from .unet import UNet
 
 CALIBRATION_FORMAT = "minidiff-calibration"
 CALIBRATION_VERSION = 1
@@ -228,7 +229,7 @@ class CachedUNet:
     """
 
     def __init__(self, unet: UNet, num_calls: int, full_steps: Sequence[int], branch: int = 0, forecast: int = 0):
-        unet._check_branch(branch)
+        unet.check_branch(branch)
         self.unet, self.branch = unet, branch
         self.full_steps = frozenset(explicit_schedule(num_calls, full_steps))
         self.every_step_full = len(self.full_steps) == num_calls

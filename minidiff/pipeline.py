@@ -27,6 +27,7 @@ from .adaptive import AdaptiveUNet
 from .cache import CachedUNet, check_calibration, load_calibrated, make_schedule
 from .checkpoint import (CheckpointError, atomic_folder, build_loaded, read_state_dict, save_json,
                          save_safetensors)
+from .denoiser import Denoiser, check_denoiser
 from .dit import DiT, DiTConfig
 from .forecast import check_order
 from .samplers import SAMPLERS, changed_options, draws_noise, num_model_calls, sampler_options, start_alpha_cumprod
@@ -79,10 +80,11 @@ class Pipeline:
     """A loaded model and its sampling steps: `conditioning`, `initial_noise` and `sample` are the
     pieces `generate` is built from, public so measurements can run them with their own model callable."""
 
-    def __init__(self, unet: UNet, scheduler: SchedulerConfig, *, autoencoder=None, text_encoder=None,
+    def __init__(self, denoiser: Denoiser, scheduler: SchedulerConfig, *, autoencoder=None, text_encoder=None,
                  tokenizer=None, null_class: Optional[int] = None, class_names: Optional[list] = None,
                  calibration: Optional[dict] = None, meta: Optional[dict] = None, pack: bool = True):
-        self.unet, self.scheduler = unet.eval(), scheduler
+        check_denoiser(denoiser)
+        self.denoiser, self.scheduler = denoiser.eval(), scheduler
         self.autoencoder = autoencoder.eval() if autoencoder is not None else None
         self.text_encoder = text_encoder.eval() if text_encoder is not None else None
         self.tokenizer = tokenizer
@@ -91,7 +93,7 @@ class Pipeline:
         self.calibration_error: Optional[str] = None  # why a damaged calibration.json was skipped at load
         self.meta = dict(meta or {})
         self.last_run: Optional[RunStats] = None
-        unet.num_train_timesteps = scheduler.num_train_timesteps  # lets the U-Net refuse timesteps past it
+        denoiser.num_train_timesteps = scheduler.num_train_timesteps  # lets the network refuse timesteps past it
         self._shallow_ratios: dict = {}
         self.packs = pack  # False for a network still being trained (its EMA is updated in place)
         if pack:
@@ -100,12 +102,25 @@ class Pipeline:
     # -- properties ---------------------------------------------------------------------------
 
     @property
+    def unet(self) -> Denoiser:
+        """The denoising network, a U-Net or a DiT (deprecated name: use `denoiser`)."""
+        warnings.warn("Pipeline.unet is deprecated: the network may be a DiT; use Pipeline.denoiser",
+                      DeprecationWarning, stacklevel=2)
+        return self.denoiser
+
+    @unet.setter
+    def unet(self, network: Denoiser):
+        warnings.warn("Pipeline.unet is deprecated: use Pipeline.denoiser", DeprecationWarning, stacklevel=2)
+        check_denoiser(network)
+        self.denoiser = network
+
+    @property
     def device(self) -> torch.device:
-        return next(self.unet.parameters()).device
+        return next(self.denoiser.parameters()).device
 
     @property
     def dtype(self) -> torch.dtype:
-        return next(self.unet.parameters()).dtype
+        return next(self.denoiser.parameters()).dtype
 
     @property
     def latent_scale(self) -> int:
@@ -114,7 +129,7 @@ class Pipeline:
 
     @property
     def default_size(self) -> int:
-        size = self.unet.config.sample_size or 32
+        size = self.denoiser.config.sample_size or 32
         return size * self.latent_scale
 
     def to(self, device=None, dtype=None, *, pack: Optional[bool] = None) -> "Pipeline":
@@ -124,7 +139,7 @@ class Pipeline:
         (minidiff.packing: each weight is reordered once, on first use, instead of on every call).
         `pack` None keeps the pipeline's choice (`Pipeline(..., pack=)`); True or False changes it."""
         check_dtype(self.device if device is None else torch.device(device), dtype)
-        self.unet.to(device=device, dtype=dtype)  # packed layers return to plain weights first
+        self.denoiser.to(device=device, dtype=dtype)  # packed layers return to plain weights first
         self.packs = self.packs if pack is None else pack
         if self.packs:
             self._pack_denoiser()
@@ -137,12 +152,12 @@ class Pipeline:
     def _pack_denoiser(self):
         """oneDNN weight packing, where it applies (CPU, float32): see `to`."""
         if packing.available(self.device, self.dtype):
-            packing.pack(self.unet)
+            packing.pack(self.denoiser)
 
     # -- conditioning -------------------------------------------------------------------------
 
     def _class_cond(self, class_labels, batch_size, guidance_scale):
-        cfg = self.unet.config
+        cfg = self.denoiser.config
         if cfg.num_classes is None:
             if class_labels is not None:
                 raise ValueError("this model is not class-conditional; drop class_labels")
@@ -182,7 +197,7 @@ class Pipeline:
         return self.text_encoder(ids).to(self.dtype)
 
     def _text_cond(self, prompt, negative_prompt, batch_size, guidance_scale):
-        if self.unet.config.context_dim is None or self.unet.config.num_classes is not None:
+        if self.denoiser.config.context_dim is None or self.denoiser.config.num_classes is not None:
             if prompt is not None:
                 raise ValueError("this model does not take a prompt")
             return None, None
@@ -218,7 +233,7 @@ class Pipeline:
 
     def num_real_classes(self) -> int:
         """The number of class labels a user may pass (the null class of guidance excluded)."""
-        n = self.unet.config.num_classes
+        n = self.denoiser.config.num_classes
         return n - 1 if self.null_class == n - 1 else n
 
     # -- generation ---------------------------------------------------------------------------
@@ -227,8 +242,8 @@ class Pipeline:
         """`(x, t) -> eps` for a sampler; guidance runs both halves as one batched U-Net call,
         so a cached step caches the conditional and unconditional features together. A text
         context's cross-attention keys and values are projected here, once for all steps."""
-        text = self.unet.config.context_dim is not None and self.unet.config.num_classes is None
-        prepare = self.unet.prepare_context if text else (lambda c: c)
+        text = self.denoiser.config.context_dim is not None and self.denoiser.config.num_classes is None
+        prepare = self.denoiser.prepare_context if text else (lambda c: c)
         if uncond is None:
             cond = prepare(cond)
             return lambda x, t: cached(x, t, cond)
@@ -246,7 +261,7 @@ class Pipeline:
         (counted once per branch, size and kind of conditioning, then remembered)."""
         key = (branch, tuple(x.shape[1:]), None if cond is None else tuple(cond.shape[1:]))
         if key not in self._shallow_ratios:
-            macs = self.unet.macs(torch.zeros_like(x[:1]), 500, None if cond is None else cond[:1], branch=branch)
+            macs = self.denoiser.macs(torch.zeros_like(x[:1]), 500, None if cond is None else cond[:1], branch=branch)
             self._shallow_ratios[key] = macs["shallow"] / macs["full"]
         return self._shallow_ratios[key]
 
@@ -259,14 +274,14 @@ class Pipeline:
         forecast = 0 if forecast is None else forecast
         if schedule == "adaptive":
             ratio = self.shallow_ratio(branch, x, cond) if budget is not None else None
-            return AdaptiveUNet(self.unet, calls, branch, x.shape[0], forecast=forecast, threshold=threshold,
+            return AdaptiveUNet(self.denoiser, calls, branch, x.shape[0], forecast=forecast, threshold=threshold,
                                 budget=budget, shallow_ratio=ratio)
         if threshold is not None or budget is not None:
             raise ValueError("cache_threshold and cache_budget apply to cache_schedule='adaptive' only")
         calibrated = self.calibration if schedule == "calibrated" else None
         full_steps = make_schedule(schedule, calls, interval, center=center, power=power, calibrated=calibrated,
                                    branch=branch)
-        return CachedUNet(self.unet, calls, full_steps, branch, forecast)
+        return CachedUNet(self.denoiser, calls, full_steps, branch, forecast)
 
     @torch.inference_mode()
     def generate(self, *, steps: int = 50, sampler: str = "ddim", eta: float = 0.0, karras_sigmas: bool = False,
@@ -304,10 +319,10 @@ class Pipeline:
                     cache_power=cache_power)
         options = sampler_options(sampler, eta=eta, karras_sigmas=karras_sigmas)
         if isinstance(cache_branch, bool) or not isinstance(cache_branch, int) \
-                or not 0 <= cache_branch < self.unet.num_branches:
-            raise ValueError(f"cache_branch must be an int in [0, {self.unet.num_branches - 1}], got {cache_branch!r}")
+                or not 0 <= cache_branch < self.denoiser.num_branches:
+            raise ValueError(f"cache_branch must be an int in [0, {self.denoiser.num_branches - 1}], got {cache_branch!r}")
         if noise is not None and (not torch.is_tensor(noise) or noise.ndim != 4 or noise.shape[0] < 1):
-            raise ValueError(f"noise must be a tensor of shape (B >= 1, {self.unet.config.in_channels}, H, W), got "
+            raise ValueError(f"noise must be a tensor of shape (B >= 1, {self.denoiser.config.in_channels}, H, W), got "
                              f"{tuple(noise.shape) if torch.is_tensor(noise) else type(noise).__name__}")
         if batch_size == 1:  # the batch follows the noise, labels or prompts when they are given
             if noise is not None:
@@ -388,7 +403,7 @@ class Pipeline:
                       ) -> torch.Tensor:
         """The starting sample: `noise` moved to the model's device and dtype, or standard normal noise
         drawn in float32 on the CPU from `generator` at `height` x `width` pixels (default size)."""
-        cfg = self.unet.config
+        cfg = self.denoiser.config
         if noise is not None:
             if noise.shape[1] != cfg.in_channels:
                 raise ValueError(f"noise must have shape (B, {cfg.in_channels}, H, W), got {tuple(noise.shape)}")
@@ -405,8 +420,8 @@ class Pipeline:
         """Any size the models take, as diffusers allows: multiples of the autoencoder's factor (8 for
         SD) times the network's own input multiple (1 for the U-Net, which upsamples odd sizes back
         to each skip's), and at least one latent pixel per halving of the network."""
-        scale, factor = self.latent_scale, self.unet.config.downsample_factor
-        multiple = scale * getattr(self.unet, "input_multiple", factor)
+        scale, factor = self.latent_scale, self.denoiser.config.downsample_factor
+        multiple = scale * self.denoiser.input_multiple
         smallest = scale * factor
         kind = "an int" if multiple == 1 else f"a multiple of {multiple} (the " + \
             ("autoencoder's" if multiple == scale else "model's total") + " downsampling)"
@@ -424,11 +439,11 @@ class Pipeline:
 
     def estimate_memory(self, height: int, width: int, batch_size: int = 1) -> int:
         """Bytes of activations one U-Net call takes for latents of this size (batch doubles with guidance)."""
-        elements = sum(c * h * w for c, h, w in self.unet.skip_shapes(height, width))
+        elements = sum(c * h * w for c, h, w in self.denoiser.feature_shapes(height, width))
         return int(self.ACTIVATION_FACTOR * elements * batch_size * self.dtype.itemsize)
 
     def _check_memory(self, x: torch.Tensor, copies: int):
-        trained = self.unet.config.sample_size or 32
+        trained = self.denoiser.config.sample_size or 32
         height, width = x.shape[2], x.shape[3]
         if max(height, width) <= self.LARGE_FACTOR * trained:
             return
@@ -486,11 +501,11 @@ class Pipeline:
 
     @property
     def denoiser_kind(self) -> str:
-        """"unet" or "dit": the config section and weight prefix of `self.unet`, whichever network it is."""
-        return "dit" if isinstance(self.unet, DiT) else "unet"
+        """"unet" or "dit": the config section and weight prefix of `self.denoiser`, whichever network it is."""
+        return "dit" if isinstance(self.denoiser, DiT) else "unet"
 
     def config_dict(self) -> dict:
-        d = {"format": FORMAT, "format_version": FORMAT_VERSION, self.denoiser_kind: self.unet.config.to_dict(),
+        d = {"format": FORMAT, "format_version": FORMAT_VERSION, self.denoiser_kind: self.denoiser.config.to_dict(),
              "null_class": self.null_class, "class_names": self.class_names, **self.meta}
         if self.autoencoder is not None:
             d["autoencoder"] = self.autoencoder.config.to_dict()
@@ -499,7 +514,7 @@ class Pipeline:
         return d
 
     def state_dict(self) -> dict:
-        sd = {f"{self.denoiser_kind}.{k}": v for k, v in self.unet.state_dict().items()}
+        sd = {f"{self.denoiser_kind}.{k}": v for k, v in self.denoiser.state_dict().items()}
         for name in ("autoencoder", "text_encoder"):
             module = getattr(self, name)
             if module is not None:
