@@ -60,11 +60,11 @@ def trace(pipe, noise, *, steps, sampler, branches, cond=None, uncond=None, guid
 class _Reuse:
     """`(x, t, cond)` running the shallow path on a given cache (one per group of rows of x)."""
 
-    def __init__(self, unet, branch, hidden):
-        self.unet, self.cache = unet, FeatureCache(branch, hidden)
+    def __init__(self, net, branch, hidden):
+        self.net, self.cache = net, FeatureCache(branch, hidden)
 
     def __call__(self, x, t, cond=None):
-        return self.unet.forward_shallow(x, t, cond, cache=self.cache)
+        return self.net.forward_shallow(x, t, cond, cache=self.cache)
 
 
 def _tile(z: Optional[torch.Tensor], n: int) -> Optional[torch.Tensor]:

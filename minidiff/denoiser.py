@@ -145,9 +145,9 @@ class Denoiser(nn.Module):
         self._check_timesteps(t)
         return self._check_cond(x, t, cond)
 
-    def check_branch(self, branch: int):
+    def check_branch(self, branch: int, name: str = "cache branch"):
         if isinstance(branch, bool) or not isinstance(branch, int) or not 0 <= branch < self.num_branches:
-            raise ValueError(f"cache branch must be an int in [0, {self.num_branches - 1}], got {branch!r}")
+            raise ValueError(f"{name} must be an int in [0, {self.num_branches - 1}], got {branch!r}")
 
     def check_cache(self, x, cache: FeatureCache, branch: Optional[int] = None):
         """The cheap facts that tie a cache to this call: branch, batch, shape, dtype, device."""

@@ -20,6 +20,8 @@ STEPS, INTERVAL, BRANCH = 8, 3, 0
 SCHEDULES = {"uniform": "uniform", "nonuniform": "nonuniform", "calibrated": "calibrated", "list": [0, 3, 5],
              "adaptive": "adaptive"}
 ORDERS = [0, 1, 2, "auto"]
+# Adaptive thresholds at which the guided samples of the batch part ways (asserted below) at 8 steps.
+THRESHOLDS = {"unet": 0.1, "dit": 0.4}
 # Forecasting sums weighted features in another order than the hand-driven Lagrange sum; reuse is exact.
 FORECAST_TOL = dict(rtol=1e-5, atol=1e-5)
 # A batch runs other kernels than a single sample (as tests/test_adaptive.py states).
@@ -41,7 +43,7 @@ def _noise(batch, seed=0):
 def _run(pipe, schedule, order, guidance, noise, labels):
     options = dict(cache_schedule=SCHEDULES[schedule], cache_forecast=order, cache_branch=BRANCH)
     if schedule == "adaptive":
-        options.update(cache_budget=0.6, cache_threshold=0.1)  # the guided samples part ways (asserted below)
+        options.update(cache_budget=0.6, cache_threshold=THRESHOLDS[pipe.denoiser_kind])
     else:
         options["cache_interval"] = 1 if schedule == "list" else INTERVAL
     with warnings.catch_warnings():
@@ -143,3 +145,21 @@ def test_a_network_without_the_contract_is_refused_by_name():
         net = minidiff.load(WEIGHTS / name).denoiser
         assert isinstance(net, Denoiser)
         check_denoiser(net)
+
+
+def test_compiled_primitives_run_the_adaptive_and_a_fixed_schedule_as_eager():
+    """compile_paths compiles the three primitives, so the adaptive schedule runs compiled too (the
+    'eager' backend traces the same ops: the numbers must not move)."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    pipe = minidiff.load(WEIGHTS / "digits-dit")
+    noise, labels = _noise(3), [4, 7, 1]
+    eager = {s: _run(pipe, s, 2, 3.0, noise, labels) for s in ("adaptive", "uniform")}
+    steps = pipe.last_run.full_steps_per_sample
+    pipe.denoiser.compile_paths(backend="eager", pack=False)
+    for schedule, expected in eager.items():
+        assert torch.equal(_run(pipe, schedule, 2, 3.0, noise, labels), expected), schedule
+    assert pipe.last_run.full_steps_per_sample == steps
+    assert counters["stats"]["unique_graphs"] >= 3 and not counters["graph_break"]
