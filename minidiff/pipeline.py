@@ -165,7 +165,7 @@ class Pipeline:
 
     def conditioning(self, batch_size: int, *, class_labels=None, prompt=None, negative_prompt=None,
                      guidance_scale: Optional[float] = None) -> tuple:
-        """(cond, uncond) the U-Net takes for these labels or prompts: cond is None for an unconditional
+        """(cond, uncond) the network takes for these labels or prompts: cond is None for an unconditional
         model, uncond is None without classifier-free guidance."""
         class_cond, class_uncond = self._class_cond(class_labels, batch_size, guidance_scale)
         text_cond, text_uncond = self._text_cond(prompt, negative_prompt, batch_size, guidance_scale)
@@ -185,7 +185,7 @@ class Pipeline:
     # -- generation ---------------------------------------------------------------------------
 
     def make_denoiser(self, cached, cond, uncond, guidance_scale):
-        """`(x, t) -> eps` for a sampler; guidance runs both halves as one batched U-Net call,
+        """`(x, t) -> eps` for a sampler; guidance runs both halves as one batched network call,
         so a cached step caches the conditional and unconditional features together. A text
         context's cross-attention keys and values are projected here, once for all steps."""
         text = self.denoiser.config.context_dim is not None and self.denoiser.config.num_classes is None
@@ -308,7 +308,7 @@ class Pipeline:
     def sample(self, model, x: torch.Tensor, *, steps: int, sampler: str = "ddim", cond=None, uncond=None,
                guidance_scale: Optional[float] = None, generator: Optional[torch.Generator] = None,
                progress: bool = True, callback=None, start_step: int = 0, **options) -> torch.Tensor:
-        """Run `sampler` from `x` with any `model(x, t, cond)` callable (the U-Net, a `CachedUNet`, a
+        """Run `sampler` from `x` with any `model(x, t, cond)` callable (the network, a `CachedModel`, a
         wrapper) under this model's noise schedule; returns the final sample (latents for latent models).
         `options` are the sampler's own (`samplers.SAMPLER_OPTIONS`, e.g. eta for ddim)."""
         denoiser = self.make_denoiser(model, cond, uncond, guidance_scale)
@@ -496,7 +496,7 @@ def load(path, *, device="cpu", dtype: Optional[torch.dtype] = None, allow_nan: 
          check: str = "first-use", pack: bool = True) -> Pipeline:
     """Load a native minidiff model folder (see convert/ for public checkpoints).
 
-    `dtype` is the U-Net's and text encoder's precision, float32 unless given, whatever the file
+    `dtype` is the denoiser's and text encoder's precision, float32 unless given, whatever the file
     holds (a float16 file loads as float32 or, asked, as float16); the autoencoder stays float32.
     Weights with NaN/Inf are refused (unless `allow_nan`): with `check="first-use"` by each layer
     just before it first runs, so loading reads no weight it does not need yet; `check="now"`
