@@ -432,6 +432,21 @@ class Pipeline:
         (or none), never half. `dtype=torch.float16` (or bfloat16) stores float weights in that precision."""
         folder.save(self, dst, overwrite=overwrite, dtype=dtype)
 
+    def load_lora(self, path, scale: float = 1.0) -> "Pipeline":
+        """Merge a LoRA file (kohya or diffusers/PEFT .safetensors) into the weights, times `scale`;
+        repeatable. See minidiff.lora."""
+        from .lora import load_lora
+
+        load_lora(self, path, scale)
+        return self
+
+    def unload_lora(self) -> "Pipeline":
+        """Restore the weights from before the first `load_lora`, bit for bit."""
+        from .lora import unload_lora
+
+        unload_lora(self)
+        return self
+
 
 def _check_args(*, steps, sampler, eta, batch_size, guidance_scale, output, seed):
     """generate's arguments other than the cache options (minidiff.cache.CacheOptions checks those)."""

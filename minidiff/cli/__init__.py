@@ -1,4 +1,5 @@
-"""The `minidiff` command line: every front end (sample, demo, info, train, analyze, bench, toy-metric, convert).
+"""The `minidiff` command line: every front end (sample, demo, info, train, analyze, bench, toy-metric, explain,
+convert, export).
 
 Library modules do not parse arguments; each command here is a parser function and a run function
 in `COMMANDS`. `run` gives every command the same edge (`edge.py`): usage errors and user errors as
@@ -13,13 +14,14 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 from .edge import Parser, USER_ERRORS, check_output, cli_message, default_threads, require, set_threads
+from .explain import _explain, _explain_parser
 from .generate import _demo, _demo_parser, _info, _info_parser, _sample, _sample_many, _sample_many_parser, _sample_parser
 from .measure import _analyze, _analyze_parser, _bench, _bench_parser
 from .training import _toy_metric, _toy_metric_parser, _train, _train_parser
 
 __all__ = ["main", "COMMANDS", "run", "check_output", "cli_message", "default_threads", "require", "set_threads",
            "sample_main", "sample_many_main", "demo_main", "info_main", "train_main", "toy_metric_main",
-           "analyze_main", "bench_main", "convert_main", "version"]
+           "analyze_main", "bench_main", "convert_main", "export_main", "version"]
 
 
 # -- convert -----------------------------------------------------------------------------------------
@@ -48,6 +50,13 @@ def convert_main(argv=None) -> int:
         del argv[at:at + 2]
     converter = importlib.import_module(f"minidiff.convert.{argv[0]}").main
     return guarded(lambda: (set_threads(threads), converter(argv[1:]))[1] or 0)
+
+
+def export_main(argv=None) -> int:
+    """`minidiff export --format diffusers|original MODEL DST`, behind the same error edge as every command."""
+    from ..export import main as export
+
+    return guarded(lambda: export(list(argv or [])))
 
 
 # -- the entry point ---------------------------------------------------------------------------------
@@ -135,7 +144,9 @@ COMMANDS = {
                        "linear probes"),
     "bench": Command(_bench_parser, _bench, "quality-vs-speed frontier of cache schedules; adaptive caching"),
     "toy-metric": Command(_toy_metric_parser, _toy_metric, "train the toy-metric classifier for a dataset"),
+    "explain": Command(_explain_parser, _explain, "write an offline page that shows caching on a model"),
     "convert": Command(None, convert_main, "convert a public checkpoint (ddpm, ldm, sd15) to a minidiff folder"),
+    "export": Command(None, export_main, "write a model folder as a diffusers folder or an SD single file"),
 }
 
 
