@@ -73,7 +73,7 @@ def demo(*, model=None, classifier=None, steps: int = 50, interval: int = 5, bra
     if schedule == "calibrated" and pipe.calibration is None:
         raise ValueError(f"the calibrated schedule needs {model_path / 'calibration.json'}; write it with "
                          f"minidiff analyze calibrate --model {model_path}, or choose another schedule")
-    cfg = pipe.unet.config
+    cfg = pipe.denoiser.config
     classes = pipe.num_real_classes() if cfg.num_classes else 0
     count = per_class * max(classes, 1)
     if count > MAX_SAMPLES:
@@ -86,11 +86,11 @@ def demo(*, model=None, classifier=None, steps: int = 50, interval: int = 5, bra
     metric = None if classifier_path is None else load_metric(classifier_path)
     labels = torch.arange(classes).repeat(per_class) if classes else None
     noise = torch.randn(count, cfg.in_channels, size, size, generator=torch.Generator().manual_seed(seed))
-    n_params = sum(param.numel() for param in pipe.unet.parameters())
+    n_params = sum(param.numel() for param in pipe.denoiser.parameters())
     print(f"model {model_path} ({size}x{size}, {n_params / 1e6:.2f}M parameters), DDIM {steps} steps, "
           f"{count} samples, seed {seed}, {torch.get_num_threads()} CPU thread(s)")
 
-    macs = pipe.unet.macs(noise[:1], 500, None if labels is None else labels[:1], branch=branch)
+    macs = pipe.denoiser.macs(noise[:1], 500, None if labels is None else labels[:1], branch=branch)
     ratio = macs["shallow"] / macs["full"]
     print(f"{network_name(pipe)} MACs per image: full {macs['full'] / 1e6:.1f}M, shallow (branch {branch}) "
           f"{macs['shallow'] / 1e6:.1f}M ({macs['shallow'] / macs['full']:.3f} of full)")

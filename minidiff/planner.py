@@ -131,9 +131,9 @@ def grid_configs(grid: Grid, reference_steps: int, num_branches: int, adaptive: 
 
 def calibration_batch(pipe, seeds: Sequence[int]):
     """One sample of each class (or one sample) per seed: the noise and labels of a measurement."""
-    per_seed = pipe.num_real_classes() if pipe.unet.config.num_classes is not None else 1
+    per_seed = pipe.num_real_classes() if pipe.denoiser.config.num_classes is not None else 1
     noise = torch.cat([pipe.initial_noise(per_seed, generator=torch.Generator().manual_seed(s)) for s in seeds])
-    labels = None if pipe.unet.config.num_classes is None else pipe.default_labels(per_seed) * len(seeds)
+    labels = None if pipe.denoiser.config.num_classes is None else pipe.default_labels(per_seed) * len(seeds)
     return noise, labels
 
 

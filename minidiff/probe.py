@@ -76,7 +76,7 @@ def split_mask(n: int, seed: int = 0) -> torch.Tensor:
 def pooled_features(pipe, x: torch.Tensor, t, names: Sequence[str], *, batch: int = 256) -> dict:
     """name -> (N, C) global-average-pooled layer outputs of the model at (x, t) under the null class;
     CONTROL -> x flattened."""
-    unet, wanted = pipe.unet, set(names)
+    unet, wanted = pipe.denoiser, set(names)
     null = _null_class(pipe)
     kept: dict = {name: [] for name in names}
 
@@ -95,7 +95,7 @@ def pooled_features(pipe, x: torch.Tensor, t, names: Sequence[str], *, batch: in
 
 
 def _null_class(pipe) -> Optional[int]:
-    if pipe.unet.config.num_classes is None:
+    if pipe.denoiser.config.num_classes is None:
         return None
     if pipe.null_class is None:
         raise ValueError("this model has no null class, so the probe cannot hide the label from it; probes need a "
@@ -138,7 +138,7 @@ def probe_real(pipe, images: torch.Tensor, labels: torch.Tensor, timesteps: Sequ
                seed: int = 0, log=None) -> ProbeResult:
     """Probes at every layer and timestep on real images noised to x_t; also the pure-noise control
     (timestep -1 in the rows: x is noise alone, so no probe can beat chance there)."""
-    names = layers or layer_names(pipe.unet)
+    names = layers or layer_names(pipe.denoiser)
     num_classes = int(labels.max()) + 1
     train = split_mask(len(labels), seed)
     rows = []
@@ -162,19 +162,19 @@ def probe_real(pipe, images: torch.Tensor, labels: torch.Tensor, timesteps: Sequ
 def probe_trajectories(pipe, *, per_class: int = 20, steps: int = 50, every: int = 5, layers=None, seed: int = 0,
                        log=None) -> ProbeResult:
     """Probes along class-conditional DDIM runs: x_t at every `every`-th step, re-read under the null class."""
-    names = layers or layer_names(pipe.unet)
+    names = layers or layer_names(pipe.denoiser)
     null = _null_class(pipe)
     if null is None:
         raise ValueError("trajectory probes need a class-conditional model")
-    num_classes = null if null == pipe.unet.config.num_classes - 1 else pipe.unet.config.num_classes
+    num_classes = null if null == pipe.denoiser.config.num_classes - 1 else pipe.denoiser.config.num_classes
     labels = torch.arange(num_classes).repeat(per_class)
     size = pipe.default_size
-    noise = torch.randn(len(labels), pipe.unet.config.in_channels, size, size,
+    noise = torch.randn(len(labels), pipe.denoiser.config.in_channels, size, size,
                         generator=torch.Generator().manual_seed(seed))
     states: dict = {}
 
     def model(x, t):
-        return pipe.unet(x, t, labels.to(x.device))
+        return pipe.denoiser(x, t, labels.to(x.device))
 
     def callback(i, t, x):
         if i % every == 0:
@@ -260,7 +260,7 @@ def real_digits(pipe, count: Optional[int] = None, seed: int = 0) -> tuple:
     """(images in [-1, 1], labels): the digits dataset at the model's size, `count` of them class-balanced."""
     from .data import load_dataset
 
-    data = load_dataset("digits", pipe.default_size, pipe.unet.config.in_channels)
+    data = load_dataset("digits", pipe.default_size, pipe.denoiser.config.in_channels)
     indices = torch.arange(len(data))
     if count is not None and count < len(data):
         order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))
@@ -285,7 +285,7 @@ def run(pipe, out, *, timesteps=(999, 900, 800, 700, 600, 500, 400, 300, 200, 10
 
     out = Path(out)
     images, labels = real_digits(pipe, count, seed)
-    log(f"probing {len(layer_names(pipe.unet))} layers on {len(labels)} real digits (half fit, half scored) at {len(timesteps)} timesteps")
+    log(f"probing {len(layer_names(pipe.denoiser))} layers on {len(labels)} real digits (half fit, half scored) at {len(timesteps)} timesteps")
     real = probe_real(pipe, images, labels, timesteps, seed=seed, log=log)
     trajectory = probe_trajectories(pipe, per_class=per_class, steps=steps, every=every, seed=seed, log=log) \
         if trajectories else None

@@ -133,7 +133,7 @@ def sample_many(pipe, out_dir, num: int, *, seed: int = 0, batch_size: int = 1, 
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or not 1 <= batch_size <= 4096:
         raise ValueError(f"batch_size must be an int in [1, 4096], got {batch_size!r}")
     out_dir = Path(out_dir)
-    num_classes = pipe.num_real_classes() if pipe.unet.config.num_classes is not None else None
+    num_classes = pipe.num_real_classes() if pipe.denoiser.config.num_classes is not None else None
     mine = rank_batches(num, batch_size, rank, world)
     slots = -(-len(batches(num, batch_size)) // world)  # every rank takes part in as many progress updates
     done_before = sum(len(b) for b in mine if all(sample_path(out_dir, i).exists() for i in b))

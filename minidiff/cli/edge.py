@@ -153,13 +153,6 @@ def check_fractions(args, limits: dict):
                 raise ValueError(f"{flag} must be a number in ({low}, {high}], got {v}")
 
 
-def check_adaptive(pipe, flag: str = "--cache-schedule adaptive"):
-    """The adaptive schedule cuts the network at a skip (`forward_cut`), which not every network has."""
-    if not hasattr(pipe.unet, "forward_cut"):
-        raise ValueError(f"{flag} needs a network that can stop at a skip (the U-Net); this model's "
-                         f"{type(pipe.unet).__name__} takes the uniform, nonuniform and calibrated schedules")
-
-
 def check_device(text: Optional[str], flag: str = "--device"):
     """A device this torch can use, refused in one line before the model is loaded."""
     if text is None:
@@ -260,7 +253,7 @@ def resolve_classes(pipe, tokens, flag: str = "--class") -> Optional[list]:
     """Class labels from numbers or the names stored in the model; the null class is refused."""
     if tokens is None:
         return None
-    if pipe.unet.config.num_classes is None:
+    if pipe.denoiser.config.num_classes is None:
         raise ValueError(f"this model is not class-conditional; drop {flag}")
     count = pipe.num_real_classes()
     names = [str(n) for n in (pipe.class_names or [])][:count]

@@ -6,7 +6,7 @@ import math
 import os
 import sys
 
-from .edge import (USER_ERRORS, check_adaptive, check_device, check_fractions, check_ints, check_output, check_replaceable_image,
+from .edge import (USER_ERRORS, check_device, check_fractions, check_ints, check_output, check_replaceable_image,
                    cli_message, _load, MAX_SCALE, Parser, require, resolve_classes, _scale_arg, _threads_arg)
 
 MAX_BATCH = 4096  # generate's limit on one batch
@@ -78,8 +78,6 @@ def _load_for(args, device):
         raise ValueError("this model takes no prompt, so --negative-prompt would be ignored; drop it")
     if args.cache_schedule == "calibrated" and pipe.calibration_error:
         raise ValueError(pipe.calibration_error)
-    if args.cache_schedule == "adaptive":
-        check_adaptive(pipe)
     return pipe
 
 
@@ -127,7 +125,7 @@ def _sample(args) -> int:
     for path, scale in loras:
         pipe.load_lora(path, scale)
     labels = resolve_classes(pipe, args.class_labels)
-    per_class = labels is None and pipe.unet.config.num_classes is not None
+    per_class = labels is None and pipe.denoiser.config.num_classes is not None
     if per_class:  # one image per class, as the demo does
         labels = pipe.default_labels(args.batch_size or pipe.num_real_classes())
     batch = args.batch_size or (len(labels) if labels else len(args.prompt) if args.prompt else 4)
@@ -164,7 +162,7 @@ def _example_cond(pipe):
     """A conditioning input of batch 1 shaped as the network expects, for counting MACs."""
     import torch
 
-    cfg = pipe.unet.config
+    cfg = pipe.denoiser.config
     if cfg.num_classes is not None:
         return torch.zeros(1, dtype=torch.long, device=pipe.device)
     if cfg.context_dim is not None:
@@ -205,7 +203,7 @@ def _sample_many(args) -> int:
         labels = resolve_classes(pipe, args.class_labels)
         pipe.initial_noise(1, height=args.height, width=args.width)  # refuses a size the model cannot take
         if args.compile:
-            pipe.unet.compile_paths()
+            pipe.denoiser.compile_paths()
         settings = {k: v for k, v in vars(args).items()
                     if k not in ("num", "out", "device", "compile", "allow_nan", "argv", "threads")}
         settings.update(model=str(Path(args.model).resolve()), class_labels=labels)
@@ -289,7 +287,7 @@ def _info(args) -> int:
     from ..demo import network_name
 
     pipe = _load(args)
-    cfg, sch = pipe.unet.config, pipe.scheduler
+    cfg, sch = pipe.denoiser.config, pipe.scheduler
 
     def millions(module):
         return f"{sum(p.numel() for p in module.parameters()) / 1e6:.2f}M"
@@ -298,7 +296,7 @@ def _info(args) -> int:
             "text-conditional" if pipe.text_encoder is not None else "unconditional")
     space = "latent" if pipe.autoencoder is not None else "pixel-space"
     print(f"{args.model}: {kind} {space} diffusion model")
-    parts = [f"{network_name(pipe)} {millions(pipe.unet)}"] + [f"{name} {millions(m)}" for name, m in
+    parts = [f"{network_name(pipe)} {millions(pipe.denoiser)}"] + [f"{name} {millions(m)}" for name, m in
                                                 (("autoencoder", pipe.autoencoder), ("text encoder", pipe.text_encoder))
                                                 if m is not None]
     print(f"  parameters:  {', '.join(parts)}")
@@ -322,11 +320,11 @@ def _info(args) -> int:
     print(f"  text:        {'yes: --prompt, and --negative-prompt with --guidance-scale' if pipe.text_encoder else 'no'}")
     x = torch.zeros(1, cfg.in_channels, latent, latent)
     ratios = []
-    for b in range(pipe.unet.num_branches):
-        macs = pipe.unet.macs(x, 500, _example_cond(pipe), branch=b)
+    for b in range(pipe.denoiser.num_branches):
+        macs = pipe.denoiser.macs(x, 500, _example_cond(pipe), branch=b)
         ratios.append(f"{b}: {macs['shallow'] / macs['full']:.3f}")
         full = macs["full"]
-    print(f"  branches:    0-{pipe.unet.num_branches - 1} (--cache-branch); full step {full / 1e9:.3f} GMACs at "
+    print(f"  branches:    0-{pipe.denoiser.num_branches - 1} (--cache-branch); full step {full / 1e9:.3f} GMACs at "
           f"{size}x{size}; shallow/full MACs per branch:")
     for start in range(0, len(ratios), 8):
         print("               " + "  ".join(ratios[start:start + 8]))

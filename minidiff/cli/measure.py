@@ -7,7 +7,7 @@ import sys
 import time
 from pathlib import Path
 
-from .edge import check_adaptive, check_fractions, check_ints, check_output, _load, Parser, require, resolve_classes, _threads_arg
+from .edge import check_fractions, check_ints, check_output, _load, Parser, require, resolve_classes, _threads_arg
 
 MAX_BATCH = 4096  # generate's limit on one batch
 # Ranges every analyze and bench option shares, checked before the model is loaded (the model's own
@@ -172,7 +172,7 @@ def _calibration_target(args) -> Path:
 def _labels_from(args, pipe, batch=None):
     batch = batch or args.batch
     if args.class_label is None:
-        return None if pipe.unet.config.num_classes is None else pipe.default_labels(batch)
+        return None if pipe.denoiser.config.num_classes is None else pipe.default_labels(batch)
     return resolve_classes(pipe, [args.class_label]) * batch
 
 
@@ -196,7 +196,7 @@ def _similarity_cmd(pipe, args) -> int:
     record = _record_from(args, pipe)
     matrices = analysis.similarity_matrices(record)
     summary = analysis.summarize(matrices)
-    roles = {name: analysis.layer_role(pipe.unet, name) for name in matrices}
+    roles = {name: analysis.layer_role(pipe.denoiser, name) for name in matrices}
     print(analysis.format_summary(summary, roles=roles))
     analysis.save_matrices(matrices, out / "similarity.npz")
     analysis.write_csv([{"layer": k, **v, "role": roles[k]} for k, v in summary.items()], out / "summary.csv")
@@ -210,7 +210,7 @@ def _depth_cmd(pipe, args) -> int:
 
     out = Path(args.out)
     record = _record_from(args, pipe)
-    rows = analysis.depth_profile(analysis.similarity_matrices(record), pipe.unet, record.shapes)
+    rows = analysis.depth_profile(analysis.similarity_matrices(record), pipe.denoiser, record.shapes)
     print(analysis.format_depth(rows))
     analysis.write_csv(rows, out / "depth.csv")
     plots.plot_depth(rows, out / "depth.png", title=f"{args.model}: feature change per step vs depth "
@@ -224,12 +224,12 @@ def _switch_cmd(pipe, args) -> int:
     from ..frontier import format_rows
 
     out = Path(args.out)
-    text = pipe.unet.config.num_classes is None
+    text = pipe.denoiser.config.num_classes is None
     old, new = (args.old, args.new) if text else (*resolve_classes(pipe, [args.old], "--from"),
                                                   *resolve_classes(pipe, [args.new], "--to"))
     classifier = None if text else metrics.toy_classifier(pipe, args.model, args.classifier)
     start = time.perf_counter()
-    layers = args.layers or ["mid", analysis.cached_layer(pipe.unet, pipe.unet.num_branches // 2)]
+    layers = args.layers or ["mid", analysis.cached_layer(pipe.denoiser, pipe.denoiser.num_branches // 2)]
     result = analysis.switch_experiment(pipe, old=old, new=new, steps=args.steps, sampler=args.sampler,
                                         at_steps=args.at, batch_size=args.batch, seed=args.seed, layers=layers,
                                         guidance_scale=args.guidance_scale, classifier=classifier)
@@ -253,7 +253,7 @@ def _calibrate_cmd(pipe, args) -> int:
     from ..calibration import calibrate
 
     target = _calibration_target(args)
-    branches = args.branches or [b for b in (0, 1, 2, 3) if b < pipe.unet.num_branches]
+    branches = args.branches or [b for b in (0, 1, 2, 3) if b < pipe.denoiser.num_branches]
     calibration = calibrate(pipe, steps=args.steps, sampler=args.sampler, branch=args.branch, branches=branches,
                             cost=args.cost, batch_size=args.batch, seed=args.seed,
                             class_labels=_labels_from(args, pipe), prompt=args.prompt,
@@ -349,10 +349,10 @@ def _frontier_cmd(args) -> int:
         check_steps(steps, pipe.scheduler.num_train_timesteps)
     labels = _labels_from(args, pipe)
     classifier = metrics.toy_classifier(pipe, args.model, args.classifier)
-    branches = [b for b in args.branches if 0 <= b < pipe.unet.num_branches]
+    branches = [b for b in args.branches if 0 <= b < pipe.denoiser.num_branches]
     if not branches:
         raise ValueError(f"none of the branches {args.branches} exists; this U-Net has branches "
-                         f"0-{pipe.unet.num_branches - 1}")
+                         f"0-{pipe.denoiser.num_branches - 1}")
     rows = []
     for sampler, steps in runs:
         given = dict(eta=args.eta, karras_sigmas=args.karras_sigmas)
@@ -438,7 +438,6 @@ def _adaptive_cmd(args) -> int:
         require("matplotlib", "the refresh plot")
     pipe = _load(args)
     _check_steps(pipe, args)
-    check_adaptive(pipe, "bench adaptive")
     measured = []
 
     def progress(_row_text):  # a count as rows finish; the aligned table follows once, at the end

@@ -4,11 +4,12 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from ..samplers import SAMPLERS, draws_noise
 from .edge import Parser, _load, _threads_arg
 
 
 def _plan_parser() -> Parser:
+    from ..samplers import SAMPLERS  # in the parser, so the command line's usage errors need no torch
+
     p = Parser(prog="minidiff plan", description="Measure every (steps, cache schedule, forecast, branch) "
                "at equal MACs against the uncached run on calibration seeds, and store in MODEL/plan.json the "
                "best configuration for each budget (generate_within / --budget then use it).")
@@ -43,7 +44,7 @@ def _metric(pipe, model, classifier):
 
 
 def _plan(args) -> int:
-    from .. import planner
+    from .. import planner, samplers
 
     if args.steps < 2:
         raise ValueError(f"--steps must be at least 2, got {args.steps}")
@@ -58,8 +59,8 @@ def _plan(args) -> int:
     pipe = _load(args)
     metric = _metric(pipe, args.model, args.classifier)
     grid = planner.Grid(**QUICK) if args.quick else planner.Grid()
-    configs = planner.grid_configs(grid, args.steps, pipe.unet.num_branches, adaptive=hasattr(pipe.unet, "forward_cut"),
-                                   adaptive_forecast=0 if draws_noise(args.sampler) else 2)
+    configs = planner.grid_configs(grid, args.steps, pipe.denoiser.num_branches, adaptive=True,
+                                   adaptive_forecast=0 if samplers.draws_noise(args.sampler) else 2)
     print(f"measuring {len(configs)} configurations ({args.sampler}, guidance {args.guidance_scale or 1:g}, "
           f"reference {args.steps} steps, seeds {args.seeds})")
     start = time.perf_counter()

@@ -264,10 +264,10 @@ def main(argv=None):
     except (CheckpointError, FileExistsError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    unet = sum(p.numel() for p in pipe.unet.parameters())
+    unet = sum(p.numel() for p in pipe.denoiser.parameters())
     ae = sum(p.numel() for p in pipe.autoencoder.parameters())
     print(f"wrote {args.dst}: U-Net {unet:,} parameters incl. class embedding ({pipe.meta['weights']} weights), "
-          f"{pipe.autoencoder.config.kind.upper()} first stage {ae:,}, {pipe.unet.num_branches} cache branches, "
+          f"{pipe.autoencoder.config.kind.upper()} first stage {ae:,}, {pipe.denoiser.num_branches} cache branches, "
           f"null class {pipe.null_class}; {args.dtype} weights")
     return 0
 
