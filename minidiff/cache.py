@@ -31,7 +31,7 @@ import torch
 
 from .adaptive import AdaptiveSchedule, full_step_allowance
 from .cached_model import CachedModel, RunStats, mac_fraction  # noqa: F401 (the wrapper and its record)
-from .checkpoint import save_json
+from .writing import save_json
 from .forecast import check_order
 from .samplers import changed_options, draws_noise
 

@@ -238,7 +238,7 @@ def find_weights(name: str) -> Path:
 
 def save_png(image: torch.Tensor, path):
     """Write one (C, H, W) image in [0, 1] (C = 1 or 3) as an 8-bit PNG, atomically."""
-    from .checkpoint import atomic_path
+    from .writing import atomic_path
 
     Image = _pil()
     array = (image.detach().float().cpu().clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from . import analysis
 from .cache import mac_bound, make_schedule
-from .checkpoint import atomic_folder
+from .writing import atomic_folder
 from .metrics import psnr, toy_classifier
 from .schedules import NoiseSchedule
 

@@ -21,12 +21,13 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import CheckpointError, atomic_folder, check_apart, save_json, save_safetensors
+from .checkpoint import CheckpointError
+from .writing import atomic_folder, check_apart, save_json, save_safetensors
 from .formats.export_keys import unet_to, vae_to_diffusers
 from .unet import UNetConfig
 
 FORMATS = ("diffusers", "original")
-EXPORT_KIND = "diffusers export"  # what atomic_folder's --overwrite may replace (see checkpoint.folder_kind)
+EXPORT_KIND = "diffusers export"  # what atomic_folder's --overwrite may replace (see writing.folder_kind)
 SAFETENSORS_METADATA = {"format": "pt"}  # transformers and diffusers check this entry
 # The prefixes of SD's single file (the same as convert/sd15.py reads).
 UNET_PREFIX, VAE_PREFIX, TEXT_PREFIX = ("model.diffusion_model.", "first_stage_model.",

@@ -17,8 +17,8 @@ from typing import Optional
 import torch
 
 from .cache import load_calibrated
-from .checkpoint import (CheckpointError, atomic_folder, build_loaded, check_apart, read_state_dict, save_json,
-                         save_safetensors)
+from .checkpoint import CheckpointError, build_loaded, read_state_dict
+from .writing import atomic_folder, check_apart, save_json, save_safetensors
 from .dit import DiT, DiTConfig
 from .schedules import SchedulerConfig
 from .unet import UNet, UNetConfig

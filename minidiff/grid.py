@@ -114,7 +114,7 @@ def side_by_side(panels: Sequence[tuple]):
 
 def save_image(picture, path) -> Path:
     """Write a PIL image atomically in the format its suffix names (IMAGE_FORMATS)."""
-    from .checkpoint import atomic_path
+    from .writing import atomic_path
 
     path = Path(path)
     fmt = IMAGE_FORMATS.get(path.suffix.lower())

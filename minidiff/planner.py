@@ -23,7 +23,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from .checkpoint import save_json
+from .writing import save_json
 from .metrics import psnr
 from .samplers import SAMPLERS, num_model_calls
 

@@ -114,7 +114,7 @@ def claim_folder(out_dir: Path, settings: dict, rank: int, world: int = 1):
     else:
         write = True
     if write and rank == 0:
-        from .checkpoint import save_json
+        from .writing import save_json
 
         save_json(settings, path)
     if world > 1:

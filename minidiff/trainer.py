@@ -42,8 +42,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .checkpoint import TRAINING_KIND, CheckpointError, atomic_folder, atomic_path, folder_kind, load_weights, \
-    read_state_dict, remove_folder, save_json, save_safetensors
+from .checkpoint import CheckpointError, load_weights, read_state_dict
+from .writing import TRAINING_KIND, atomic_folder, atomic_path, folder_kind, remove_folder, save_json, save_safetensors
 from .config import config_to_dict
 from .data import ImageSet, load_dataset, save_grid
 from .grid import class_titles

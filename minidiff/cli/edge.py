@@ -84,7 +84,7 @@ def check_output(path, kind: str, flag: str = "--out", *, overwrite: Optional[bo
     in IMAGE_FORMATS) or "json". The nearest existing folder above it must take new files (tried by
     creating one). An existing image is replaced only with `overwrite` (None: a command's own fixed
     names, replaced freely), and never a file that is not an image."""
-    from ..checkpoint import unwritable
+    from ..writing import unwritable
     from ..grid import IMAGE_FORMATS
 
     path = Path(path)

@@ -22,7 +22,7 @@ def _explain_parser() -> Parser:
 
 
 def _explain(args) -> int:
-    from ..checkpoint import check_replaceable
+    from ..writing import check_replaceable
     from ..explain import PAGE_KIND, build
 
     if args.probes < 0:

@@ -335,7 +335,7 @@ def _bench(args) -> int:
 def _frontier_cmd(args) -> int:
     """One frontier per sampler, each with its own calibration; rows are printed as they finish."""
     from .. import analysis, metrics, plots
-    from ..checkpoint import atomic_path
+    from ..writing import atomic_path
     from ..checks import check_steps
     from ..frontier import format_budgets, format_rows, frontier, parse_samplers
     from ..samplers import SAMPLER_OPTIONS, num_model_calls, sampler_options

@@ -19,7 +19,8 @@ import re
 import sys
 from pathlib import Path
 
-from ..checkpoint import CheckpointError, check_conversion_paths, load_weights, read_state_dict
+from ..checkpoint import CheckpointError, load_weights, read_state_dict
+from ..writing import check_conversion_paths
 from ..pipeline import Pipeline
 from ..schedules import SchedulerConfig
 from ..unet import UNet

@@ -35,7 +35,8 @@ from pathlib import Path
 import torch
 
 from ..autoencoder import Autoencoder, AutoencoderConfig
-from ..checkpoint import CheckpointError, check_conversion_paths, check_state_dict, load_weights, read_state_dict
+from ..checkpoint import CheckpointError, check_state_dict, load_weights, read_state_dict
+from ..writing import check_conversion_paths
 from .compvis import EMA_PREFIX, ema_key, read_yaml
 from ..pipeline import Pipeline
 from ..schedules import SchedulerConfig

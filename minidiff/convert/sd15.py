@@ -38,8 +38,8 @@ import torch
 
 from ..formats import unet_keys, vae_keys
 from ..autoencoder import Autoencoder, AutoencoderConfig
-from ..checkpoint import (CheckpointError, check_conversion_paths, check_finite, check_state_dict,
-                                 read_state_dict)
+from ..checkpoint import CheckpointError, check_finite, check_state_dict, read_state_dict
+from ..writing import check_conversion_paths
 from .compvis import YamlError, ema_key, read_yaml
 from ..pipeline import Pipeline
 from ..schedules import SchedulerConfig
