@@ -219,7 +219,7 @@ class Pipeline:
                  cache_center: Optional[int] = None, cache_power: float = DEFAULT_POWER,
                  generator: Optional[torch.Generator] = None, progress: bool = True, callback=None,
                  init_image: Optional[torch.Tensor] = None, strength: float = 0.75, center: Optional[int] = None,
-                 power: Optional[float] = None) -> torch.Tensor:
+                 power: Optional[float] = None, budget: Optional[float] = None) -> torch.Tensor:
         """Sample images (in [0, 1], (B, C, H, W)) or, with output="latent", the final sample.
 
         img2img: `init_image` ((B or 1, 3, H, W) in [0, 1]) is encoded, noised to the step where
@@ -234,7 +234,19 @@ class Pipeline:
         last 2 or 3 full steps, "auto" picks 2 for deterministic samplers and 0 for noisy ones;
         None (default) means 0 for fixed schedules and "auto" for the adaptive one. An option the
         schedule would ignore is refused by name (minidiff.cache.CacheOptions).
+
+        `budget` (a fraction of the MACs of `steps` uncached steps) lets the model's plan.json
+        (`minidiff plan`) choose the steps and caching: the best configuration measured within it.
         """
+        if budget is not None:
+            return self._generate_within(budget, steps, dict(
+                cache_interval=cache_interval, cache_branch=cache_branch, cache_schedule=cache_schedule,
+                cache_forecast=cache_forecast, cache_threshold=cache_threshold, cache_budget=cache_budget,
+                cache_center=cache_center, cache_power=cache_power), dict(
+                sampler=sampler, eta=eta, karras_sigmas=karras_sigmas, seed=seed, noise=noise, batch_size=batch_size,
+                class_labels=class_labels, guidance_scale=guidance_scale, prompt=prompt,
+                negative_prompt=negative_prompt, height=height, width=width, output=output, generator=generator,
+                progress=progress, callback=callback, init_image=init_image, strength=strength))
         if center is not None or power is not None:
             warnings.warn("generate(center=, power=) are deprecated: use cache_center= and cache_power=",
                           DeprecationWarning, stacklevel=3)  # past inference_mode's wrapper
@@ -271,6 +283,17 @@ class Pipeline:
         result = sample if output == "latent" else self.decode(sample)
         self.last_run = cached.run_stats(steps, time.perf_counter() - start)
         return result
+
+    def _generate_within(self, budget, steps, cache_options: dict, others: dict):
+        """generate(budget=...): the plan picks every cache_* option, so none may be given."""
+        from .planner import generate_within
+
+        defaults = dict(cache_interval=1, cache_branch=0, cache_schedule="uniform", cache_forecast=None,
+                        cache_threshold=None, cache_budget=None, cache_center=None, cache_power=DEFAULT_POWER)
+        given = sorted(k for k, v in cache_options.items() if v != defaults[k])
+        if given:
+            raise ValueError(f"budget= lets the model's plan choose the caching; drop {', '.join(given)}")
+        return generate_within(self, budget, steps, **others)
 
     def _batch_size(self, batch_size: int, noise, class_labels, prompt, init_image) -> int:
         """The batch follows the noise, labels, prompts or images when they are given."""

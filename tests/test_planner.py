@@ -161,3 +161,27 @@ def test_the_shipped_plan_reads_and_keeps_its_budgets():
             row = ddim["rows"][item["config"]]
             assert row["cost"] <= item["budget"] + 1e-9
             assert planner.plan_for(SHIPPED, item["budget"]) == Config.from_dict(row).kwargs("ddim")
+
+
+def test_generate_with_a_budget_runs_the_plans_choice_and_refuses_cache_options():
+    """generate(budget=) is generate_within: the shipped plan picks steps and caching, at most the budget."""
+    pipe = load(Path(__file__).resolve().parents[1] / "weights" / "digits-cond")
+    args = dict(steps=50, class_labels=[3, 7], seed=21, output="latent", progress=False)
+    images = pipe.generate(budget=0.2, **args)
+    chosen = pipe.last_run.plan
+    assert chosen["budget"] == 0.2 and pipe.last_run.mac_fraction * chosen["steps"] / 50 <= 0.2 + 1e-9
+    by_hand = pipe.generate(**{**args, **{k: v for k, v in chosen.items() if k not in ("budget", "reference_steps")}})
+    assert torch.equal(images, by_hand)
+    with pytest.raises(ValueError, match="drop cache_interval"):
+        pipe.generate(budget=0.2, cache_interval=3, **args)
+
+
+def test_cli_sample_with_a_budget_says_what_the_plan_chose(tmp_path, capsys):
+    model = Path(__file__).resolve().parents[1] / "weights" / "digits-cond"
+    argv = ["sample", "--model", str(model), "--budget", "0.3", "--class", "4", "--batch-size", "2",
+            "--out", str(tmp_path / "b.png"), "--threads", "1"]
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "the plan for budget 0.3: " in out and (tmp_path / "b.png").exists()
+    assert cli.main(argv[:-2] + ["--cache-interval", "3", "--threads", "1"]) == 1
+    assert "drop --cache-interval" in capsys.readouterr().err

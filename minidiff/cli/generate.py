@@ -38,6 +38,8 @@ def add_generate_arguments(p: argparse.ArgumentParser, device_help: str = "cpu, 
                    "(default 0.03)")
     p.add_argument("--cache-budget", type=float, help="adaptive: most MACs per sample, as a fraction of uncached "
                    "(default: none)")
+    p.add_argument("--budget", type=float, help="at most this fraction of the MACs of --steps uncached steps; the "
+                   "model's plan.json (`minidiff plan`) chooses steps and caching (default: none)")
     p.add_argument("--class", dest="class_labels", nargs="+", metavar="CLASS",
                    help="class number(s) or name(s) (`minidiff info` lists them); default: every class in turn")
     p.add_argument("--prompt", nargs="+", help="text prompt(s) for text-conditioned models (default: none)")
@@ -59,7 +61,15 @@ def check_generate_arguments(args):
     check_ints(args, {"--batch-size": ("batch_size", 1, MAX_BATCH), "--cache-interval": ("cache_interval", 1, 10_000),
                       "--cache-branch": ("cache_branch", 0, 10_000), "--height": ("height", 1, 16384),
                       "--width": ("width", 1, 16384), "--seed": ("seed", 0, 2 ** 64 - 1)})
-    check_fractions(args, {"--cache-budget": ("cache_budget", 0, 1)})
+    check_fractions(args, {"--cache-budget": ("cache_budget", 0, 1), "--budget": ("budget", 0, 1)})
+    if args.budget is not None:
+        given = [flag for flag, value, default in (
+            ("--cache-interval", args.cache_interval, 1), ("--cache-branch", args.cache_branch, 0),
+            ("--cache-schedule", args.cache_schedule, "uniform"), ("--cache-forecast", args.cache_forecast, None),
+            ("--cache-threshold", args.cache_threshold, None), ("--cache-budget", args.cache_budget, None))
+            if value != default]
+        if given:
+            raise ValueError(f"--budget lets the model's plan choose the caching; drop {', '.join(given)}")
     check_device(args.device)
     if args.negative_prompt is not None and not (args.guidance_scale or 0) > 1:
         raise ValueError("--negative-prompt acts only through classifier-free guidance, which is off; add "
@@ -86,7 +96,7 @@ def generate_options(args) -> dict:
     return dict(steps=args.steps, sampler=args.sampler, eta=args.eta, karras_sigmas=args.karras_sigmas,
                 cache_interval=args.cache_interval, cache_branch=args.cache_branch,
                 cache_schedule=args.cache_schedule, cache_forecast=args.cache_forecast,
-                cache_threshold=args.cache_threshold, cache_budget=args.cache_budget,
+                cache_threshold=args.cache_threshold, cache_budget=args.cache_budget, budget=args.budget,
                 negative_prompt=args.negative_prompt, guidance_scale=args.guidance_scale)
 
 
@@ -142,15 +152,19 @@ def _sample(args) -> int:
               captions=class_titles(pipe.class_names, labels) if labels else None)
     run = pipe.last_run
     per_sample = run.full_steps_per_sample
+    chosen = getattr(run, "plan", None) or {}  # --budget: what the model's plan chose
+    if chosen:
+        print(f"the plan for budget {args.budget:g}: " + ", ".join(f"{k.removeprefix('cache_')} {v}" for k, v in
+                                                                  chosen.items() if k not in ("budget",)))
+    schedule, branch = chosen.get("cache_schedule", args.cache_schedule), chosen.get("cache_branch", args.cache_branch)
     # with the adaptive schedule a call is full for some samples only: count full steps per sample instead
-    split = "" if args.cache_schedule == "adaptive" else \
-        f" ({run.full_calls} full, {run.shallow_calls} shallow at branch {args.cache_branch})"
+    split = "" if schedule == "adaptive" else f" ({run.full_calls} full, {run.shallow_calls} shallow at branch {branch})"
     print(f"wrote {args.out}: {images.shape[0]} images, {run.model_calls} {network_name(pipe)} calls{split}, "
           f"{run.seconds:.2f} s on {torch.get_num_threads()} thread(s)")
     if run.shallow_calls or run.forecast:  # say what caching did; an uncached run has nothing to add
         counts = sorted({len(steps) for steps in per_sample})
         full = str(counts[0]) if len(counts) == 1 else f"{counts[0]}-{counts[-1]}"
-        print(f"full steps per sample: {full} of {run.model_calls}, the rest shallow at branch {args.cache_branch}; "
+        print(f"full steps per sample: {full} of {run.model_calls}, the rest shallow at branch {branch}; "
               f"MACs spent {run.mac_fraction:.3f} of uncached (MAC bound on speedup {1 / run.mac_fraction:.2f}x, "
               f"shallow/full {run.shallow_ratio:.3f}), forecast order {run.forecast}")
         print(f"full steps {per_sample[0]}" if all(steps == per_sample[0] for steps in per_sample) else
