@@ -83,7 +83,7 @@ def build(model: str, latent: int, device="cpu", dtype=torch.float32, unet_kwarg
 
 def compiled(ref, ours, **kwargs):
     """Compiled twins: diffusers' whole U-Net (sharing its weights), minidiff's full and shallow paths
-    (a copy: compiling returns layers to plain weights, which the eager run keeps packed)."""
+    (a copy: compile_paths replaces the model's own paths, and the eager run keeps them)."""
     ref_c = copy.copy(ref)  # a new attribute dict, the same parameters
     ref_c.compile(**kwargs)
     return ref_c, copy.deepcopy(ours).compile_paths(**kwargs)

@@ -104,7 +104,7 @@ def _packed_weight_of(handle: int) -> torch.Tensor:
     layer = _LAYERS[handle]() if handle in _LAYERS else None
     if layer is None:
         raise RuntimeError(f"packing layer {handle} no longer exists (it was freed)")
-    return layer._packed_weight()
+    return layer._packed_weight(layer.weight)
 
 
 def _conv(x: torch.Tensor, packed: torch.Tensor, bias: Optional[torch.Tensor], padding: List[int],
@@ -174,41 +174,40 @@ class _Packing:
         self.__dict__.pop("_packed", None)
         self.__dict__.pop("_packed_from", None)
 
-    def _weight_state(self) -> tuple:
-        weight = self.weight
-        return weight.data_ptr(), _version(weight), _optimizer_steps
+    def _holds_copy_of(self, weight: torch.Tensor) -> bool:
+        """Whether the packed copy is of `weight` as it is now (checked on every call: a few
+        attribute reads, no weight data)."""
+        made_from = self._packed_from
+        return (self._packed is not None and made_from[0]() is weight and made_from[1] == weight.data_ptr()
+                and made_from[2] == _version(weight) and made_from[3] == _optimizer_steps)
 
-    def _holds_current_copy(self) -> bool:
-        return (self._packed is not None and self._packed_from[0]() is self.weight
-                and self._packed_from[1:] == self._weight_state())
-
-    def _packed_weight(self) -> torch.Tensor:
-        """The blocked copy of the weight as it is now, made again if the weight changed since."""
-        if not self._holds_current_copy():
-            weight = self.weight
+    def _packed_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        """The blocked copy of `weight` (the layer's) as it is now, made again if it changed since."""
+        if not self._holds_copy_of(weight):
             self._drop_packed()
             with torch.no_grad():
                 self._packed = self._reorder(weight.detach())
-            self._packed_from = (weakref.ref(weight), *self._weight_state())
+            self._packed_from = (weakref.ref(weight), weight.data_ptr(), _version(weight), _optimizer_steps)
             _release_file_pages(weight)
         return self._packed
 
-    def _uses_packed(self, x: torch.Tensor) -> bool:
+    def _uses_packed(self, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> bool:
         """False for calls that need the plain weight: other devices or dtypes, gradients, dispatch modes."""
-        weight = self.weight
         if not (self.packs and x.device.type == "cpu" and x.dtype == torch.float32 and weight.device.type == "cpu"
                 and weight.dtype == torch.float32):
             return False
         if torch.compiler.is_compiling():  # traced: grad mode and modes are the compiler's own
             return True
-        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, self.bias)):
+        if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
+                                        or bias is not None and bias.requires_grad):
             return False
         return _get_current_dispatch_mode() is None
 
-    def _packed_linear(self, x: torch.Tensor, bias: Optional[torch.Tensor], out_features: int) -> torch.Tensor:
+    def _packed_linear(self, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                       out_features: int) -> torch.Tensor:
         if torch.compiler.is_compiling():  # the op, so the graph holds it as an opaque node
             return packed_linear(x, bias, self._handle, out_features)
-        return _linear(x, self._packed_weight(), bias)  # its body: the op's dispatch costs ~20 us a call
+        return _linear(x, self._packed_weight(weight), bias)  # its body: the op's dispatch costs ~20 us a call
 
     def _apply(self, fn, recurse=True):
         self._stop_packing()  # .to(), .half(), .cuda(): back to plain layers, as `unpack`
@@ -228,7 +227,7 @@ class _Packing:
     def extra_repr(self) -> str:
         if not self.packs:
             return super().extra_repr()
-        return super().extra_repr() + (", packed" if self._holds_current_copy() else ", packs on next use")
+        return super().extra_repr() + (", packed" if self._holds_copy_of(self.weight) else ", packs on next use")
 
 
 class Conv2d(_Packing, nn.Conv2d):
@@ -248,15 +247,15 @@ class Conv2d(_Packing, nn.Conv2d):
                                                             list(self.dilation), self.groups)
 
     def _conv_forward(self, x, weight, bias):
-        if x.ndim != 4 or not self._uses_packed(x):
+        if x.ndim != 4 or not self._uses_packed(x, weight, bias):
             return super()._conv_forward(x, weight, bias)
         if self._pointwise():  # (B, C, H, W) -> (B, H, W, C): a view when x is channels-last
-            out = self._packed_linear(x.permute(0, 2, 3, 1), bias, self.out_channels).permute(0, 3, 1, 2)
+            out = self._packed_linear(x.permute(0, 2, 3, 1), weight, bias, self.out_channels).permute(0, 3, 1, 2)
             return _as_laid_out(out, x)
         if torch.compiler.is_compiling():
             return packed_conv2d(x, bias, self._handle, self.out_channels, list(self.kernel_size), list(self.padding),
                                  list(self.stride), list(self.dilation), self.groups)
-        return _conv(x, self._packed_weight(), bias, list(self.padding), list(self.stride), list(self.dilation),
+        return _conv(x, self._packed_weight(weight), bias, list(self.padding), list(self.stride), list(self.dilation),
                      self.groups)
 
 
@@ -267,9 +266,10 @@ class Linear(_Packing, nn.Linear):
         return torch.ops.mkldnn._reorder_linear_weight(weight.contiguous())
 
     def forward(self, x):
-        if not self._uses_packed(x):
-            return F.linear(x, self.weight, self.bias)
-        return self._packed_linear(x, self.bias, self.out_features)
+        weight, bias = self.weight, self.bias
+        if not self._uses_packed(x, weight, bias):
+            return F.linear(x, weight, bias)
+        return self._packed_linear(x, weight, bias, self.out_features)
 
 
 _MADV_PAGEOUT = 21  # Linux 5.4+
@@ -342,10 +342,11 @@ def pack_now(model: nn.Module) -> int:
     pack(model)
     for layer in model.modules():
         if isinstance(layer, _Packing) and layer.packs:
-            layer._packed_weight()
+            layer._packed_weight(layer.weight)
     return packed_layers(model)
 
 
 def packed_layers(model: nn.Module) -> int:
     """How many layers of `model` hold a packed copy of their weight as it is now."""
-    return sum(isinstance(layer, _Packing) and layer.packs and layer._holds_current_copy() for layer in model.modules())
+    return sum(isinstance(layer, _Packing) and layer.packs and layer._holds_copy_of(layer.weight)
+               for layer in model.modules())

@@ -36,7 +36,7 @@ def packing_layers(model):
 
 def layer_kinds(model):
     """(packed 3x3 convolutions, packed 1x1 convolutions, packed linear layers)."""
-    packed = [m for m in packing_layers(model) if m.packs and m._holds_current_copy()]
+    packed = [m for m in packing_layers(model) if m.packs and m._holds_copy_of(m.weight)]
     convs = [m for m in packed if isinstance(m, torch.nn.Conv2d)]
     return (sum(m._packed.ndim == 4 for m in convs), sum(m._packed.ndim == 2 for m in convs),
             sum(isinstance(m, torch.nn.Linear) for m in packed))
@@ -218,7 +218,8 @@ def test_default_layout_in_default_layout_out():
 
 
 def test_layers_that_cannot_pack_are_left_alone():
-    model = torch.nn.Sequential(packing.Conv2d(3, 3, 3, padding="same"), packing.Conv2d(3, 3, 3, padding_mode="reflect"),
+    model = torch.nn.Sequential(packing.Conv2d(3, 3, 3, padding="same"),
+                                packing.Conv2d(3, 3, 3, padding_mode="reflect"),
                                 packing.Linear(3, 3).double(), torch.nn.Conv2d(3, 3, 3), torch.nn.Linear(3, 3))
     assert packing.pack(model) == 0 and "pack" not in repr(model)
 
