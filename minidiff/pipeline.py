@@ -526,6 +526,21 @@ class Pipeline:
             if self.calibration is not None:
                 save_json(self.calibration, tmp / "calibration.json")
 
+    def load_lora(self, path, scale: float = 1.0) -> "Pipeline":
+        """Merge a LoRA file (kohya or diffusers/PEFT .safetensors) into the weights, times `scale`;
+        repeatable. See minidiff.lora."""
+        from .lora import load_lora
+
+        load_lora(self, path, scale)
+        return self
+
+    def unload_lora(self) -> "Pipeline":
+        """Restore the weights from before the first `load_lora`, bit for bit."""
+        from .lora import unload_lora
+
+        unload_lora(self)
+        return self
+
 
 def _check_cache_args(forecast, threshold, budget):
     if forecast not in (None, "auto"):

@@ -14,9 +14,12 @@ import torch
 
 pytest.importorskip("sklearn")
 
+import copy
+
+from minidiff import packing as packing_module
 from minidiff import trainer as train_module
 from minidiff.checkpoint import CheckpointError, read_state_dict
-from minidiff.pipeline import load
+from minidiff.pipeline import Pipeline, load
 from minidiff.cli import train_main as main
 from minidiff.trainer import TrainConfig, train
 
@@ -53,6 +56,48 @@ def test_resume_continues_bit_for_bit(tmp_path):
     ema_b = load(tmp_path / "b" / "checkpoint" / "model").unet.state_dict()
     assert all(torch.equal(ema_a[k], ema_b[k]) for k in ema_a)
     assert [row[1] for row in straight.losses] == [row[1] for row in resumed.losses]
+
+
+@pytest.mark.parametrize("packing", ["available", "unavailable"])
+def test_training_continues_across_sample_grids_and_resumes_bit_for_bit(tmp_path, monkeypatch, packing):
+    """Grids at steps 2, 4 and 6 sample the live EMA model; each later EMA update must still work, and a
+    run stopped at step 3 (after one grid) and resumed equals the straight run exactly."""
+    if packing == "unavailable":
+        monkeypatch.setattr(packing_module, "available", lambda *args, **kwargs: False)
+    grids = dict(sample_every=2, sample_steps=2, ckpt_every=3)
+    straight = train(tiny(tmp_path / "a", steps=6, **grids))
+    train(tiny(tmp_path / "b", steps=3, **grids))
+    resumed = train(tiny(tmp_path / "b", steps=6, **grids), resume=tmp_path / "b")
+    assert straight.step == resumed.step == 6
+    grids_written = {run: sorted(p.name for p in (tmp_path / run / "samples").glob("*.png")) for run in "ab"}
+    assert grids_written["a"] == ["step_000002.png", "step_000004.png", "step_000006.png"]
+    assert grids_written["b"] == ["step_000002.png", "step_000003.png", "step_000004.png", "step_000006.png"]
+    assert_same_state(state(tmp_path / "a"), state(tmp_path / "b"))
+    assert packing_module.packed_layers(straight.pipeline.unet) == 0  # the EMA is never packed
+    assert [row[1] for row in straight.losses] == [row[1] for row in resumed.losses]
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_sampling_a_model_still_in_training_sees_each_ema_update(tmp_path, compiled):
+    """The trainer's pipeline samples its live EMA between updates, eager or through compiled paths:
+    after an in-place update the next sample uses the new weights, and equals a fresh model's."""
+    result = train(tiny(tmp_path, steps=2, sample_every=2, sample_steps=2))
+    pipe, model = result.pipeline, result.model
+    if compiled:
+        pipe.unet.compile_paths(backend="eager", pack=False)
+    args = dict(steps=3, batch_size=2, class_labels=[1, 2], seed=0, output="latent", progress=False)
+    before = pipe.generate(**args)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.01)
+    train_module._update_ema(pipe.unet, model, 0.5)
+    after = pipe.generate(**args, cache_interval=2)
+    fresh = copy.deepcopy(pipe.unet)
+    fresh.__dict__.pop("_full", None), fresh.__dict__.pop("_shallow", None)  # the eager paths
+    expected = Pipeline(fresh, pipe.scheduler, null_class=pipe.null_class, pack=False).generate(**args,
+                                                                                                cache_interval=2)
+    assert not torch.equal(before, after)
+    torch.testing.assert_close(after, expected, rtol=0, atol=1e-5)
 
 
 def test_cli_resume_takes_saved_config_and_extends_steps(tmp_path):

@@ -1,4 +1,5 @@
-"""The `minidiff` command line: every front end (sample, demo, info, train, analyze, bench, toy-metric, convert).
+"""The `minidiff` command line: every front end (sample, demo, info, train, analyze, bench, toy-metric, convert,
+export).
 
 Library modules do not parse arguments; each command here is a parser function and a run function
 in `COMMANDS`. `run` gives every command the same edge (`edge.py`): usage errors and user errors as
@@ -19,7 +20,7 @@ from .training import _toy_metric, _toy_metric_parser, _train, _train_parser
 
 __all__ = ["main", "COMMANDS", "run", "check_output", "cli_message", "default_threads", "require", "set_threads",
            "sample_main", "sample_many_main", "demo_main", "info_main", "train_main", "toy_metric_main",
-           "analyze_main", "bench_main", "convert_main", "version"]
+           "analyze_main", "bench_main", "convert_main", "export_main", "version"]
 
 
 # -- convert -----------------------------------------------------------------------------------------
@@ -48,6 +49,13 @@ def convert_main(argv=None) -> int:
         del argv[at:at + 2]
     converter = importlib.import_module(f"minidiff.convert.{argv[0]}").main
     return guarded(lambda: (set_threads(threads), converter(argv[1:]))[1] or 0)
+
+
+def export_main(argv=None) -> int:
+    """`minidiff export --format diffusers|original MODEL DST`, behind the same error edge as every command."""
+    from ..export import main as export
+
+    return guarded(lambda: export(list(argv or [])))
 
 
 # -- the entry point ---------------------------------------------------------------------------------
@@ -136,6 +144,7 @@ COMMANDS = {
     "bench": Command(_bench_parser, _bench, "quality-vs-speed frontier of cache schedules; adaptive caching"),
     "toy-metric": Command(_toy_metric_parser, _toy_metric, "train the toy-metric classifier for a dataset"),
     "convert": Command(None, convert_main, "convert a public checkpoint (ddpm, ldm, sd15) to a minidiff folder"),
+    "export": Command(None, export_main, "write a model folder as a diffusers folder or an SD single file"),
 }
 
 

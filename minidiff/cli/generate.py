@@ -44,6 +44,8 @@ def _sample_parser() -> Parser:
     p.add_argument("--out", default="out/sample.png", help=f"image file ({', '.join(IMAGE_FORMATS)})")
     _scale_arg(p)
     p.add_argument("--allow-nan", action="store_true", help="load weights even if they contain NaN/Inf")
+    p.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
+                   help="merge a LoRA .safetensors (kohya or diffusers/PEFT) at SCALE (default 1); repeatable")
     _threads_arg(p)
     return p
 
@@ -60,7 +62,12 @@ def _sample(args) -> int:
     from ..data import save_grid
     from ..grid import class_titles
 
+    from ..lora import parse_lora_arg
+
+    loras = [parse_lora_arg(text) for text in args.lora]
     pipe = _load(args, device=args.device, dtype=getattr(torch, args.dtype), allow_nan=args.allow_nan)
+    for path, scale in loras:
+        pipe.load_lora(path, scale)
     if args.negative_prompt is not None and pipe.text_encoder is None:
         raise ValueError("this model takes no prompt, so --negative-prompt would be ignored; drop it")
     labels = resolve_classes(pipe, args.class_labels)
