@@ -15,12 +15,12 @@ identity, storage and autograd version counter (in-place ops such as an EMA's `l
 counting versions). Only writes that bypass autograd altogether (through `.data` or a numpy view)
 are not seen: call `unpack(model)` after them. So a model can be sampled, trained, and sampled again.
 
-What stays as before: `state_dict` / `load_state_dict` are the plain layers'; a call that needs
+Everything else is the plain layers': `state_dict` / `load_state_dict`; a call that needs
 gradients or runs under a dispatch mode (FLOP counting, fake tensors) uses the plain weight;
 `.to()` / `.half()` / `.cuda()` and `unpack(model)` turn packing off and drop the copies; a deep
 copy packs again on its first call. The pages of a memory-mapped weight (`minidiff.load` maps the
 file) are given back once packed, so a loaded model is not held twice; a weight in ordinary memory
-is (the plain one stays the parameter). Outputs agree with plain layers to float32 rounding: 3x3
+is held twice, plain and packed. Outputs agree with plain layers to float32 rounding: 3x3
 convolutions are bit-identical on the shapes measured, linear and 1x1 layers differ in the last
 bits, as two BLAS kernels do.
 """
