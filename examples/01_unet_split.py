@@ -29,7 +29,10 @@ def main():
     parser.add_argument("--interval", type=int, default=5, help="N for the printed MAC bound")
     args = parser.parse_args()
 
-    unet = load(args.model).unet if args.model else UNet(CIFAR10).eval()
+    # Progress goes out at once: building the CIFAR-10 network and counting its MACs take up to a minute.
+    print(f"loading {args.model} ..." if args.model else "building the DDPM CIFAR-10 architecture (random weights) ...",
+          flush=True)
+    unet = load(args.model, pack=False).denoiser if args.model else UNet(CIFAR10).eval()  # pack=False: plain layers
     cfg = unet.config
     size = cfg.sample_size or 32
     x = torch.zeros(1, cfg.in_channels, size, size)
@@ -38,9 +41,9 @@ def main():
         cond = torch.zeros(1, 77, cfg.context_dim)
     n = len(unet.output_blocks)
     print(f"U-Net: {sum(p.numel() for p in unet.parameters()):,} parameters, input {tuple(x.shape[1:])}, "
-          f"{unet.num_branches} skip connections\n")
+          f"{unet.num_branches} skip connections; counting a full and a shallow step's MACs at each\n", flush=True)
     print(f"{'skip':>4}  {'shape (C,H,W)':<16} {'produced by':<42} {'consumed by':<52} "
-          f"{'shallow MACs':>13} {'ratio':>6} {'bound N=' + str(args.interval):>10}")
+          f"{'shallow MACs':>13} {'ratio':>6} {'bound N=' + str(args.interval):>10}", flush=True)
     with torch.inference_mode():
         full = None
         for b, shape in enumerate(unet.skip_shapes(size, size)):
@@ -49,7 +52,7 @@ def main():
             ratio = macs["shallow"] / full
             print(f"{b:>4}  {str(shape):<16} {f'input_blocks[{b}] ' + describe(unet.input_blocks[b]):<42} "
                   f"{f'output_blocks[{n - 1 - b}] ' + describe(unet.output_blocks[n - 1 - b]):<52} "
-                  f"{macs['shallow'] / 1e6:>11.1f} M {ratio:>6.3f} {mac_bound(1, args.interval - 1, ratio):>9.2f}x")
+                  f"{macs['shallow'] / 1e6:>11.1f} M {ratio:>6.3f} {mac_bound(1, args.interval - 1, ratio):>9.2f}x", flush=True)
     print(f"\nA full step costs {full / 1e9:.2f} GMACs. The middle block and everything between the deepest "
           "skips is the main branch: a shallow step at branch b never runs it.")
 

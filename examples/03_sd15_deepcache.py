@@ -10,7 +10,7 @@ convert/sd15.py wrote. Every run uses the same seed, so the images differ only b
 interval N one step in N runs the whole U-Net and the others run only its skip branch
 (cache branch 0: the first encoder and the last decoder entry), reusing the deep feature of the
 last full step. The script prints the time and how far each image is from the uncached one, and
-saves them side by side.
+saves them side by side (default out/sd15_deepcache.png).
 """
 from __future__ import annotations
 
@@ -91,10 +91,12 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--size", type=int, help="image size (default: the model's, 512 for SD1.5)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default="sd15_deepcache.png")
+    parser.add_argument("--out", default="out/sd15_deepcache.png", help="PNG path (default out/sd15_deepcache.png)")
     args = parser.parse_args(argv)
     if args.tiny == (args.src is not None):
         parser.error("give SRC or --tiny (not both)")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)  # before any work, so a bad --out fails at once
 
     if args.tiny:
         pipe = tiny_pipeline(sd15.load_tokenizer(args.tokenizer, args.bpe))  # None: the byte tokenizer
@@ -117,8 +119,8 @@ def main(argv=None):
         print(f"N={interval}: {seconds:6.1f} s ({base / seconds:.2f}x)  {run.full_calls} full + "
               f"{run.shallow_calls} shallow U-Net calls  mean |difference| from N=1: {difference:.4f}")
         images[f"N={interval} {seconds:.1f}s"] = image
-    side_by_side(images, Path(args.out))
-    print(f"saved {args.out}")
+    side_by_side(images, out)
+    print(f"saved {out}")
 
 
 if __name__ == "__main__":

@@ -1,12 +1,12 @@
 """Refresh the deep feature when a sample's own features say the cache is stale, on a MAC budget.
 
-Every step runs the shallow encoder part, input_blocks[:b + 1], first: both a full and a shallow
-step need it. Its last output, the skip feature at the cut, is then compared with what that
-sample's history predicts for it (the forecast of the cut feature through the last full steps,
-the same forecast the deep feature gets). A sample whose prediction is off by more than
-`threshold` (relative L1) refreshes: its rows continue into the deep part from the cut, nothing
-recomputed. The others decode with their cached or forecast deep feature. Both sub-batches run
-in the same call.
+Every step runs the layers before the cut first (`forward_cut`): both a full and a shallow step
+need them. The feature at the cut is then compared with what that sample's history predicts for
+it (the forecast of the cut feature through the last full steps, the same forecast the deep
+feature gets). A sample whose prediction is off by more than `threshold` (relative L1) refreshes:
+its rows continue into the deep part from the cut, nothing recomputed. The others decode with
+their cached or forecast deep feature. Both sub-batches run in the same call. `AdaptiveSchedule`
+makes these decisions; `cached_model.CachedModel` runs them, as it runs a fixed schedule.
 
 Decisions are per sample, never across samples: a signal compares a row only with that row's own
 history. With guidance the batch is [uncond; cond]; a sample's two rows are decided together
@@ -15,12 +15,13 @@ from the larger of their two signals, so the halves stay in step without being c
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Optional
 
 import torch
 
+from .cached_model import CachedModel
 from .forecast import History, check_order
-from .unet import UNet
 
 SIGNALS = ("forecast", "change")
 # Chosen on the shipped digits model, DDIM 50, branch 0, calibration seeds 11-13 (docs/adaptive.md);
@@ -36,9 +37,7 @@ def relative_l1(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def full_step_allowance(budget: float, num_steps: int, shallow_ratio: float) -> int:
     """How many full steps a sample may run when every step costs at least a shallow step and the
-    run may cost `budget` x the MACs of the uncached run."""
-    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0 < budget <= 1:
-        raise ValueError(f"cache_budget must be a fraction of the uncached run's MACs in (0, 1], got {budget!r}")
+    run may cost `budget` (in (0, 1], checked by cache.CacheOptions) x the MACs of the uncached run."""
     allowed = math.floor(num_steps * (budget - shallow_ratio) / (1 - shallow_ratio) + 1e-9)
     if allowed < 1:
         least = (1 + (num_steps - 1) * shallow_ratio) / num_steps
@@ -82,74 +81,79 @@ class Pacer:
         self.spent += refreshed.long()
 
 
-class AdaptiveUNet:
-    """`unet` as an `(x, t, cond)` callable that decides per sample, at every step, whether to refresh.
+class AdaptiveSchedule:
+    """The decider of `CachedModel` that refreshes a sample when its feature at the cut strays.
 
     `samples`: how many samples the batch holds (a guided batch has two rows per sample).
     `threshold`: the relative-L1 signal above which a sample refreshes (None: DEFAULT_THRESHOLD).
-    `budget`: the most MACs a sample may spend, as a fraction of its uncached run (needs `shallow_ratio`,
-    the MACs of a shallow step over a full one).
-    `forecast`: the order of the deep-feature forecast (0 = reuse), also used to predict the cut feature.
+    `allowed`: the most full steps a sample may run (`full_step_allowance` of a MAC budget; None: no cap).
+    `order`: the order of the cut feature's forecast (the deep feature's own).
     `signal`: "forecast" compares the cut feature with its forecast, "change" with its value at the
     last full step (FirstBlockCache's signal).
     """
 
-    def __init__(self, unet: UNet, num_steps: int, branch: int, samples: int, *, forecast: int = 2,
-                 threshold: Optional[float] = None, budget: Optional[float] = None,
-                 shallow_ratio: Optional[float] = None, signal: str = "forecast", slack: float = 1.0):
-        unet._check_branch(branch)
-        if budget is not None and shallow_ratio is None:
-            raise ValueError("a cache budget needs shallow_ratio, the MACs of a shallow step over a full one "
-                             "(Pipeline.shallow_ratio counts them)")
+    every_step_full = False
+
+    def __init__(self, samples: int, num_steps: int, *, order: int, threshold: Optional[float] = None,
+                 allowed: Optional[int] = None, signal: str = "forecast", slack: float = 1.0):
         if signal not in SIGNALS:
             raise ValueError(f"unknown adaptive signal {signal!r}; use one of {SIGNALS}")
-        self.unet, self.branch, self.samples, self.num_steps = unet, branch, samples, num_steps
+        self.samples = samples
         self.threshold = DEFAULT_THRESHOLD if threshold is None else float(threshold)
-        allowed = None if budget is None else full_step_allowance(budget, num_steps, shallow_ratio)
         self.pacer = Pacer(samples, num_steps, allowed, slack)
-        order = check_order(forecast)
-        self.deep = History(order)
         self.cut = History(order if signal == "forecast" else 0)
-        self.calls = 0
-        self.full_steps = [[] for _ in range(samples)]
         self.signals = []  # per step: (samples,) signal, NaN where there was nothing to compare with
 
-    def __call__(self, x: torch.Tensor, t, cond=None) -> torch.Tensor:
-        step, time_ = self.calls, float(t)
-        self.calls += 1
-        rows = x.shape[0]
-        copies = rows // self.samples
-        if rows != copies * self.samples:
-            raise ValueError(f"a batch of {rows} rows cannot hold {self.samples} samples (one row each, or two "
-                             "with guidance)")
-        state = self.unet.forward_cut(x, t, cond, branch=self.branch)
-        skip = state.skips[-1]
-        if self.cut.empty_rows(rows):  # step 0 (or a fresh cache): everyone refreshes
-            refresh = torch.ones(self.samples, dtype=torch.bool)
-            self.signals.append(torch.full((self.samples,), float("nan")))
+    def decide(self, step: int, t: float, feature: torch.Tensor, samples: int, first: bool) -> torch.Tensor:
+        """Which samples refresh at this step, from their feature at the cut (all of them first)."""
+        if first:
+            refresh = torch.ones(samples, dtype=torch.bool)
+            self.signals.append(torch.full((samples,), float("nan")))
         else:
-            signal = relative_l1(skip, self.cut.forecast(None, time_)).float().cpu()
-            signal = signal.view(copies, self.samples).amax(0)  # a sample's rows decide together
+            signal = relative_l1(feature, self.cut.forecast(None, t)).float().cpu()
+            signal = signal.view(-1, samples).amax(0)  # a sample's rows decide together
             self.signals.append(signal)
             refresh = self.pacer.decide(signal > self.threshold)
         self.pacer.record(refresh)
-        for s in refresh.nonzero().flatten().tolist():
-            self.full_steps[s].append(step)
+        return refresh
 
-        fresh_rows = refresh.repeat(copies).nonzero().flatten().to(x.device)
-        if len(fresh_rows) == rows:
-            out, cache = self.unet.forward_rest(state)
-            self.deep.push(fresh_rows, time_, cache.hidden, rows)
-            self.cut.push(fresh_rows, time_, skip, rows)
-            return out
-        if len(fresh_rows) == 0:
-            return self.unet.forward_from_cache(state, self.deep.forecast(None, time_))
-        stale_rows = (~refresh).repeat(copies).nonzero().flatten().to(x.device)
-        fresh_out, cache = self.unet.forward_rest(state.rows(fresh_rows))
-        stale_out = self.unet.forward_from_cache(state.rows(stale_rows), self.deep.forecast(stale_rows, time_))
-        self.deep.push(fresh_rows, time_, cache.hidden, rows)
-        self.cut.push(fresh_rows, time_, skip[fresh_rows], rows)
-        out = fresh_out.new_empty((rows,) + tuple(fresh_out.shape[1:]))
-        out[fresh_rows] = fresh_out
-        out[stale_rows] = stale_out
-        return out
+    def refreshed(self, rows: torch.Tensor, t: float, feature: torch.Tensor, batch: int):
+        """Remember the cut feature of the rows that refreshed: the next signals compare with it."""
+        self.cut.push(rows, t, feature, batch)
+
+
+class AdaptiveUNet(CachedModel):
+    """Deprecated: `CachedModel(net, AdaptiveSchedule(...))`, as `minidiff.cache.wrap` makes it.
+
+    Kept so old code runs; `full_steps` here means the per-sample lists (`full_steps_per_sample`).
+    """
+
+    def __new__(cls, *args, **kwargs):
+        warnings.warn("AdaptiveUNet is deprecated: use minidiff.cache.wrap, or CachedModel with an "
+                      "AdaptiveSchedule", DeprecationWarning, stacklevel=2)
+        return super().__new__(cls)
+
+    def __init__(self, unet, num_steps: int, branch: int, samples: int, *, forecast: int = 2,
+                 threshold: Optional[float] = None, budget: Optional[float] = None,
+                 shallow_ratio: Optional[float] = None, signal: str = "forecast", slack: float = 1.0):
+        if budget is not None and shallow_ratio is None:
+            raise ValueError("a cache budget needs shallow_ratio, the MACs of a shallow step over a full one "
+                             "(minidiff.cache.shallow_ratio counts them)")
+        unet.check_branch(branch)
+        order = check_order(forecast)
+        allowed = None if budget is None else full_step_allowance(budget, num_steps, shallow_ratio)
+        decider = AdaptiveSchedule(samples, num_steps, order=order, threshold=threshold, allowed=allowed,
+                                   signal=signal, slack=slack)
+        super().__init__(unet, decider, branch=branch, forecast=order, samples=samples)
+
+    @property
+    def full_steps(self) -> list:
+        return self.full_steps_per_sample
+
+    @property
+    def pacer(self) -> Pacer:
+        return self.decider.pacer
+
+    @property
+    def signals(self) -> list:
+        return self.decider.signals

@@ -12,9 +12,8 @@ measures that on any minidiff model through the U-Net's `recorder` hook (nothing
 Elsewhere: `calibration.calibrate` measures reuse costs and `cache.calibrated_full_steps` picks full
 steps from them; `frontier.frontier` measures schedules; `plots` draws every figure.
 
-Layer names follow the recorder: `enc.i` is the output of input_blocks[i] (skip i), `mid` the
-bottleneck, `dec.i` the output of output_blocks[i]. A shallow step at branch b reuses the state
-entering output_blocks[-1 - b]: the output of `dec.{n - 2 - b}`, or of `mid` for the deepest branch.
+Layer names follow the recorder, and each network names its own (`UNet.layer_names`: `enc.i`, `mid`,
+`dec.i`; `DiT.layer_names`: `block.i`, `cache.b`), with the layer a shallow step reuses and a role.
 """
 from __future__ import annotations
 
@@ -33,45 +32,29 @@ import torch.nn.functional as F
 from .checkpoint import atomic_path
 from .metrics import psnr
 from .samplers import num_model_calls
-from .unet import UNet
+from .denoiser import Denoiser
 
 THRESHOLD = 0.95  # "similar" in DeepCache's sense
 
 
 # -- layers ---------------------------------------------------------------------------------------
 
-def layer_names(unet: UNet) -> list:
-    """Recorder names in depth order: enc.0 .. enc.n-1, mid, dec.0 .. dec.n-1 (a DiT names its own)."""
-    if hasattr(unet, "layer_names"):
-        return unet.layer_names()
-    return ([f"enc.{i}" for i in range(len(unet.input_blocks))] + ["mid"]
-            + [f"dec.{i}" for i in range(len(unet.output_blocks))])
+def layer_names(unet: Denoiser) -> list:
+    """Recorder names in depth order (each network names its own: UNet.layer_names, DiT.layer_names)."""
+    return unet.layer_names()
 
 
-def cached_layer(unet: UNet, branch: int) -> str:
+def cached_layer(unet: Denoiser, branch: int) -> str:
     """The layer whose output a shallow step at `branch` reuses (what FeatureCache.hidden holds)."""
-    if hasattr(unet, "cached_layer"):
-        return unet.cached_layer(branch)
-    unet._check_branch(branch)
-    i = len(unet.output_blocks) - 2 - branch
-    return "mid" if i < 0 else f"dec.{i}"
+    return unet.cached_layer(branch)
 
 
-def layer_role(unet: UNet, name: str) -> str:
+def layer_role(unet: Denoiser, name: str) -> str:
     """What a layer is in DeepCache's terms, for tables."""
-    if hasattr(unet, "layer_role"):
-        return unet.layer_role(name)
-    n = len(unet.output_blocks)
-    if name == "mid":
-        return f"bottleneck, cached at branch {n - 1}"
-    kind, i = name.split(".")
-    if kind == "enc":
-        return f"skip {i}"
-    consumes = f"consumes skip {n - 1 - int(i)}"
-    return consumes if int(i) == n - 1 else f"{consumes}, cached at branch {n - 2 - int(i)}"
+    return unet.layer_role(name)
 
 
-def _check_layers(unet: UNet, layers) -> list:
+def _check_layers(unet: Denoiser, layers) -> list:
     names = layer_names(unet)
     if layers is None:
         return names
@@ -85,7 +68,7 @@ def _check_layers(unet: UNet, layers) -> list:
 # -- recording ------------------------------------------------------------------------------------
 
 @contextmanager
-def recording(unet: UNet, fn: Callable[[str, torch.Tensor], None]):
+def recording(unet: Denoiser, fn: Callable[[str, torch.Tensor], None]):
     """Set `unet.recorder = fn` for the duration of the block; it is removed even on error."""
     if unet.recorder is not None:
         raise RuntimeError("this U-Net already has a recorder attached; recordings cannot be nested")
@@ -164,7 +147,7 @@ def record_features(pipe, *, steps: int = 50, sampler: str = "ddim", layers=None
     if cache_args.get("cache_interval", 1) != 1 or not isinstance(cache_args.get("cache_schedule", "uniform"), str):
         raise ValueError("record_features measures the whole network at every step; leave cache_interval at 1 "
                          "and cache_schedule unset")
-    unet = pipe.unet
+    unet = pipe.denoiser
     names = _check_layers(unet, layers)
     wanted = set(names)
     reduce = FeatureReducer(pool, project, projection_seed)
@@ -249,7 +232,7 @@ def save_matrices(matrices: dict, path) -> Path:
 
 # -- depth profile --------------------------------------------------------------------------------
 
-def depth_profile(matrices: dict, unet: UNet, shapes: dict) -> list:
+def depth_profile(matrices: dict, unet: Denoiser, shapes: dict) -> list:
     """Adjacent-step similarity of every recorded layer in depth order (skip 0 .. bottleneck .. up)."""
     summary = summarize(matrices)
     return [{"position": i, "layer": name, "shape": "x".join(str(d) for d in shapes[name]),
@@ -327,7 +310,7 @@ def switch_experiment(pipe, *, old, new, steps: int = 50, sampler: str = "ddim",
     at_steps = list(range(0, calls, max(1, calls // 10))) if at_steps is None else list(at_steps)
     if any(not isinstance(k, int) or not 0 <= k <= calls for k in at_steps):
         raise ValueError(f"switch steps must be ints in [0, {calls}] ({calls} model calls), got {at_steps}")
-    unet = pipe.unet
+    unet = pipe.denoiser
     layers = _check_layers(unet, layers or ["mid", cached_layer(unet, unet.num_branches // 2)])
     key = "class_labels" if unet.config.num_classes is not None else "prompt"
     before, uncond = pipe.conditioning(batch_size, **{key: old}, guidance_scale=guidance_scale)

@@ -1,30 +1,44 @@
-"""Which model calls run the whole U-Net, and the wrapper that runs a U-Net by that plan.
+"""Every cache option, and which model calls run the whole network.
 
 A schedule is the sorted list of model-call indices that run in full; every other call runs the
-shallow path and reuses the deep feature of the last full call. Here a "call" is one U-Net
+shallow path and reuses the deep feature of the last full call. Here a "call" is one network
 evaluation: a sampler's step, except that PLMS makes one call more than it has steps
 (`samplers.num_model_calls`). The schedules are uniform, non-uniform, explicit, or calibrated from
-a measurement (`calibration.calibrate` writes the file this module reads). Samplers never see any
-of this: `CachedUNet` is a plain `(x, t, cond) -> output` callable. "Full step s" below means
-"full call s", the name `RunStats.full_steps` and `cache_schedule` lists already use.
+a measurement (`calibration.calibrate` writes the file this module reads), and the adaptive one
+decides per sample at run time (minidiff.adaptive). "Full step s" below means "full call s", the
+name `RunStats.full_steps` and `cache_schedule` lists already use.
+
+`CacheOptions` holds the `cache_*` options of `Pipeline.generate`, checked once; `wrap` turns them
+into the one wrapper, `cached_model.CachedModel`, with its decider: `FixedSchedule` or
+`adaptive.AdaptiveSchedule`. Samplers never see any of this: the wrapper is a plain
+`(x, t, cond) -> output` callable.
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
+import numbers
 import warnings
+import weakref
+from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Iterable
 from typing import Optional, Sequence
 
 import numpy as np
 import torch
 
+from .adaptive import AdaptiveSchedule, full_step_allowance
+from .cached_model import CachedModel, RunStats, mac_fraction  # noqa: F401 (the wrapper and its record)
 from .checkpoint import save_json
-from .forecast import History, check_order
-from .unet import FeatureCache, UNet
+from .forecast import check_order
+from .samplers import changed_options, draws_noise
 
 CALIBRATION_FORMAT = "minidiff-calibration"
 CALIBRATION_VERSION = 1
+SCHEDULES = ("uniform", "nonuniform", "calibrated", "adaptive")  # or an explicit list of full steps
+DEFAULT_POWER = 1.4
 
 
 def uniform_schedule(num_calls: int, interval: int) -> list:
@@ -82,9 +96,9 @@ def _check_calls(num_calls):
         raise ValueError(f"the number of steps (model calls) must be an int >= 1, got {num_calls!r}")
 
 
-def make_schedule(kind, num_calls: int, interval: int = 1, *, center=None, power: float = 1.4,
+def make_schedule(kind, num_calls: int, interval: int = 1, *, center=None, power: float = DEFAULT_POWER,
                   calibrated: Optional[dict] = None, branch: Optional[int] = None) -> list:
-    """Full steps for a named schedule ("uniform", "nonuniform", "calibrated") or an explicit list."""
+    """Full steps for a fixed schedule ("uniform", "nonuniform", "calibrated") or an explicit list."""
     if not isinstance(kind, str):
         return explicit_schedule(num_calls, kind)
     if kind == "uniform":
@@ -95,8 +109,13 @@ def make_schedule(kind, num_calls: int, interval: int = 1, *, center=None, power
         if calibrated is None:
             raise ValueError("this model has no calibrated cache schedule; run `minidiff analyze calibrate` first")
         return calibrated_full_steps(calibrated, num_calls, interval, branch)
-    raise ValueError(f"unknown cache schedule {kind!r}; use 'uniform', 'nonuniform', 'calibrated' or a list of "
-                     "full steps")
+    if kind == "adaptive":
+        raise ValueError("the adaptive cache schedule decides at run time; it has no list of full steps")
+    raise ValueError(_unknown_schedule(kind))
+
+
+def _unknown_schedule(kind) -> str:
+    return f"unknown cache schedule {kind!r}; use {', '.join(map(repr, SCHEDULES))} or a list of full steps"
 
 
 # -- calibrated schedules ------------------------------------------------------------------------
@@ -205,7 +224,7 @@ def check_calibration(calibration: dict, sampler: str, options: dict, num_calls:
                       f"{calibration.get('steps')} steps) but this run makes {num_calls} ({asked}{sampler}): its costs "
                       f"are resampled to {num_calls} calls, so the calibrated full steps are interpolated, not "
                       f"measured; run `minidiff analyze calibrate --sampler {sampler} --steps {steps or num_calls}` "
-                      "for this setting", UserWarning, stacklevel=4)  # past generate and inference_mode
+                      "for this setting", UserWarning, stacklevel=5)  # past wrap, generate and inference_mode
 
 
 def calibrated_full_steps(calibration: dict, num_calls: int, interval: int, branch: Optional[int] = None) -> list:
@@ -219,44 +238,173 @@ def calibrated_full_steps(calibration: dict, num_calls: int, interval: int, bran
 
 # -- running a schedule ---------------------------------------------------------------------------
 
-class CachedUNet:
-    """`unet` as an `(x, t, cond)` callable that runs full or shallow steps by a schedule.
+class FixedSchedule:
+    """The decider of `CachedModel` for a list of full steps, the same for every sample."""
 
-    The call counter is the step index; one instance serves one sampling run of `num_calls` calls.
-    `forecast` = k > 0 extrapolates the deep feature through the last k+1 full steps (minidiff.forecast)
-    instead of reusing the last one; the cache then holds k+1 deep features.
+    def __init__(self, num_calls: int, full_steps: Sequence[int]):
+        self.full_steps = explicit_schedule(num_calls, full_steps)
+        self._full = frozenset(self.full_steps)
+        self.every_step_full = len(self.full_steps) == num_calls
+
+    def decide(self, step: int, t: float, feature: torch.Tensor, samples: int, first: bool) -> torch.Tensor:
+        """Every sample refreshes at a listed step (and at the first, with nothing cached yet)."""
+        return torch.full((samples,), first or step in self._full, dtype=torch.bool)
+
+    def refreshed(self, rows: torch.Tensor, t: float, feature: torch.Tensor, batch: int):
+        """A fixed schedule learns nothing from a refresh."""
+
+
+class CachedUNet(CachedModel):
+    """Deprecated: `CachedModel(net, FixedSchedule(num_calls, full_steps))`, as `wrap` makes it.
+
+    Kept so old code runs; `full_steps` here means the schedule, as a frozenset.
     """
 
-    def __init__(self, unet: UNet, num_calls: int, full_steps: Sequence[int], branch: int = 0, forecast: int = 0):
-        unet._check_branch(branch)
-        self.unet, self.branch = unet, branch
-        self.full_steps = frozenset(explicit_schedule(num_calls, full_steps))
-        self.every_step_full = len(self.full_steps) == num_calls
-        self.cache: Optional[FeatureCache] = None
-        self.forecast = check_order(forecast)
-        self.history = History(forecast) if forecast else None
-        self.calls = self.full_calls = 0
+    def __new__(cls, *args, **kwargs):
+        warnings.warn("CachedUNet is deprecated: use minidiff.cache.wrap, or CachedModel with a FixedSchedule",
+                      DeprecationWarning, stacklevel=2)
+        return super().__new__(cls)
 
-    def __call__(self, x: torch.Tensor, t, cond=None) -> torch.Tensor:
-        step = self.calls
-        self.calls += 1
-        if self.every_step_full:
-            self.full_calls += 1
-            return self.unet(x, t, cond)
-        if step in self.full_steps or self.cache is None:
-            self.full_calls += 1
-            out, self.cache = self.unet.forward_full(x, t, cond, branch=self.branch)
-            if self.history is not None:
-                self.history.push(torch.arange(x.shape[0]), float(t), self.cache.hidden, x.shape[0])
-            return out
-        if self.history is not None:
-            return self.unet.forward_shallow(x, t, cond, cache=FeatureCache(self.branch,
-                                                                            self.history.forecast(None, float(t))))
-        return self.unet.forward_shallow(x, t, cond, cache=self.cache)
+    def __init__(self, unet, num_calls: int, full_steps: Sequence[int], branch: int = 0, forecast: int = 0):
+        unet.check_branch(branch)
+        super().__init__(unet, FixedSchedule(num_calls, full_steps), branch=branch, forecast=check_order(forecast))
 
     @property
-    def shallow_calls(self) -> int:
-        return self.calls - self.full_calls
+    def full_steps(self) -> frozenset:
+        return frozenset(self.decider.full_steps)
+
+
+# -- the options ------------------------------------------------------------------------------------
+
+_APPLIES = {  # option: (its default, the schedules it shapes, why it is refused elsewhere)
+    "interval": (1, ("uniform", "nonuniform", "calibrated"),
+                 "cache_interval spaces the full steps of the uniform, nonuniform and calibrated schedules"),
+    "center": (None, ("nonuniform",), "cache_center and cache_power shape the nonuniform schedule only"),
+    "power": (DEFAULT_POWER, ("nonuniform",), "cache_center and cache_power shape the nonuniform schedule only"),
+    "threshold": (None, ("adaptive",), "cache_threshold and cache_budget apply to cache_schedule='adaptive' only"),
+    "budget": (None, ("adaptive",), "cache_threshold and cache_budget apply to cache_schedule='adaptive' only"),
+}
+
+
+@dataclass
+class CacheOptions:
+    """Every `cache_*` option of `Pipeline.generate`, checked once, on construction: each in range,
+    and none that the chosen schedule would ignore (an option left at its default is not counted;
+    an interval next to an explicit list, which often made it, is only warned about).
+
+    `forecast`: 0, 1, 2, "auto" (2 for deterministic samplers, 0 for noisy ones) or None (0 for the
+    fixed schedules, "auto" for the adaptive one).
+    """
+
+    schedule: object = "uniform"
+    interval: int = 1
+    branch: int = 0
+    center: Optional[int] = None
+    power: float = DEFAULT_POWER
+    forecast: object = None
+    threshold: Optional[float] = None
+    budget: Optional[float] = None
+
+    def __post_init__(self):
+        self._check_values()
+        self._check_applies()
+
+    def _check_values(self):
+        schedule = self.schedule
+        if isinstance(schedule, str):
+            if schedule not in SCHEDULES and schedule != "non-uniform":
+                raise ValueError(_unknown_schedule(schedule))
+        elif not (isinstance(schedule, Iterable)
+                  and all(isinstance(s, numbers.Integral) and not isinstance(s, bool) for s in schedule)):
+            raise ValueError(f"cache_schedule must be one of {', '.join(map(repr, SCHEDULES))} or a list of full "
+                             f"steps (ints), got {schedule!r}")
+        if isinstance(self.interval, bool) or not isinstance(self.interval, int) or not 1 <= self.interval <= 10_000:
+            raise ValueError(f"cache_interval must be an int in [1, 10000], got {self.interval!r}")
+        if self.center is not None and (isinstance(self.center, bool) or not isinstance(self.center, int)):
+            raise ValueError(f"cache_center (of the non-uniform cache schedule) must be an int, got {self.center!r}")
+        if isinstance(self.power, bool) or not isinstance(self.power, (int, float)) or not 1.0 < self.power <= 10.0:
+            raise ValueError(f"cache_power (of the non-uniform cache schedule) must be a number in (1, 10], got "
+                             f"{self.power!r}")  # the search steps it down by 0.02
+        if self.forecast not in (None, "auto"):
+            check_order(self.forecast)
+        threshold, budget = self.threshold, self.budget
+        if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, (int, float))
+                                      or not 0 <= threshold < math.inf):
+            raise ValueError(f"cache_threshold must be a number >= 0 (a relative L1 change), got {threshold!r}")
+        if budget is not None and (isinstance(budget, bool) or not isinstance(budget, (int, float))
+                                   or not 0 < budget <= 1):
+            raise ValueError(f"cache_budget must be a fraction of the uncached run's MACs in (0, 1], got {budget!r}")
+
+    def _check_applies(self):
+        """Refuse, by name, an option the chosen schedule would silently ignore."""
+        listed = not isinstance(self.schedule, str)
+        kind = "list" if listed else self.schedule.replace("non-uniform", "nonuniform")
+        ignored = [name for name, (default, kinds, _) in _APPLIES.items()
+                   if getattr(self, name) != default and kind not in kinds]
+        if listed and "interval" in ignored:  # often the interval the list was made with: warned about only
+            ignored.remove("interval")
+            warnings.warn(f"cache_interval={self.interval} does not apply to an explicit list of full steps, which "
+                          "names them itself; it is ignored", UserWarning, stacklevel=7)  # past wrap and generate
+        if ignored:
+            where = "an explicit list of full steps" if listed else f"cache_schedule={self.schedule!r}"
+            named = " and ".join(f"cache_{name}={getattr(self, name)!r}" for name in ignored)
+            reasons = "; ".join(dict.fromkeys(_APPLIES[name][2] for name in ignored))
+            raise ValueError(f"{named} {'does' if len(ignored) == 1 else 'do'} not apply to {where}: {reasons}")
+
+    @property
+    def adaptive(self) -> bool:
+        return self.schedule == "adaptive"
+
+    def forecast_order(self, sampler: str, eta: float = 0.0) -> int:
+        """The forecast order this run uses: "auto" (and None for the adaptive schedule) means 2, or 0
+        where the sampler injects noise, which makes extrapolation worse than reuse (docs/adaptive.md)."""
+        if self.forecast == "auto" or (self.forecast is None and self.adaptive):
+            return 0 if draws_noise(sampler, eta=eta) else 2
+        return self.forecast or 0
+
+
+def wrap(net, *, calls: int, x: torch.Tensor, cond=None, sampler: str = "ddim",
+         sampler_options: Optional[dict] = None, steps: Optional[int] = None, calibration: Optional[dict] = None,
+         calibration_error: Optional[str] = None, schedule="uniform", interval: int = 1, branch: int = 0,
+         center: Optional[int] = None, power: float = DEFAULT_POWER, forecast=None,
+         threshold: Optional[float] = None, budget: Optional[float] = None) -> CachedModel:
+    """The wrapper for one run of `calls` model calls from `x` (the batch, one row per sample): the
+    decider of the cache options (`CacheOptions`, checked here, once) around `net`. A calibrated
+    schedule is checked against the run's sampler here too."""
+    options = CacheOptions(schedule, interval, branch, center, power, forecast, threshold, budget)
+    net.check_branch(options.branch, "cache_branch")
+    sampler_options = sampler_options or {}
+    order = options.forecast_order(sampler, sampler_options.get("eta", 0.0))
+    if options.adaptive:
+        ratio = shallow_ratio(net, options.branch, x, cond) if options.budget is not None else None
+        allowed = None if ratio is None else full_step_allowance(options.budget, calls, ratio)
+        decider = AdaptiveSchedule(x.shape[0], calls, order=order, threshold=options.threshold, allowed=allowed)
+    else:
+        if options.schedule == "calibrated":
+            if calibration is None and calibration_error:
+                raise ValueError(calibration_error)
+            if isinstance(calibration, dict):
+                check_calibration(calibration, sampler, changed_options(sampler_options), calls, steps)
+        full_steps = make_schedule(options.schedule, calls, options.interval, center=options.center,
+                                   power=options.power, calibrated=calibration, branch=options.branch)
+        decider = FixedSchedule(calls, full_steps)
+    return CachedModel(net, decider, branch=options.branch, forecast=order, samples=x.shape[0],
+                       measure_shallow_ratio=functools.partial(shallow_ratio, net, options.branch, x, cond))
+
+
+_SHALLOW_RATIOS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+@torch.inference_mode()
+def shallow_ratio(net, branch: int, x: torch.Tensor, cond=None) -> float:
+    """MACs of a shallow step at `branch` over a full step, for one sample shaped like x[:1]
+    (counted once per network, branch, size and kind of conditioning, then remembered)."""
+    counted = _SHALLOW_RATIOS.setdefault(net, {})
+    key = (branch, tuple(x.shape[1:]), None if cond is None else tuple(cond.shape[1:]))
+    if key not in counted:
+        macs = net.macs(torch.zeros_like(x[:1]), 500, None if cond is None else cond[:1], branch=branch)
+        counted[key] = macs["shallow"] / macs["full"]
+    return counted[key]
 
 
 def save_calibrated(path, schedule: dict):
@@ -272,9 +420,36 @@ def load_calibrated(path) -> Optional[dict]:
     except (OSError, ValueError) as e:
         raise ValueError(f"{path} (the calibrated cache schedule) is unreadable: {e}; delete it or rerun "
                          "`minidiff analyze calibrate`") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{path} must hold a JSON object")
+    why = calibration_damage(data)
+    if why:
+        raise ValueError(f"{path} is damaged ({why}); delete it or rerun `minidiff analyze calibrate --overwrite`")
     return data
+
+
+def calibration_damage(data) -> Optional[str]:
+    """What makes `data` unusable as a calibration (wrong schema, rows of the wrong length, costs that
+    are not finite numbers >= 0), or None. A NaN cost would silently pick a nonsense schedule."""
+    if not isinstance(data, dict):
+        return f"it holds a JSON {type(data).__name__}, not an object"
+    if data.get("format") != CALIBRATION_FORMAT or data.get("version") != CALIBRATION_VERSION:
+        return (f"format {data.get('format')!r} version {data.get('version')!r}, expected {CALIBRATION_FORMAT!r} "
+                f"version {CALIBRATION_VERSION}")
+    segments = data.get("segments")
+    if not isinstance(segments, dict) or not segments:
+        return f"'segments' must map branch numbers to cost rows, got {str(segments)[:40]!r}"
+    for branch, rows in segments.items():
+        if not (isinstance(branch, str) and branch.isdigit()) or not isinstance(rows, list) or not rows:
+            return f"segments[{branch!r}] must be a branch number with a list of cost rows"
+        for s, row in enumerate(rows):
+            if not isinstance(row, list) or len(row) != len(rows) - s:
+                return f"segments[{branch!r}] row {s} must hold {len(rows) - s} costs"
+            # >= -1e-6, not 0: a zero cost measured as 1 - cos(h, h) may round to -1e-7
+            if not all(type(v) in (int, float) and math.isfinite(v) and v >= -1e-6 for v in row):
+                return f"segments[{branch!r}] row {s} holds a cost that is not a finite number >= 0"
+    branch = data.get("branch")
+    if type(branch) is not int or str(branch) not in segments:
+        return f"its default branch {branch!r} is not one of the measured branches {sorted(segments, key=int)}"
+    return None
 
 
 def mac_bound(full_calls: int, shallow_calls: int, shallow_over_full: float) -> float:

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from .analysis import cached_layer, cosine_matrix, recording
 from .cache import CALIBRATION_FORMAT, CALIBRATION_VERSION, pack_segments
 from .samplers import SharedNoise, changed_options, draws_noise, sampler_options
-from .unet import FeatureCache
+from .denoiser import FeatureCache
 
 
 @dataclass
@@ -37,10 +37,10 @@ def trace(pipe, noise, *, steps, sampler, branches, cond=None, uncond=None, guid
           **options) -> Trajectory:
     """Run the uncached network once, keeping what calibration needs (a stochastic sampler draws its
     noise from `seed`, as the rollouts will)."""
-    layer_of = {b: cached_layer(pipe.unet, b) for b in branches}
+    layer_of = {b: cached_layer(pipe.denoiser, b) for b in branches}
     hidden: dict = {b: [] for b in branches}
     outputs = []
-    denoiser = pipe.make_denoiser(pipe.unet, cond, uncond, guidance_scale)  # tapped after guidance
+    denoiser = pipe.make_denoiser(pipe.denoiser, cond, uncond, guidance_scale)  # tapped after guidance
 
     def recorder(name, h):
         for b, layer in layer_of.items():
@@ -51,7 +51,7 @@ def trace(pipe, noise, *, steps, sampler, branches, cond=None, uncond=None, guid
         outputs.append(denoiser(x, t))
         return outputs[-1]
 
-    with recording(pipe.unet, recorder):
+    with recording(pipe.denoiser, recorder):
         pipe.sample(tapped, noise.clone(), steps=steps, sampler=sampler, generator=torch.Generator().manual_seed(seed),
                     progress=False, **options)
     return Trajectory(noise, outputs, hidden, cond, uncond)
@@ -60,11 +60,11 @@ def trace(pipe, noise, *, steps, sampler, branches, cond=None, uncond=None, guid
 class _Reuse:
     """`(x, t, cond)` running the shallow path on a given cache (one per group of rows of x)."""
 
-    def __init__(self, unet, branch, hidden):
-        self.unet, self.cache = unet, FeatureCache(branch, hidden)
+    def __init__(self, net, branch, hidden):
+        self.net, self.cache = net, FeatureCache(branch, hidden)
 
     def __call__(self, x, t, cond=None):
-        return self.unet.forward_shallow(x, t, cond, cache=self.cache)
+        return self.net.forward_shallow(x, t, cond, cache=self.cache)
 
 
 def _tile(z: Optional[torch.Tensor], n: int) -> Optional[torch.Tensor]:
@@ -102,7 +102,7 @@ class _Rollouts:
             n = len(sources)
             parts = [hidden[s].chunk(self.halves) for s in sources]
             cache = torch.cat([p[h] for h in range(self.halves) for p in parts])  # as the denoiser stacks rows
-            reuse = _Reuse(self.pipe.unet, self.branch, cache)
+            reuse = _Reuse(self.pipe.denoiser, self.branch, cache)
             cond, uncond = _tile(self.trajectory.cond, n), _tile(self.trajectory.uncond, n)
             denoiser = self.pipe.make_denoiser(reuse, cond, uncond, self.guidance_scale)
             out[first * b:(first + n) * b] = denoiser(x[first * b:(first + n) * b], t)
@@ -173,8 +173,8 @@ def calibrate(pipe, *, steps: int = 50, sampler: str = "ddim", branch: int = 0, 
         raise ValueError(f"unknown calibration cost {cost!r}; choose one of {sorted(COSTS)}")
     branches = sorted({branch, *(branches or [])})
     for b in branches:
-        pipe.unet._check_branch(b)
-    if class_labels is None and pipe.unet.config.num_classes is not None:
+        pipe.denoiser.check_branch(b)
+    if class_labels is None and pipe.denoiser.config.num_classes is not None:
         class_labels = pipe.default_labels(batch_size)
     cond, uncond = pipe.conditioning(batch_size, class_labels=class_labels, prompt=prompt,
                                      guidance_scale=guidance_scale)

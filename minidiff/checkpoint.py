@@ -23,6 +23,7 @@ import pickle
 import re
 import secrets
 import shutil
+import tempfile
 import zipfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -372,7 +373,25 @@ def check_conversion_paths(src, dst, overwrite: bool):
     if dst.exists() and not overwrite:
         raise FileExistsError(f"{dst} exists; pass --overwrite to replace it")
     check_replaceable(dst, MODEL_KIND)
+    above = dst
+    while not above.exists() and above != above.parent:
+        above = above.parent
+    why = unwritable(above) if above.is_dir() else f"{above} is a file"
+    if why:
+        raise CheckpointError(f"{dst} cannot be written: {why}")
     return src, dst
+
+
+def unwritable(folder) -> Optional[str]:
+    """Why no file can be created in the existing `folder`, or None when one can. Creating and
+    removing a file is the only test that holds for root, read-only mounts and /proc alike."""
+    try:
+        fd, name = tempfile.mkstemp(prefix=".minidiff-probe-", dir=folder)
+    except OSError as e:
+        return f"cannot create files in {folder} ({e.strerror or e})"
+    os.close(fd)
+    os.unlink(name)
+    return None
 
 
 def check_apart(src, dst):
@@ -393,6 +412,9 @@ def check_apart(src, dst):
 # without one the kind named in this marker file.
 MODEL_KIND = "minidiff"
 OUTPUT_MARKER = ".minidiff-output"
+# What a model folder's own files are: `--overwrite` replaces these (a new model without a
+# calibration drops the old one's); anything else in the folder is the user's and is kept.
+MODEL_FILES = ("config.json", "scheduler.json", "model.safetensors", "tokenizer", "calibration.json")
 
 
 def folder_kind(path) -> Optional[str]:
@@ -569,12 +591,36 @@ def _swap_in_slowly(tmp: Path, dst: Path):
     shutil.rmtree(old, ignore_errors=True)
 
 
+def _keep_others(old: Path, new: Path, own: tuple):
+    """Put into `new` every entry of `old` that the writer did not write and that is not one of the
+    output's `own` names: a user's notes or images in a model folder survive `--overwrite`. Files are
+    hard-linked where the filesystem allows (no copy, and the originals stay in `old` until the swap)."""
+    def link(src, dst):
+        try:
+            os.link(src, dst)
+        except OSError:
+            shutil.copy2(src, dst)
+
+    for entry in old.iterdir():
+        target = new / entry.name
+        if entry.name in own or target.exists() or target.is_symlink():
+            continue
+        if entry.is_symlink():
+            os.symlink(os.readlink(entry), target)
+        elif entry.is_dir():
+            shutil.copytree(entry, target, symlinks=True, copy_function=link)
+        else:
+            link(entry, target)
+
+
 @contextmanager
 def atomic_folder(dst, *, overwrite: bool = False, kind: str = MODEL_KIND, marker: bool = False):
     """Yield a temporary folder beside `dst`; on success it replaces `dst` in one rename.
 
     With `overwrite`, only an empty folder or one of the same `kind` (see `folder_kind`) is
-    replaced; `marker` writes the kind into the new folder for outputs without a config.json.
+    replaced, and only its own files: entries the writer did not write (and, for a model, that
+    are not MODEL_FILES) are kept. `marker` writes the kind into the new folder for outputs
+    without a config.json.
     A crash or error leaves `dst` as it was (absent, or the previous version); the temporary
     folder a kill leaves behind is removed by the next write to `dst`.
     """
@@ -590,6 +636,8 @@ def atomic_folder(dst, *, overwrite: bool = False, kind: str = MODEL_KIND, marke
         if marker:
             (tmp / OUTPUT_MARKER).write_text(kind + "\n")
         yield tmp
+        if dst.is_dir():
+            _keep_others(dst, tmp, MODEL_FILES if kind == MODEL_KIND else ())
         for entry in sorted(tmp.rglob("*"), reverse=True):  # files before the folders holding them
             _fsync(entry)
         _fsync(tmp)

@@ -1,4 +1,4 @@
-"""A small Diffusion Transformer (DiT: patchify, adaLN-Zero blocks), with the U-Net's caching API.
+"""A small Diffusion Transformer (DiT: patchify, adaLN-Zero blocks), with the caching contract (minidiff.denoiser).
 
 The image is cut into p x p patches, each a token; a stack of `depth` identical blocks updates the
 tokens, each block modulated by the time + class embedding through adaLN-Zero (LayerNorm without
@@ -17,7 +17,7 @@ pools it like a U-Net feature map) and `cache.b` the residual a shallow step at 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -26,8 +26,9 @@ from torch import nn
 
 from .config import config_from_dict, config_to_dict
 from .checks import batch_timesteps, check_labels
+from .denoiser import CutState, Denoiser
 from .packing import Conv2d, Linear
-from .unet import CrossAttention, FeatureCache, TimeEmbedding, count_macs, timestep_embedding
+from .unet import CrossAttention, TimeEmbedding, timestep_embedding
 
 
 @dataclass
@@ -136,7 +137,13 @@ class FinalLayer(nn.Module):
         return self.linear(modulate(self.norm(x), shift, scale))
 
 
-class DiT(nn.Module):
+@dataclass
+class _Cond:
+    emb: torch.Tensor  # SiLU(time + class embedding), (B, D)
+    grid: tuple  # (rows, columns) of patches, to put the tokens back into an image
+
+
+class DiT(Denoiser):
     def __init__(self, config: DiTConfig):
         super().__init__()
         self.config = cfg = config
@@ -147,8 +154,6 @@ class DiT(nn.Module):
         self.blocks = nn.ModuleList(DiTBlock(dim, cfg.num_heads, cfg.mlp_ratio) for _ in range(cfg.depth))
         self.final = FinalLayer(dim, p * p * cfg.out_channels)
         self._initialize()
-        # Called as recorder(name, tensor) for every block output when set (see minidiff.analysis).
-        self.recorder: Optional[Callable[[str, torch.Tensor], None]] = None
 
     def _initialize(self):
         """DiT's init: Xavier linears, and adaLN-Zero (gates and output start at zero)."""
@@ -166,6 +171,25 @@ class DiT(nn.Module):
         """Valid cache branches 0 .. num_branches - 1: branch b keeps 2(b + 1) blocks live, at least one cached."""
         return (self.config.depth - 1) // 2
 
+    # -- sizes --------------------------------------------------------------------------------------
+
+    @property
+    def input_multiple(self) -> int:
+        """Input sizes must be whole patches."""
+        return self.config.patch_size
+
+    def cache_shape(self, height: int, width: int, branch: int) -> tuple:
+        """The cached residual, as a (D, H/p, W/p) map whatever the branch."""
+        p = self.config.patch_size
+        return self.config.hidden_size, height // p, width // p
+
+    def feature_shapes(self, height: int, width: int) -> list:
+        """What one step holds at its peak: every block's input tokens (a full step keeps them for the
+        residual), the cached residual, and the MLP's widened tokens."""
+        d, p = self.config.hidden_size, self.config.patch_size
+        tokens = (d, height // p, width // p)
+        return [tokens] * (self.config.depth + 2) + [(d * self.config.mlp_ratio, height // p, width // p)]
+
     # -- analysis names ---------------------------------------------------------------------------
 
     def layer_names(self) -> list:
@@ -173,7 +197,7 @@ class DiT(nn.Module):
         return [f"block.{i}" for i in range(self.config.depth)] + [f"cache.{b}" for b in range(self.num_branches)]
 
     def cached_layer(self, branch: int) -> str:
-        self._check_branch(branch)
+        self.check_branch(branch)
         return f"cache.{branch}"
 
     def layer_role(self, name: str) -> str:
@@ -185,21 +209,24 @@ class DiT(nn.Module):
 
     # -- conditioning -----------------------------------------------------------------------------
 
-    def embed(self, x: torch.Tensor, t, cond=None) -> torch.Tensor:
-        """SiLU(time + class embedding), (B, D); computed once per call."""
-        cfg = self.config
+    def _check_cond(self, x: torch.Tensor, t, cond) -> tuple:
+        """(timesteps as a (B,) tensor, checked labels): the checks run outside the compiled paths."""
         t = batch_timesteps(t, x)
-        emb = self.time_embed(timestep_embedding(t, cfg.hidden_size, True, 0.0).to(x.dtype))
-        if cfg.num_classes is None:
+        if self.config.num_classes is None:
             if cond is not None:
                 raise ValueError("this DiT is unconditional: pass cond=None")
+            return t, None
+        return t, check_labels(cond, x.shape[0], self.config.num_classes, self.patch_embed.weight.device, "DiT")
+
+    def embed(self, x: torch.Tensor, t, cond=None) -> torch.Tensor:
+        """SiLU(time + class embedding), (B, D), for checked timesteps and labels; once per call."""
+        cfg = self.config
+        emb = self.time_embed(timestep_embedding(batch_timesteps(t, x), cfg.hidden_size, True, 0.0).to(x.dtype))
+        if cfg.num_classes is None:
             return F.silu(emb)
-        return F.silu(emb + self.class_embed(self._check_labels(cond, x.shape[0])).to(emb.dtype))
+        return F.silu(emb + self.class_embed(cond).to(emb.dtype))
 
-    def _check_labels(self, labels, batch: int) -> torch.Tensor:
-        return check_labels(labels, batch, self.config.num_classes, self.patch_embed.weight.device, "DiT")
-
-    # -- the three paths --------------------------------------------------------------------------
+    # -- the primitives (minidiff.denoiser), unchecked --------------------------------------------
 
     def _check_input(self, x):
         p, c = self.config.patch_size, self.config.in_channels
@@ -209,73 +236,53 @@ class DiT(nn.Module):
             raise ValueError(f"image size {x.shape[2]}x{x.shape[3]} is not divisible by the patch size {p}; use a "
                              f"multiple of {p}")
 
-    def _check_branch(self, branch: int):
-        if isinstance(branch, bool) or not isinstance(branch, int) or not 0 <= branch < self.num_branches:
-            raise ValueError(f"cache branch must be an int in [0, {self.num_branches - 1}], got {branch!r}")
-
     def _tokens(self, x):
         """(B, C, H, W) -> (B, HW/p^2, D) patch tokens with positions added."""
         h = rearrange(self.patch_embed(x), "b d h w -> b (h w) d")
         grid = (x.shape[2] // self.config.patch_size, x.shape[3] // self.config.patch_size)
         return h + positions_2d(*grid, self.config.hidden_size).to(h)
 
-    def _image(self, h, emb, x):
+    def _image(self, h, emb, height: int):
         """Tokens -> (B, C_out, H, W): the final adaLN layer, then patches back into place."""
         p = self.config.patch_size
-        return rearrange(self.final(h, emb), "b (h w) (p q c) -> b c (h p) (w q)", h=x.shape[2] // p, p=p, q=p)
+        return rearrange(self.final(h, emb), "b (h w) (p q c) -> b c (h p) (w q)", h=height // p, p=p, q=p)
 
-    def _run(self, h, emb, first: int, last: int, x):
+    def _run(self, h, emb, first: int, last: int, rows: int):
         """Blocks first .. last - 1, recording each output; returns the list of inputs and the final tokens."""
         inputs = []
         for i in range(first, last):
             inputs.append(h)
             h = self.blocks[i](h, emb)
             if self.recorder is not None:
-                self.recorder(f"block.{i}", self._as_map(h, x))
+                self.recorder(f"block.{i}", self._as_map(h, rows))
         return inputs, h
 
-    def _as_map(self, h, x):
-        p = self.config.patch_size
-        return rearrange(h, "b (h w) d -> b d h w", h=x.shape[2] // p)
+    @staticmethod
+    def _as_map(h, rows: int):
+        """(B, HW, D) tokens -> a (B, D, H, W) map (a view)."""
+        return rearrange(h, "b (h w) d -> b d h w", h=rows)
 
-    def _full(self, x, t, cond, branch: Optional[int]):
-        emb = self.embed(x, t, cond)
-        inputs, h = self._run(self._tokens(x), emb, 0, self.config.depth, x)  # inputs[k] = h_k
-        depth = self.config.depth
+    def _cut(self, x, t, cond, branch) -> CutState:
+        """Blocks 0..branch; h is h_{branch+1}, skips the block inputs h_0..h_branch."""
+        c = _Cond(self.embed(x, t, cond), (x.shape[2] // self.config.patch_size, x.shape[3] // self.config.patch_size))
+        inputs, h = self._run(self._tokens(x), c.emb, 0, branch + 1, c.grid[0])
+        return CutState(branch, h, inputs, c)
+
+    def _rest(self, state: CutState, keep: bool):
+        """The blocks after the cut; keeps the residual the middle blocks add, h_{L-1-b} - h_{b+1}, when `keep`."""
+        c, b, depth = state.cond, state.branch, self.config.depth
+        later, h = self._run(state.h, c.emb, b + 1, depth, c.grid[0])
+        inputs = state.skips + later  # inputs[k] = h_k
         if self.recorder is not None:
-            for b in range(self.num_branches):
-                self.recorder(f"cache.{b}", self._as_map(inputs[depth - 1 - b] - inputs[b + 1], x))
-        hidden = None if branch is None else inputs[depth - 1 - branch] - inputs[branch + 1]
-        return self._image(h, emb, x), hidden
+            for branch in range(self.num_branches):
+                self.recorder(f"cache.{branch}", self._as_map(inputs[depth - 1 - branch] - inputs[branch + 1],
+                                                              c.grid[0]))
+        hidden = self._as_map(inputs[depth - 1 - b] - inputs[b + 1], c.grid[0]) if keep else None
+        return self._image(h, c.emb, c.grid[0] * self.config.patch_size), hidden
 
-    def forward(self, x, t, cond=None):
-        """The whole network, nothing kept."""
-        self._check_input(x)
-        return self._full(x, t, cond, None)[0]
-
-    def forward_full(self, x, t, cond=None, *, branch: int = 0):
-        """The whole network; also returns the residual of the middle blocks a shallow step at `branch` reuses."""
-        self._check_branch(branch)
-        self._check_input(x)
-        out, hidden = self._full(x, t, cond, branch)
-        return out, FeatureCache(branch, self._as_map(hidden, x))
-
-    def forward_shallow(self, x, t, cond=None, *, cache: FeatureCache):
-        """Blocks 0..b and the last b + 1 blocks; the blocks between add their cached residual."""
-        if not isinstance(cache, FeatureCache):
-            raise TypeError(f"cache must be the FeatureCache returned by forward_full, got {type(cache).__name__}")
-        self._check_branch(cache.branch)
-        self._check_input(x)
-        if cache.hidden.shape[0] != x.shape[0]:
-            raise ValueError(f"the cache was made for batch {cache.hidden.shape[0]}, this step has batch {x.shape[0]}")
-        b, depth = cache.branch, self.config.depth
-        emb = self.embed(x, t, cond)
-        _, h = self._run(self._tokens(x), emb, 0, b + 1, x)
-        h = h + rearrange(cache.hidden, "b d h w -> b (h w) d")  # h_{b+1} + cached residual = h_{L-1-b}
-        _, h = self._run(h, emb, depth - 1 - b, depth, x)
-        return self._image(h, emb, x)
-
-    @torch.no_grad()
-    def macs(self, x: torch.Tensor, t=500, cond=None, *, branch: int = 0) -> dict:
-        """Multiply-accumulates of one full and one shallow step at `branch`, counted by running them."""
-        return count_macs(self, x, t, cond, branch)
+    def _from_cache(self, state: CutState, hidden):
+        """The last b + 1 blocks from h_{b+1} + the cached residual (= h_{L-1-b} on the full step)."""
+        c, b, depth = state.cond, state.branch, self.config.depth
+        h = state.h + rearrange(hidden, "b d h w -> b (h w) d")
+        _, h = self._run(h, c.emb, depth - 1 - b, depth, c.grid[0])
+        return self._image(h, c.emb, c.grid[0] * self.config.patch_size)

@@ -52,11 +52,10 @@ class History:
         self.slots: list = []  # order + 1 tensors of shape (rows, ...)
         self.times: list = []  # per row, oldest first
 
-    def empty_rows(self, rows: int) -> list:
-        """Rows with nothing to forecast from (they must refresh)."""
-        if not self.slots:
-            return list(range(rows))
-        return [r for r, ts in enumerate(self.times) if not ts]
+    @property
+    def empty(self) -> bool:
+        """Nothing pushed yet (the first full step is still to come)."""
+        return not self.slots
 
     def push(self, rows: torch.Tensor, t: float, value: torch.Tensor, batch: int):
         """Record `value` (one entry per index in `rows`) computed at timestep t."""

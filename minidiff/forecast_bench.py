@@ -19,11 +19,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .adaptive import AdaptiveUNet, full_step_allowance
+from .adaptive import AdaptiveSchedule, full_step_allowance
 from .analysis import cached_layer, record_features
+from .cache import FixedSchedule
+from .cached_model import CachedModel, mac_fraction
 from .frontier import format_rows
 from .metrics import psnr
-from .cache import CachedUNet
 from .samplers import draws_noise, num_model_calls
 
 
@@ -38,19 +39,22 @@ def even_full_steps(num_steps: int, count: int) -> list:
 
 def methods(pipe, calls: int, branch: int, ratio: float, budget: float, samples: int, stochastic: bool) -> dict:
     """name -> a function making a fresh cached model for one run at this budget."""
-    allowed = full_step_allowance(budget, calls, ratio)
+    net, allowed = pipe.denoiser, full_step_allowance(budget, calls, ratio)
     full = even_full_steps(calls, allowed)
-    made = {f"uniform k={k}": (lambda k=k: CachedUNet(pipe.unet, calls, full, branch, k)) for k in (0, 1, 2)}
+
+    def adaptive(k: int, threshold: float, signal: str = "forecast"):
+        decider = AdaptiveSchedule(samples, calls, order=k, threshold=threshold, allowed=allowed, signal=signal)
+        return CachedModel(net, decider, branch=branch, forecast=k, samples=samples)
+
+    made = {f"uniform k={k}": (lambda k=k: CachedModel(net, FixedSchedule(calls, full), branch=branch, forecast=k,
+                                                       samples=samples)) for k in (0, 1, 2)}
     if not stochastic:  # the adaptive schedule's pacing alone, its signal ignored: what the signal adds
-        made["paced k=2, no signal"] = lambda: AdaptiveUNet(pipe.unet, calls, branch, samples, forecast=2,
-                                                            threshold=math.inf, budget=budget, shallow_ratio=ratio)
+        made["paced k=2, no signal"] = lambda: adaptive(2, math.inf)
     for name, k, signal in (("adaptive k=0", 0, "change"), ("adaptive k=2, change signal", 2, "change"),
                             ("adaptive k=2, forecast signal", 2, "forecast")):
         if stochastic and k:
             continue
-        made[name] = (lambda k=k, signal=signal: AdaptiveUNet(
-            pipe.unet, calls, branch, samples, forecast=k, threshold=THRESHOLDS[signal], budget=budget,
-            shallow_ratio=ratio, signal=signal))
+        made[name] = lambda k=k, signal=signal: adaptive(k, THRESHOLDS[signal], signal)
     return made
 
 
@@ -80,7 +84,7 @@ def compare(pipe, *, sampler: str = "ddim", steps: int = 50, seeds: Sequence[int
     stochastic = draws_noise(sampler)
     noises = {seed: _noise(pipe, batch, seed) for seed in seeds}
     ratio = pipe.shallow_ratio(branch, noises[seeds[0]], labels)
-    references = {seed: _images(pipe, pipe.unet, noises[seed], steps=steps, sampler=sampler, cond=labels,
+    references = {seed: _images(pipe, pipe.denoiser, noises[seed], steps=steps, sampler=sampler, cond=labels,
                                     seed=seed) for seed in seeds}
     rows = []
     for budget in budgets:
@@ -92,15 +96,15 @@ def compare(pipe, *, sampler: str = "ddim", steps: int = 50, seeds: Sequence[int
                 images = _images(pipe, model, noises[seed], steps=steps, sampler=sampler, cond=labels, seed=seed)
                 seconds.append(time.perf_counter() - start)
                 scores.append(psnr(images, references[seed], per_image=True))
-                per_sample = model.full_steps if isinstance(model, AdaptiveUNet) else [sorted(model.full_steps)] * batch
-                fractions.append(np.mean([(len(s) + (calls - len(s)) * ratio) / calls for s in per_sample]))
+                per_sample = model.full_steps_per_sample
+                fractions.append(mac_fraction(per_sample, calls, ratio))
                 distinct.append(len({tuple(s) for s in per_sample}))
             rows.append({"budget": budget, "method": name, "mac_fraction": float(max(fractions)),
                          "psnr": float(np.mean(scores)), "psnr_min": float(min(scores)),
                          "seconds": float(np.median(seconds)), "distinct_schedules": max(distinct)})
             log(format_rows(rows[-1:], list(rows[-1])).splitlines()[-1])
         fewer = fewer_steps(sampler, steps, budget)
-        scores = [psnr(_images(pipe, pipe.unet, noises[seed], steps=fewer, sampler=sampler, cond=labels,
+        scores = [psnr(_images(pipe, pipe.denoiser, noises[seed], steps=fewer, sampler=sampler, cond=labels,
                                    seed=seed), references[seed], per_image=True) for seed in seeds]
         rows.append({"budget": budget, "method": f"{fewer} steps, no cache",
                      "mac_fraction": num_model_calls(sampler, fewer) / calls, "psnr": float(np.mean(scores)),
@@ -111,7 +115,7 @@ def compare(pipe, *, sampler: str = "ddim", steps: int = 50, seeds: Sequence[int
 
 def adjacent_similarity(pipe, *, sampler: str, steps: int, branch: int, seed: int, batch: int) -> np.ndarray:
     """(calls - 1,) cosine similarity of the cached deep feature between adjacent steps of the uncached run."""
-    name = cached_layer(pipe.unet, branch)
+    name = cached_layer(pipe.denoiser, branch)
     labels = (torch.arange(batch) % pipe.num_real_classes()).tolist()
     record = record_features(pipe, steps=steps, sampler=sampler, layers=[name], seed=seed, class_labels=labels,
                              batch_size=batch)

@@ -65,7 +65,7 @@ def frontier(pipe, *, steps: int = 50, sampler: str = "ddim", intervals=(2, 3, 5
     no timing, quality only). `on_row(row)` sees each row as it is measured; `images`, if a dict,
     receives each row's images under (schedule, branch, interval).
     """
-    unet = pipe.unet
+    unet = pipe.denoiser
     options = sampler_options(sampler, eta=eta, karras_sigmas=karras_sigmas)
     calls = num_model_calls(sampler, steps)
     if calibration is not None and "calibrated" in schedules:
@@ -119,7 +119,7 @@ def frontier(pipe, *, steps: int = 50, sampler: str = "ddim", intervals=(2, 3, 5
             for n in intervals:
                 full = (calibrated_full_steps(calibration, calls, n, b) if kind == "calibrated"
                         else make_schedule(kind, calls, n))
-                result, base, seconds = paired(cache_interval=n, cache_branch=b, cache_schedule=full)
+                result, base, seconds = paired(cache_branch=b, cache_schedule=full)  # the list holds n
                 add(_row(kind, b, n, len(full), base, seconds, mac_bound(len(full), calls - len(full), ratio),
                          psnr(result, reference, per_image=True), _accuracy(classifier, result, labels)), result)
         if not baseline:

@@ -90,8 +90,8 @@ def _layers(module: nn.Module) -> dict:
 def _names(pipe) -> dict:
     """Every name a LoRA file may give a layer -> (component, native module name)."""
     names = {}
-    unet_layers = _layers(pipe.unet)
-    diffusers = unet_names([f"{layer}.weight" for layer in unet_layers], pipe.unet.config, "diffusers")
+    unet_layers = _layers(pipe.denoiser)
+    diffusers = unet_names([f"{layer}.weight" for layer in unet_layers], pipe.denoiser.config, "diffusers")
     for native, public in diffusers.items():
         module = public[: -len(".weight")]
         target = ("unet", native[: -len(".weight")])
@@ -174,7 +174,7 @@ def read_lora(path, pipe) -> list:
     if not tensors:
         raise CheckpointError(f"LoRA file {path} holds no tensors")
     names = _names(pipe)
-    modules = {"unet": dict(pipe.unet.named_modules()),
+    modules = {"unet": dict(pipe.denoiser.named_modules()),
                "text_encoder": dict(pipe.text_encoder.named_modules()) if pipe.text_encoder is not None else {}}
     deltas, seen = [], {}
     for module, parts in _group(tensors, str(path)).items():
@@ -199,7 +199,7 @@ def load_lora(pipe, path, scale: float = 1.0):
     """
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
         raise ValueError(f"LoRA scale must be a finite number, got {scale!r}")
-    if not hasattr(pipe.unet, "input_blocks"):
+    if not hasattr(pipe.denoiser, "input_blocks"):
         raise ValueError("LoRA files name U-Net and text-encoder layers; this pipeline's denoiser is a DiT")
     deltas = read_lora(path, pipe)
     state = _state(pipe)

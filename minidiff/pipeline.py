@@ -1,98 +1,48 @@
-"""A loaded model (U-Net + noise schedule, and for latent models an autoencoder and maybe a text
-encoder) and `generate`, which wires conditioning, guidance, caching and a sampler together.
+"""A loaded model (a denoising network, U-Net or DiT, + noise schedule, and for latent models an
+autoencoder and maybe a text encoder) and `generate`, which reads as the steps of a run:
+conditioning, initial noise, the cached network (minidiff.cache), the sampler, decoding.
 
-The native folder:
-    config.json        what the model is: {"format": "minidiff", "unet": {...}, "autoencoder": ...}
-    scheduler.json     the noise schedule and sampler conventions (SchedulerConfig)
-    model.safetensors  all weights, keys prefixed by component: unet.*, autoencoder.*, text_encoder.*
-    tokenizer/         vocab.json + merges.txt (text-conditioned models)
-    calibration.json   optional: measured feature change for cache_schedule="calibrated"
+`load` reads the native folder (minidiff.folder describes it); `Pipeline.save` writes it.
 """
 from __future__ import annotations
 
 import functools
-import json
 import math
 import os
 import time
 import warnings
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 
-from . import packing
-from .adaptive import AdaptiveUNet
-from .cache import CachedUNet, check_calibration, load_calibrated, make_schedule
-from .checkpoint import (CheckpointError, atomic_folder, build_loaded, read_state_dict, save_json,
-                         save_safetensors)
-from .dit import DiT, DiTConfig
-from .forecast import check_order
-from .samplers import SAMPLERS, changed_options, draws_noise, num_model_calls, sampler_options, start_alpha_cumprod
+from . import folder, packing
+from .cache import DEFAULT_POWER, RunStats, shallow_ratio, wrap  # noqa: F401 (RunStats: its old home)
+from .denoiser import Denoiser, check_denoiser
+from .folder import FORMAT, FORMAT_VERSION, split_state_dict  # noqa: F401 (importable from here as before)
+from .samplers import SAMPLERS, num_model_calls, sampler_options, start_alpha_cumprod
 from .schedules import SchedulerConfig
-from .unet import UNet, UNetConfig
-
-DENOISERS = ("unet", "dit")  # config.json section (and weight prefix) of the denoising network
-
-FORMAT = "minidiff"
-FORMAT_VERSION = 1
-
-
-@dataclass
-class RunStats:
-    """What the last `generate` call did: how many full and shallow U-Net calls, and how long.
-
-    full_calls / shallow_calls count U-Net calls; with the adaptive schedule a call can be full for
-    some samples and shallow for others, and full_steps_per_sample says which steps each sample ran
-    in full (full_steps is then their union).
-    """
-
-    steps: int
-    model_calls: int
-    full_calls: int
-    shallow_calls: int
-    seconds: float
-    full_steps: list = field(default_factory=list)
-    full_steps_per_sample: list = field(default_factory=list)
-    forecast: int = 0
-    measure_shallow_ratio: Optional[Callable[[], float]] = field(default=None, repr=False)
-
-    @property
-    def shallow_ratio(self) -> float:
-        """MACs of a shallow step over a full one at this run's branch and size."""
-        return self.measure_shallow_ratio() if self.measure_shallow_ratio is not None else 1.0
-
-    @property
-    def mac_fraction(self) -> float:
-        """U-Net MACs spent over those of the uncached run, over all samples (forecasting's
-        element-wise arithmetic is not counted; it is measured in benchmarks/forecast_overhead.py)."""
-        per_sample = [len(s) for s in self.full_steps_per_sample]
-        if not per_sample or min(per_sample) == self.model_calls:
-            return 1.0
-        ratio = self.shallow_ratio
-        spent = sum(n + (self.model_calls - n) * ratio for n in per_sample)
-        return spent / (len(per_sample) * self.model_calls)
 
 
 class Pipeline:
     """A loaded model and its sampling steps: `conditioning`, `initial_noise` and `sample` are the
     pieces `generate` is built from, public so measurements can run them with their own model callable."""
 
-    def __init__(self, unet: UNet, scheduler: SchedulerConfig, *, autoencoder=None, text_encoder=None,
+    def __init__(self, denoiser: Denoiser, scheduler: SchedulerConfig, *, autoencoder=None, text_encoder=None,
                  tokenizer=None, null_class: Optional[int] = None, class_names: Optional[list] = None,
                  calibration: Optional[dict] = None, meta: Optional[dict] = None, pack: bool = True):
-        self.unet, self.scheduler = unet.eval(), scheduler
+        check_denoiser(denoiser)
+        self.denoiser, self.scheduler = denoiser.eval(), scheduler
         self.autoencoder = autoencoder.eval() if autoencoder is not None else None
         self.text_encoder = text_encoder.eval() if text_encoder is not None else None
         self.tokenizer = tokenizer
         self.null_class, self.class_names = null_class, class_names
         self.calibration = calibration
         self.calibration_error: Optional[str] = None  # why a damaged calibration.json was skipped at load
+        self.source: Optional[Path] = None  # the folder `load` read, which `save` never replaces
         self.meta = dict(meta or {})
         self.last_run: Optional[RunStats] = None
-        unet.num_train_timesteps = scheduler.num_train_timesteps  # lets the U-Net refuse timesteps past it
-        self._shallow_ratios: dict = {}
+        denoiser.num_train_timesteps = scheduler.num_train_timesteps  # lets the network refuse timesteps past it
         self.packs = pack  # False for a network still being trained (its EMA is updated in place)
         if pack:
             self._pack_denoiser()
@@ -100,12 +50,25 @@ class Pipeline:
     # -- properties ---------------------------------------------------------------------------
 
     @property
+    def unet(self) -> Denoiser:
+        """The denoising network, a U-Net or a DiT (deprecated name: use `denoiser`)."""
+        warnings.warn("Pipeline.unet is deprecated: the network may be a DiT; use Pipeline.denoiser",
+                      DeprecationWarning, stacklevel=2)
+        return self.denoiser
+
+    @unet.setter
+    def unet(self, network: Denoiser):
+        warnings.warn("Pipeline.unet is deprecated: use Pipeline.denoiser", DeprecationWarning, stacklevel=2)
+        check_denoiser(network)
+        self.denoiser = network
+
+    @property
     def device(self) -> torch.device:
-        return next(self.unet.parameters()).device
+        return next(self.denoiser.parameters()).device
 
     @property
     def dtype(self) -> torch.dtype:
-        return next(self.unet.parameters()).dtype
+        return next(self.denoiser.parameters()).dtype
 
     @property
     def latent_scale(self) -> int:
@@ -114,7 +77,7 @@ class Pipeline:
 
     @property
     def default_size(self) -> int:
-        size = self.unet.config.sample_size or 32
+        size = self.denoiser.config.sample_size or 32
         return size * self.latent_scale
 
     def to(self, device=None, dtype=None, *, pack: Optional[bool] = None) -> "Pipeline":
@@ -124,7 +87,7 @@ class Pipeline:
         (minidiff.packing: each weight is reordered once, on first use, instead of on every call).
         `pack` None keeps the pipeline's choice (`Pipeline(..., pack=)`); True or False changes it."""
         check_dtype(self.device if device is None else torch.device(device), dtype)
-        self.unet.to(device=device, dtype=dtype)  # packed layers return to plain weights first
+        self.denoiser.to(device=device, dtype=dtype)  # packed layers return to plain weights first
         self.packs = self.packs if pack is None else pack
         if self.packs:
             self._pack_denoiser()
@@ -137,12 +100,12 @@ class Pipeline:
     def _pack_denoiser(self):
         """oneDNN weight packing, where it applies (CPU, float32): see `to`."""
         if packing.available(self.device, self.dtype):
-            packing.pack(self.unet)
+            packing.pack(self.denoiser)
 
     # -- conditioning -------------------------------------------------------------------------
 
     def _class_cond(self, class_labels, batch_size, guidance_scale):
-        cfg = self.unet.config
+        cfg = self.denoiser.config
         if cfg.num_classes is None:
             if class_labels is not None:
                 raise ValueError("this model is not class-conditional; drop class_labels")
@@ -182,7 +145,7 @@ class Pipeline:
         return self.text_encoder(ids).to(self.dtype)
 
     def _text_cond(self, prompt, negative_prompt, batch_size, guidance_scale):
-        if self.unet.config.context_dim is None or self.unet.config.num_classes is not None:
+        if self.denoiser.config.context_dim is None or self.denoiser.config.num_classes is not None:
             if prompt is not None:
                 raise ValueError("this model does not take a prompt")
             return None, None
@@ -204,7 +167,7 @@ class Pipeline:
 
     def conditioning(self, batch_size: int, *, class_labels=None, prompt=None, negative_prompt=None,
                      guidance_scale: Optional[float] = None) -> tuple:
-        """(cond, uncond) the U-Net takes for these labels or prompts: cond is None for an unconditional
+        """(cond, uncond) the network takes for these labels or prompts: cond is None for an unconditional
         model, uncond is None without classifier-free guidance."""
         class_cond, class_uncond = self._class_cond(class_labels, batch_size, guidance_scale)
         text_cond, text_uncond = self._text_cond(prompt, negative_prompt, batch_size, guidance_scale)
@@ -218,17 +181,17 @@ class Pipeline:
 
     def num_real_classes(self) -> int:
         """The number of class labels a user may pass (the null class of guidance excluded)."""
-        n = self.unet.config.num_classes
+        n = self.denoiser.config.num_classes
         return n - 1 if self.null_class == n - 1 else n
 
     # -- generation ---------------------------------------------------------------------------
 
     def make_denoiser(self, cached, cond, uncond, guidance_scale):
-        """`(x, t) -> eps` for a sampler; guidance runs both halves as one batched U-Net call,
+        """`(x, t) -> eps` for a sampler; guidance runs both halves as one batched network call,
         so a cached step caches the conditional and unconditional features together. A text
         context's cross-attention keys and values are projected here, once for all steps."""
-        text = self.unet.config.context_dim is not None and self.unet.config.num_classes is None
-        prepare = self.unet.prepare_context if text else (lambda c: c)
+        text = self.denoiser.config.context_dim is not None and self.denoiser.config.num_classes is None
+        prepare = self.denoiser.prepare_context if text else (lambda c: c)
         if uncond is None:
             cond = prepare(cond)
             return lambda x, t: cached(x, t, cond)
@@ -240,33 +203,10 @@ class Pipeline:
 
         return guided
 
-    @torch.inference_mode()
     def shallow_ratio(self, branch: int, x: torch.Tensor, cond=None) -> float:
         """MACs of a shallow step at `branch` over a full step, for one sample shaped like x[:1]
-        (counted once per branch, size and kind of conditioning, then remembered)."""
-        key = (branch, tuple(x.shape[1:]), None if cond is None else tuple(cond.shape[1:]))
-        if key not in self._shallow_ratios:
-            macs = self.unet.macs(torch.zeros_like(x[:1]), 500, None if cond is None else cond[:1], branch=branch)
-            self._shallow_ratios[key] = macs["shallow"] / macs["full"]
-        return self._shallow_ratios[key]
-
-    def _cached_model(self, calls, sampler, eta, x, cond, *, schedule, interval, branch,
-                      center, power, forecast, threshold, budget):
-        """The U-Net callable for a run: a fixed schedule (CachedUNet) or run-time decisions (AdaptiveUNet)."""
-        stochastic = draws_noise(sampler, eta=eta)
-        if forecast == "auto" or (forecast is None and schedule == "adaptive"):
-            forecast = 0 if stochastic else 2  # injected noise makes extrapolation worse than reuse (docs/adaptive.md)
-        forecast = 0 if forecast is None else forecast
-        if schedule == "adaptive":
-            ratio = self.shallow_ratio(branch, x, cond) if budget is not None else None
-            return AdaptiveUNet(self.unet, calls, branch, x.shape[0], forecast=forecast, threshold=threshold,
-                                budget=budget, shallow_ratio=ratio)
-        if threshold is not None or budget is not None:
-            raise ValueError("cache_threshold and cache_budget apply to cache_schedule='adaptive' only")
-        calibrated = self.calibration if schedule == "calibrated" else None
-        full_steps = make_schedule(schedule, calls, interval, center=center, power=power, calibrated=calibrated,
-                                   branch=branch)
-        return CachedUNet(self.unet, calls, full_steps, branch, forecast)
+        (minidiff.cache.shallow_ratio: counted once, then remembered)."""
+        return shallow_ratio(self.denoiser, branch, x, cond)
 
     @torch.inference_mode()
     def generate(self, *, steps: int = 50, sampler: str = "ddim", eta: float = 0.0, karras_sigmas: bool = False,
@@ -276,7 +216,7 @@ class Pipeline:
                  noise: Optional[torch.Tensor] = None, batch_size: int = 1, class_labels=None,
                  guidance_scale: Optional[float] = None, prompt=None, negative_prompt=None,
                  height: Optional[int] = None, width: Optional[int] = None, output: str = "image",
-                 cache_center: Optional[int] = None, cache_power: float = 1.4,
+                 cache_center: Optional[int] = None, cache_power: float = DEFAULT_POWER,
                  generator: Optional[torch.Generator] = None, progress: bool = True, callback=None,
                  init_image: Optional[torch.Tensor] = None, strength: float = 0.75, center: Optional[int] = None,
                  power: Optional[float] = None) -> torch.Tensor:
@@ -292,32 +232,19 @@ class Pipeline:
         by more than `cache_threshold`, spending at most `cache_budget` of the uncached run's MACs.
         `cache_forecast` = 0 reuses the deep feature (DeepCache), 1 or 2 extrapolates it through the
         last 2 or 3 full steps, "auto" picks 2 for deterministic samplers and 0 for noisy ones;
-        None (default) means 0 for fixed schedules and "auto" for the adaptive one.
+        None (default) means 0 for fixed schedules and "auto" for the adaptive one. An option the
+        schedule would ignore is refused by name (minidiff.cache.CacheOptions).
         """
         if center is not None or power is not None:
             warnings.warn("generate(center=, power=) are deprecated: use cache_center= and cache_power=",
                           DeprecationWarning, stacklevel=3)  # past inference_mode's wrapper
             cache_center = center if center is not None else cache_center
             cache_power = power if power is not None else cache_power
-        _check_args(steps=steps, sampler=sampler, eta=eta, cache_interval=cache_interval,
-                    batch_size=batch_size, guidance_scale=guidance_scale, output=output, seed=seed,
-                    cache_power=cache_power)
+        _check_args(steps=steps, sampler=sampler, eta=eta, batch_size=batch_size, guidance_scale=guidance_scale,
+                    output=output, seed=seed)
         options = sampler_options(sampler, eta=eta, karras_sigmas=karras_sigmas)
-        if isinstance(cache_branch, bool) or not isinstance(cache_branch, int) \
-                or not 0 <= cache_branch < self.unet.num_branches:
-            raise ValueError(f"cache_branch must be an int in [0, {self.unet.num_branches - 1}], got {cache_branch!r}")
-        if noise is not None and (not torch.is_tensor(noise) or noise.ndim != 4 or noise.shape[0] < 1):
-            raise ValueError(f"noise must be a tensor of shape (B >= 1, {self.unet.config.in_channels}, H, W), got "
-                             f"{tuple(noise.shape) if torch.is_tensor(noise) else type(noise).__name__}")
-        if batch_size == 1:  # the batch follows the noise, labels or prompts when they are given
-            if noise is not None:
-                batch_size = noise.shape[0]
-            elif class_labels is not None and torch.as_tensor(class_labels).numel() > 1:
-                batch_size = torch.as_tensor(class_labels).numel()
-            elif isinstance(prompt, (list, tuple)):
-                batch_size = len(prompt)
-            elif init_image is not None and getattr(init_image, "ndim", 0) == 4:
-                batch_size = init_image.shape[0]
+        batch_size = self._batch_size(batch_size, noise, class_labels, prompt, init_image)
+
         cond, uncond = self.conditioning(batch_size, class_labels=class_labels, prompt=prompt,
                                          negative_prompt=negative_prompt, guidance_scale=guidance_scale)
         if generator is None:
@@ -329,54 +256,61 @@ class Pipeline:
         else:
             x, start_step = self.initial_noise(batch_size, height=height, width=width, generator=generator,
                                                noise=noise), 0
-
         self._check_memory(x, 2 if uncond is not None else 1)
+        cached = wrap(self.denoiser, calls=num_model_calls(sampler, steps - start_step), x=x, cond=cond,
+                      sampler=sampler, sampler_options=options, steps=steps, calibration=self.calibration,
+                      calibration_error=self.calibration_error,
+                      schedule=cache_schedule, interval=cache_interval, branch=cache_branch, center=cache_center,
+                      power=cache_power, forecast=cache_forecast, threshold=cache_threshold, budget=cache_budget)
 
-        calls = num_model_calls(sampler, steps - start_step)
-        if cache_schedule == "calibrated" and self.calibration is None and self.calibration_error:
-            raise ValueError(self.calibration_error)
-        if cache_schedule == "calibrated" and isinstance(self.calibration, dict):
-            check_calibration(self.calibration, sampler, changed_options(options), calls, steps)
-        _check_cache_args(cache_forecast, cache_threshold, cache_budget)
-        cached = self._cached_model(calls, sampler, eta, x, cond, schedule=cache_schedule,
-                                    interval=cache_interval, branch=cache_branch, center=cache_center, power=cache_power,
-                                    forecast=cache_forecast, threshold=cache_threshold, budget=cache_budget)
-        causes = ["U-Net weights that are not finite or overflow", "noise that is not finite"]
-        if uncond is not None:
+        start = time.perf_counter()
+        sample = self.sample(cached, x, steps=steps, sampler=sampler, cond=cond, uncond=uncond,
+                             guidance_scale=guidance_scale, generator=generator, progress=progress,
+                             callback=self._stop_at_nan(callback, guidance_scale if uncond is not None else None),
+                             start_step=start_step, **options)
+        result = sample if output == "latent" else self.decode(sample)
+        self.last_run = cached.run_stats(steps, time.perf_counter() - start)
+        return result
+
+    def _batch_size(self, batch_size: int, noise, class_labels, prompt, init_image) -> int:
+        """The batch follows the noise, labels, prompts or images when they are given."""
+        if noise is not None and (not torch.is_tensor(noise) or noise.ndim != 4 or noise.shape[0] < 1):
+            raise ValueError(f"noise must be a tensor of shape (B >= 1, {self.denoiser.config.in_channels}, H, W), "
+                             f"got {tuple(noise.shape) if torch.is_tensor(noise) else type(noise).__name__}")
+        if batch_size != 1:
+            return batch_size
+        if noise is not None:
+            return noise.shape[0]
+        if class_labels is not None and torch.as_tensor(class_labels).numel() > 1:
+            return torch.as_tensor(class_labels).numel()
+        if isinstance(prompt, (list, tuple)):
+            return len(prompt)
+        if init_image is not None and getattr(init_image, "ndim", 0) == 4:
+            return init_image.shape[0]
+        return batch_size
+
+    def _stop_at_nan(self, callback, guidance_scale: Optional[float]):
+        """The sampler's callback, which first stops the run at the first step that breaks (not after it)."""
+        causes = ["network weights that are not finite or overflow", "noise that is not finite"]
+        if guidance_scale is not None:
             causes.insert(0, f"guidance_scale={guidance_scale} too large")
         if self.dtype in (torch.float16, torch.bfloat16):
             causes.insert(0, "half-precision overflow (try dtype=torch.float32)")
 
-        def checked(i, t, x):  # stop at the first step that breaks, not after the whole run
+        def checked(i, t, x):
             if not torch.isfinite(x).all():
                 raise FloatingPointError(f"the sample became NaN/Inf at step {i + 1} (timestep {t}); likely "
                                          f"cause: {' or '.join(causes)}")
             if callback is not None:
                 callback(i, t, x)
 
-        start = time.perf_counter()
-        x = self.sample(cached, x, steps=steps, sampler=sampler, cond=cond, uncond=uncond,
-                        guidance_scale=guidance_scale, generator=generator, progress=progress, callback=checked,
-                        start_step=start_step, **options)
-        result = x if output == "latent" else self.decode(x)
-        seconds = time.perf_counter() - start
-        if isinstance(cached, AdaptiveUNet):
-            per_sample = [list(s) for s in cached.full_steps]
-            full_steps = sorted(set().union(*map(set, per_sample)))
-            forecast = cached.deep.order
-        else:
-            full_steps = sorted(cached.full_steps)
-            per_sample, forecast = [list(full_steps) for _ in range(x.shape[0])], cached.forecast
-        self.last_run = RunStats(steps, cached.calls, len(full_steps), cached.calls - len(full_steps), seconds,
-                                 full_steps, per_sample, forecast,
-                                 lambda: self.shallow_ratio(cache_branch, x, cond))
-        return result
+        return checked
 
     @torch.inference_mode()
     def sample(self, model, x: torch.Tensor, *, steps: int, sampler: str = "ddim", cond=None, uncond=None,
                guidance_scale: Optional[float] = None, generator: Optional[torch.Generator] = None,
                progress: bool = True, callback=None, start_step: int = 0, **options) -> torch.Tensor:
-        """Run `sampler` from `x` with any `model(x, t, cond)` callable (the U-Net, a `CachedUNet`, a
+        """Run `sampler` from `x` with any `model(x, t, cond)` callable (the network, a `CachedModel`, a
         wrapper) under this model's noise schedule; returns the final sample (latents for latent models).
         `options` are the sampler's own (`samplers.SAMPLER_OPTIONS`, e.g. eta for ddim)."""
         denoiser = self.make_denoiser(model, cond, uncond, guidance_scale)
@@ -388,7 +322,7 @@ class Pipeline:
                       ) -> torch.Tensor:
         """The starting sample: `noise` moved to the model's device and dtype, or standard normal noise
         drawn in float32 on the CPU from `generator` at `height` x `width` pixels (default size)."""
-        cfg = self.unet.config
+        cfg = self.denoiser.config
         if noise is not None:
             if noise.shape[1] != cfg.in_channels:
                 raise ValueError(f"noise must have shape (B, {cfg.in_channels}, H, W), got {tuple(noise.shape)}")
@@ -405,8 +339,8 @@ class Pipeline:
         """Any size the models take, as diffusers allows: multiples of the autoencoder's factor (8 for
         SD) times the network's own input multiple (1 for the U-Net, which upsamples odd sizes back
         to each skip's), and at least one latent pixel per halving of the network."""
-        scale, factor = self.latent_scale, self.unet.config.downsample_factor
-        multiple = scale * getattr(self.unet, "input_multiple", factor)
+        scale, factor = self.latent_scale, self.denoiser.config.downsample_factor
+        multiple = scale * self.denoiser.input_multiple
         smallest = scale * factor
         kind = "an int" if multiple == 1 else f"a multiple of {multiple} (the " + \
             ("autoencoder's" if multiple == scale else "model's total") + " downsampling)"
@@ -424,11 +358,11 @@ class Pipeline:
 
     def estimate_memory(self, height: int, width: int, batch_size: int = 1) -> int:
         """Bytes of activations one U-Net call takes for latents of this size (batch doubles with guidance)."""
-        elements = sum(c * h * w for c, h, w in self.unet.skip_shapes(height, width))
+        elements = sum(c * h * w for c, h, w in self.denoiser.feature_shapes(height, width))
         return int(self.ACTIVATION_FACTOR * elements * batch_size * self.dtype.itemsize)
 
     def _check_memory(self, x: torch.Tensor, copies: int):
-        trained = self.unet.config.sample_size or 32
+        trained = self.denoiser.config.sample_size or 32
         height, width = x.shape[2], x.shape[3]
         if max(height, width) <= self.LARGE_FACTOR * trained:
             return
@@ -482,49 +416,23 @@ class Pipeline:
             x = self.autoencoder.decode(x.float())
         return ((x.float() + 1) / 2).clamp(0, 1)
 
-    # -- saving -------------------------------------------------------------------------------
+    # -- saving (minidiff.folder) ---------------------------------------------------------------
 
     @property
     def denoiser_kind(self) -> str:
-        """"unet" or "dit": the config section and weight prefix of `self.unet`, whichever network it is."""
-        return "dit" if isinstance(self.unet, DiT) else "unet"
+        """"unet" or "dit": the config section and weight prefix of `self.denoiser`, whichever network it is."""
+        return folder.denoiser_kind(self.denoiser)
 
     def config_dict(self) -> dict:
-        d = {"format": FORMAT, "format_version": FORMAT_VERSION, self.denoiser_kind: self.unet.config.to_dict(),
-             "null_class": self.null_class, "class_names": self.class_names, **self.meta}
-        if self.autoencoder is not None:
-            d["autoencoder"] = self.autoencoder.config.to_dict()
-        if self.text_encoder is not None:
-            d["text_encoder"] = self.text_encoder.config.to_dict()
-        return d
+        return folder.config_dict(self)
 
     def state_dict(self) -> dict:
-        sd = {f"{self.denoiser_kind}.{k}": v for k, v in self.unet.state_dict().items()}
-        for name in ("autoencoder", "text_encoder"):
-            module = getattr(self, name)
-            if module is not None:
-                sd.update({f"{name}.{k}": v for k, v in module.state_dict().items()})
-        return sd
+        return folder.state_dict(self)
 
     def save(self, dst, *, overwrite: bool = False, dtype: Optional[torch.dtype] = None):
-        """Write the native folder atomically: a crash leaves the old folder (or none), never half.
-
-        `dtype=torch.float16` (or bfloat16) stores every float weight in that precision, a file half
-        the size, as the public `*-fp16` checkpoints; `load` reads it back in float32 or in that dtype.
-        """
-        if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
-            raise ValueError(f"dtype must be a floating-point torch.dtype such as torch.float16, got {dtype!r}")
-        state = self.state_dict()
-        if dtype is not None:
-            state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
-        with atomic_folder(dst, overwrite=overwrite) as tmp:
-            save_json(self.config_dict(), tmp / "config.json")
-            save_json(self.scheduler.to_dict(), tmp / "scheduler.json")
-            save_safetensors(state, tmp / "model.safetensors")
-            if self.tokenizer is not None:
-                self.tokenizer.save(tmp / "tokenizer")
-            if self.calibration is not None:
-                save_json(self.calibration, tmp / "calibration.json")
+        """Write the native folder atomically (minidiff.folder.save): a crash leaves the old folder
+        (or none), never half. `dtype=torch.float16` (or bfloat16) stores float weights in that precision."""
+        folder.save(self, dst, overwrite=overwrite, dtype=dtype)
 
     def load_lora(self, path, scale: float = 1.0) -> "Pipeline":
         """Merge a LoRA file (kohya or diffusers/PEFT .safetensors) into the weights, times `scale`;
@@ -542,19 +450,10 @@ class Pipeline:
         return self
 
 
-def _check_cache_args(forecast, threshold, budget):
-    if forecast not in (None, "auto"):
-        check_order(forecast)
-    if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, (int, float))
-                                  or not 0 <= threshold < math.inf):
-        raise ValueError(f"cache_threshold must be a number >= 0 (a relative L1 change), got {threshold!r}")
-    if budget is not None and (isinstance(budget, bool) or not isinstance(budget, (int, float))):
-        raise ValueError(f"cache_budget must be a fraction of the uncached run's MACs in (0, 1], got {budget!r}")
-
-
-def _check_args(*, steps, sampler, eta, cache_interval, batch_size, guidance_scale, output, seed, cache_power):
-    if isinstance(steps, bool) or isinstance(cache_interval, bool) or isinstance(batch_size, bool):
-        raise ValueError("steps, cache_interval and batch_size must be ints, not True/False")
+def _check_args(*, steps, sampler, eta, batch_size, guidance_scale, output, seed):
+    """generate's arguments other than the cache options (minidiff.cache.CacheOptions checks those)."""
+    if isinstance(steps, bool) or isinstance(batch_size, bool):
+        raise ValueError("steps and batch_size must be ints, not True/False")
     if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2 ** 64):
         raise ValueError(f"seed must be None or an int in [0, 2**64 - 1], got {seed!r}")
     if not isinstance(steps, int) or not 1 <= steps <= 10_000:
@@ -563,8 +462,6 @@ def _check_args(*, steps, sampler, eta, cache_interval, batch_size, guidance_sca
         raise ValueError(f"unknown sampler {sampler!r}; choose one of {sorted(SAMPLERS)}")
     if not isinstance(eta, (int, float)) or not 0.0 <= eta <= 1.0:
         raise ValueError(f"eta must be a number in [0, 1], got {eta!r}")
-    if not isinstance(cache_interval, int) or not 1 <= cache_interval <= 10_000:
-        raise ValueError(f"cache_interval must be an int in [1, 10000], got {cache_interval!r}")
     if not isinstance(batch_size, int) or not 1 <= batch_size <= 4096:
         raise ValueError(f"batch_size must be an int in [1, 4096], got {batch_size!r}")
     if guidance_scale is not None and (not isinstance(guidance_scale, (int, float)) or
@@ -572,9 +469,6 @@ def _check_args(*, steps, sampler, eta, cache_interval, batch_size, guidance_sca
         raise ValueError(f"guidance_scale must be a number in [0, 100], got {guidance_scale!r}")
     if output not in ("image", "latent"):
         raise ValueError(f"output must be 'image' or 'latent', got {output!r}")
-    if not isinstance(cache_power, (int, float)) or not 1.0 < cache_power <= 10.0:  # the search steps it by 0.02
-        raise ValueError(f"cache_power (of the non-uniform cache schedule) must be a number in (1, 10], got "
-                         f"{cache_power!r}")
 
 
 @functools.lru_cache(maxsize=None)
@@ -615,35 +509,11 @@ def available_memory(device: torch.device) -> Optional[int]:
         return None
 
 
-def _read_json(path: Path, what: str) -> dict:
-    if not path.exists():
-        raise CheckpointError(f"{path.parent} is not a minidiff model folder: {path.name} ({what}) is missing. "
-                              "Convert public checkpoints with the scripts in convert/ first")
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path} is not valid JSON: {e}") from None
-    except OSError as e:
-        raise CheckpointError(f"cannot read {path} ({what}): {e.strerror or e}") from None
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{path} ({what}) must hold a JSON object, got a {type(data).__name__}")
-    return data
-
-
-def split_state_dict(sd: dict) -> dict:
-    """{"unet": {...}, "autoencoder": {...}, ...} from component-prefixed keys."""
-    parts: dict = {}
-    for key, value in sd.items():
-        component, _, rest = key.partition(".")
-        parts.setdefault(component, {})[rest] = value
-    return parts
-
-
 def load(path, *, device="cpu", dtype: Optional[torch.dtype] = None, allow_nan: bool = False,
          check: str = "first-use", pack: bool = True) -> Pipeline:
     """Load a native minidiff model folder (see convert/ for public checkpoints).
 
-    `dtype` is the U-Net's and text encoder's precision, float32 unless given, whatever the file
+    `dtype` is the denoiser's and text encoder's precision, float32 unless given, whatever the file
     holds (a float16 file loads as float32 or, asked, as float16); the autoencoder stays float32.
     Weights with NaN/Inf are refused (unless `allow_nan`): with `check="first-use"` by each layer
     just before it first runs, so loading reads no weight it does not need yet; `check="now"`
@@ -652,61 +522,9 @@ def load(path, *, device="cpu", dtype: Optional[torch.dtype] = None, allow_nan: 
     if check not in ("first-use", "now"):
         raise ValueError(f"check must be 'first-use' or 'now', got {check!r}")
     check_dtype(torch.device(device), dtype)
-    path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"model folder {path} does not exist")
-    if not path.is_dir():
-        raise CheckpointError(f"{path} is a file; minidiff.load takes a model folder (config.json, scheduler.json, "
-                              "model.safetensors). Convert single-file checkpoints with convert/ first")
-    config = _read_json(path / "config.json", "model config")
-    if config.get("format") != FORMAT:
-        raise CheckpointError(f"{path / 'config.json'} is not a minidiff config (format={config.get('format')!r}); "
-                              "convert the model with the scripts in convert/ first")
-    kinds = [k for k in DENOISERS if k in config]
-    if len(kinds) != 1 or not isinstance(config[kinds[0]], dict):
-        raise CheckpointError(f"{path / 'config.json'} needs exactly one \"unet\" or \"dit\" section (the denoising "
-                              f"network), found {kinds or 'none'}; the folder is damaged or not a minidiff model")
-    kind = kinds[0]
-    scheduler = SchedulerConfig.from_dict(_read_json(path / "scheduler.json", "noise schedule"))
-    weights = path / "model.safetensors"
-    if not weights.exists():
-        raise CheckpointError(f"{weights} is missing")
-    parts = split_state_dict(read_state_dict(weights, allow_nan=True))
-    unknown = sorted(set(parts) - {kind, "autoencoder", "text_encoder"})
-    if unknown:
-        raise CheckpointError(f"{weights} has weights for unknown component(s) {unknown}")
-
-    # Built on the meta device, the mapped file's tensors become the parameters: one read, no copy
-    # unless a dtype or device change needs one. The autoencoder stays float32 (see Pipeline.to).
-    unet_dtype = torch.float32 if dtype is None else dtype
-    common = dict(device=device, allow_nan=allow_nan, source=str(weights), check_on_first_use=check == "first-use")
-    network, config_class, model_class = ("DiT", DiTConfig, DiT) if kind == "dit" else ("U-Net", UNetConfig, UNet)
-    net_config = config_class.from_dict(config[kind])
-    unet = build_loaded(lambda: model_class(net_config), parts.get(kind, {}), network, dtype=unet_dtype, **common)
-    autoencoder = text_encoder = tokenizer = None
-    if config.get("autoencoder") is not None:
-        from .autoencoder import Autoencoder, AutoencoderConfig
-
-        vae_config = AutoencoderConfig.from_dict(config["autoencoder"])
-        autoencoder = build_loaded(lambda: Autoencoder(vae_config), parts.get("autoencoder", {}), "autoencoder",
-                                   dtype=torch.float32, **common)
-    if config.get("text_encoder") is not None:
-        from .text import CLIPTextConfig, CLIPTextEncoder, CLIPTokenizer
-
-        text_config = CLIPTextConfig.from_dict(config["text_encoder"])
-        text_encoder = build_loaded(lambda: CLIPTextEncoder(text_config), parts.get("text_encoder", {}),
-                                    "text encoder", dtype=unet_dtype, **common)
-        tokenizer = CLIPTokenizer.from_folder(path / "tokenizer")
-    meta = {k: v for k, v in config.items() if k not in ("format", "format_version", *DENOISERS, "autoencoder",
-                                                          "text_encoder", "null_class", "class_names")}
-    try:
-        calibration, calibration_error = load_calibrated(path / "calibration.json"), None
-    except ValueError as e:  # optional: only cache_schedule="calibrated" needs it
-        calibration, calibration_error = None, str(e)
-        warnings.warn(f"{calibration_error}. The model loads without it; cache_schedule='calibrated' is unavailable",
-                      stacklevel=2)
-    pipe = Pipeline(unet, scheduler, autoencoder=autoencoder, text_encoder=text_encoder, tokenizer=tokenizer,
-                    null_class=config.get("null_class"), class_names=config.get("class_names"),
-                    calibration=calibration, meta=meta, pack=False)
+    denoiser, scheduler, parts, calibration_error = folder.read(path, device=device, dtype=dtype,
+                                                                allow_nan=allow_nan, check=check)
+    pipe = Pipeline(denoiser, scheduler, **parts, pack=False)
     pipe.calibration_error = calibration_error
+    pipe.source = Path(path)
     return pipe.to(device=device, dtype=dtype, pack=pack)

@@ -88,8 +88,13 @@ class SchedulerConfig:
     def from_dict(cls, d):
         """Build from a diffusers scheduler_config.json dict, skipping keys that do not change the numbers."""
         known = {f.name for f in fields(cls)}
+        # diffusers lists in _use_default_values the keys it filled with its class's defaults; like its
+        # from_config, treat them as unset (an unset timestep_spacing means each sampler's own default)
+        defaulted = d.get("_use_default_values") or ()
         kwargs = {}
         for key, value in d.items():
+            if key in defaulted:
+                continue
             if key in known:
                 kwargs[key] = value
             elif key in UNSUPPORTED_UNLESS:

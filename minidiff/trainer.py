@@ -513,7 +513,7 @@ def _read_checkpoint(path, cfg: TrainConfig) -> dict:
         raise ValueError(f"cannot resume from {path}: it was trained with a different config ({'; '.join(differing)})."
                          " Resume with the original settings (see its train_state.json), or start a new run")
     meta["tensors"] = read_state_dict(path / "train_state.safetensors")
-    meta["ema"] = load(path / "model").unet.state_dict()
+    meta["ema"] = load(path / "model").denoiser.state_dict()
     meta["losses"] = [(int(r["step"]), float(r["loss"]), float(r["images_per_s"]), float(r["seconds"]))
                       for r in csv.DictReader(io.StringIO((path / "loss.csv").read_text()))]
     return meta

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, NamedTuple, Optional
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +23,7 @@ from torch import nn
 
 from .checks import batch_timesteps, check_config, check_labels
 from .config import config_from_dict, config_to_dict
+from .denoiser import CutState, Denoiser, FeatureCache, count_macs  # noqa: F401 (importable from here as before)
 from .packing import Conv2d, Linear
 
 
@@ -303,38 +304,12 @@ class Layer(nn.ModuleList):
 
 
 @dataclass
-class FeatureCache:
-    """The decoder state entering output_blocks[-1 - branch], kept from the last full step; `branch`
-    records where it was taken, so a shallow step can check the cache belongs to it."""
-
-    branch: int
-    hidden: torch.Tensor
-
-
-@dataclass
 class _Cond:
     emb: torch.Tensor
     context: Optional[torch.Tensor]
 
 
-@dataclass
-class CutState:
-    """A step after `input_blocks[:branch + 1]`: what every step computes before it must choose
-    between continuing into the deep part (a refresh) and decoding from a cached feature."""
-
-    branch: int
-    h: torch.Tensor
-    skips: list
-    cond: _Cond
-
-    def rows(self, index: torch.Tensor) -> "CutState":
-        """The same state for a subset of the batch (a sub-batch that refreshes, or one that does not)."""
-        context = None if self.cond.context is None else self.cond.context[index]
-        return CutState(self.branch, self.h[index], [s[index] for s in self.skips],
-                        _Cond(self.cond.emb[index], context))
-
-
-class UNet(nn.Module):
+class UNet(Denoiser):
     # Input sizes need be multiples of this only: stride-2 convs round odd sizes and upsampling meets
     # each skip's size (a network without the attribute is held to its downsample_factor).
     input_multiple = 1
@@ -398,10 +373,6 @@ class UNet(nn.Module):
         # reorders, and a transformer's (B, C, H, W) -> (B, HW, C) becomes a view. Weights keep
         # this layout through load_state_dict; files are written contiguous as usual.
         self.to(memory_format=torch.channels_last)
-        # Called as recorder(name, tensor) for every layer output when set (see minidiff.analysis).
-        self.recorder: Optional[Callable[[str, torch.Tensor], None]] = None
-        # The noise schedule's length when known (a Pipeline sets it): timesteps must lie below it.
-        self.num_train_timesteps: Optional[int] = None
 
     @property
     def num_branches(self) -> int:
@@ -417,6 +388,42 @@ class UNet(nn.Module):
                 height, width = ((n + 1) // 2 if not last.asymmetric else n // 2 for n in (height, width))
             shapes.append((ch, height, width))
         return shapes
+
+    def feature_shapes(self, height: int, width: int) -> list:
+        """What one step holds at its peak: every skip connection (all alive when decoding starts)."""
+        return self.skip_shapes(height, width)
+
+    def cache_shape(self, height: int, width: int, branch: int) -> tuple:
+        """(C, H, W) of the decoder state entering output_blocks[-1 - branch], which a shallow step reuses."""
+        skip_channels, h, w = self.skip_shapes(height, width)[branch]
+        return self.output_blocks[-1 - branch][0].conv1.in_channels - skip_channels, h, w  # h is cat with the skip
+
+    # -- recorder names -------------------------------------------------------------------------
+    # enc.i is the output of input_blocks[i] (skip i), mid the bottleneck, dec.i the output of
+    # output_blocks[i]. A shallow step at branch b reuses the state entering output_blocks[-1 - b]:
+    # the output of dec.{n - 2 - b}, or of mid for the deepest branch.
+
+    def layer_names(self) -> list:
+        """Recorder names in depth order: enc.0 .. enc.n-1, mid, dec.0 .. dec.n-1."""
+        return ([f"enc.{i}" for i in range(len(self.input_blocks))] + ["mid"]
+                + [f"dec.{i}" for i in range(len(self.output_blocks))])
+
+    def cached_layer(self, branch: int) -> str:
+        """The layer whose output a shallow step at `branch` reuses (what FeatureCache.hidden holds)."""
+        self.check_branch(branch)
+        i = len(self.output_blocks) - 2 - branch
+        return "mid" if i < 0 else f"dec.{i}"
+
+    def layer_role(self, name: str) -> str:
+        """What a layer is in DeepCache's terms, for tables."""
+        n = len(self.output_blocks)
+        if name == "mid":
+            return f"bottleneck, cached at branch {n - 1}"
+        kind, i = name.split(".")
+        if kind == "enc":
+            return f"skip {i}"
+        consumes = f"consumes skip {n - 1 - int(i)}"
+        return consumes if int(i) == n - 1 else f"{consumes}, cached at branch {n - 2 - int(i)}"
 
     # -- conditioning ---------------------------------------------------------------------------
 
@@ -475,7 +482,7 @@ class UNet(nn.Module):
     def _check_labels(self, labels, batch: int) -> torch.Tensor:
         return check_labels(labels, batch, self.config.num_classes, self.time_embed.linear_1.weight.device, "U-Net")
 
-    # -- the three paths ------------------------------------------------------------------------
+    # -- the primitives (minidiff.denoiser), unchecked --------------------------------------------
 
     def _check_input(self, x):
         f = self.config.downsample_factor
@@ -484,53 +491,6 @@ class UNet(nn.Module):
         if x.shape[2] < f or x.shape[3] < f:  # any size works (upsampling meets each skip's size); none below f
             raise ValueError(f"image size {x.shape[2]}x{x.shape[3]} is smaller than {f}, the network's total "
                              f"downsampling; use at least {f}x{f}")
-
-    def _check_timesteps(self, t):
-        """NaN, negative or past the schedule is an error. Checked where it costs no device sync:
-        Python numbers and CPU tensors (the samplers' timesteps); device tensors are trusted."""
-        if torch.is_tensor(t):
-            if t.device.type != "cpu" or t.numel() == 0:
-                return
-            low, high = (t.min(), t.max()) if t.numel() > 1 else (t, t)
-            low, high = float(low), float(high)
-        elif isinstance(t, (int, float)) and not isinstance(t, bool):
-            low = high = float(t)
-        else:
-            return  # lists and the like: torch.as_tensor in embed decides
-        last = self.num_train_timesteps
-        if not (math.isfinite(low) and math.isfinite(high)) or low < 0 or (last is not None and high >= last):
-            bad = low if not math.isfinite(low) or low < 0 else high
-            span = f"[0, {last})" if last is not None else "[0, the schedule's length)"
-            raise ValueError(f"timestep t={bad} lies outside the noise schedule {span}; pass t from the schedule "
-                             "(e.g. minidiff.schedules.make_timesteps)")
-
-    def _check_cache(self, x, cache: "FeatureCache", branch: Optional[int]):
-        """The cheap facts that tie a cache to this call: branch, batch, channels, spatial size, dtype, device."""
-        if not isinstance(cache, FeatureCache):
-            raise TypeError(f"cache must be the FeatureCache returned by forward_full, got {type(cache).__name__}")
-        self._check_branch(cache.branch)
-        if branch is not None and branch != cache.branch:
-            raise ValueError(f"the cache was taken at branch {cache.branch}, this shallow step asks for branch "
-                             f"{branch}; run forward_full with branch={branch} first")
-        hidden = cache.hidden
-        if not torch.is_tensor(hidden) or hidden.ndim != 4:
-            raise ValueError(f"cache.hidden must be a (B, C, H, W) tensor, got "
-                             f"{tuple(hidden.shape) if torch.is_tensor(hidden) else type(hidden).__name__}")
-        if hidden.shape[0] != x.shape[0]:
-            raise ValueError(f"the cache was made for batch {hidden.shape[0]}, this step has batch {x.shape[0]}")
-        skip_channels, height, width = self.skip_shapes(x.shape[2], x.shape[3])[cache.branch]
-        channels = self.output_blocks[-1 - cache.branch][0].conv1.in_channels - skip_channels  # h is cat with the skip
-        if tuple(hidden.shape[1:]) != (channels, height, width):
-            raise ValueError(f"the cache holds a {tuple(hidden.shape[1:])} feature, but branch {cache.branch} of a "
-                             f"{x.shape[2]}x{x.shape[3]} input needs ({channels}, {height}, {width}): it was made for "
-                             "another branch, size or model")
-        if hidden.dtype != x.dtype or hidden.device != x.device:
-            raise ValueError(f"the cache is {hidden.dtype} on {hidden.device}, the input {x.dtype} on {x.device}; "
-                             "make the cache with the same model, dtype and device")
-
-    def _check_branch(self, branch: int):
-        if isinstance(branch, bool) or not isinstance(branch, int) or not 0 <= branch < self.num_branches:
-            raise ValueError(f"cache branch must be an int in [0, {self.num_branches - 1}], got {branch!r}")
 
     def _encode(self, h, c: _Cond, layers, start: int = 0):
         skips = []
@@ -554,138 +514,23 @@ class UNet(nn.Module):
         return self.out_conv(F.silu(self.out_norm(h), inplace=not torch.is_grad_enabled())).contiguous(), cached
 
     def _cut(self, x, t, cond, branch) -> CutState:
+        """input_blocks[:branch + 1]; h is the last of their skips."""
         x = x.contiguous(memory_format=torch.channels_last)
         c = self.embed(x, t, cond)
         h, skips = self._encode(x, c, self.input_blocks[: branch + 1])
         return CutState(branch, h, skips, c)
 
-    def _rest(self, state: CutState, cache_at):
-        """Everything after the cut: the rest of the encoder, the middle and the whole decoder."""
+    def _rest(self, state: CutState, keep: bool):
+        """The rest of the encoder, the middle and the whole decoder; keeps the state entering
+        output_blocks[-1 - branch] when `keep`."""
         c = state.cond
         h, deeper = self._encode(state.h, c, self.input_blocks[state.branch + 1:], start=state.branch + 1)
         h = self.middle_block(h, c.emb, c.context)
         if self.recorder is not None:
             self.recorder("mid", h)
+        cache_at = len(self.output_blocks) - 1 - state.branch if keep else None
         return self._decode(h, state.skips + deeper, c, 0, cache_at)
 
-    def _full(self, x, t, cond, cache_at):
-        return self._rest(self._cut(x, t, cond, 0), cache_at)
-
-    def forward(self, x, t, cond=None):
-        """The whole network, nothing kept."""
-        self._check_input(x)
-        self._check_timesteps(t)
-        t, cond = self._check_cond(x, t, cond)
-        return self._full(x, t, cond, None)[0]
-
-    def forward_full(self, x, t, cond=None, *, branch: int = 0):
-        """The whole network; also returns the cache a later shallow step at `branch` reuses."""
-        self._check_branch(branch)
-        self._check_input(x)
-        self._check_timesteps(t)
-        t, cond = self._check_cond(x, t, cond)
-        out, hidden = self._full(x, t, cond, len(self.output_blocks) - 1 - branch)
-        return out, FeatureCache(branch, hidden)
-
-    def forward_shallow(self, x, t, cond=None, *, cache: FeatureCache, branch: Optional[int] = None):
-        """Only the skip branch: input_blocks[:b+1] and output_blocks[-1-b:], reusing the cached state.
-
-        `branch`, if given, must be the cache's; the cache must fit this input (checked cheaply)."""
-        self._check_input(x)
-        self._check_cache(x, cache, branch)
-        self._check_timesteps(t)
-        t, cond = self._check_cond(x, t, cond)
-        return self._shallow(x, t, cond, cache.hidden, cache.branch)
-
-    def _shallow(self, x, t, cond, hidden, branch):
-        return self._from_cache(self._cut(x, t, cond, branch), hidden)
-
     def _from_cache(self, state: CutState, hidden):
+        """output_blocks[-1 - branch:] from a deep feature, with the cut's skips."""
         return self._decode(hidden, list(state.skips), state.cond, len(self.output_blocks) - 1 - state.branch)[0]
-
-    # A step split at the cut, for callers that decide between the two paths per sample at run time:
-    # forward_cut, then forward_rest (what forward_full computes, nothing recomputed) or
-    # forward_from_cache (what forward_shallow computes).
-
-    def forward_cut(self, x, t, cond=None, *, branch: int = 0) -> CutState:
-        """Only input_blocks[:branch + 1], the part a full and a shallow step share."""
-        self._check_branch(branch)
-        self._check_input(x)
-        self._check_timesteps(t)
-        t, cond = self._check_cond(x, t, cond)
-        return self._cut(x, t, cond, branch)
-
-    def forward_rest(self, state: CutState):
-        """Continue a cut into the deep part: (output, FeatureCache), equal to forward_full's."""
-        out, hidden = self._rest(state, len(self.output_blocks) - 1 - state.branch)
-        return out, FeatureCache(state.branch, hidden)
-
-    def forward_from_cache(self, state: CutState, hidden: torch.Tensor) -> torch.Tensor:
-        """Finish a cut from a deep feature (cached or forecast), as forward_shallow does."""
-        return self._from_cache(state, hidden)
-
-    def compile_paths(self, *, pack: bool = True, **kwargs) -> "UNet":
-        """torch.compile the full and the shallow path (each branch compiles once, on first use).
-
-        Not `nn.Module.compile`, which compiles `__call__` in place; this returns the U-Net itself.
-        The batch dimension is compiled dynamic, so a guided run (2B) and an unguided one (B), or a
-        smaller last batch, reuse one graph; batch 1 is the exception, compiled once on its own."""
-        from .checkpoint import finish_finite_checks
-        from .packing import pack_now
-
-        finish_finite_checks(self)  # checks pending since a lazy load would break the compiled graph
-        if pack:
-            pack_now(self)  # the graph calls packed layers as opaque oneDNN kernels (CPU float32 only)
-        self._full = _batch_dynamic(torch.compile(self._full, **kwargs))
-        self._shallow = _batch_dynamic(torch.compile(self._shallow, **kwargs))
-        return self
-
-    # -- cost -----------------------------------------------------------------------------------
-
-    @torch.no_grad()
-    def macs(self, x: torch.Tensor, t=500, cond=None, *, branch: int = 0) -> dict:
-        """Multiply-accumulates of one full and one shallow step at `branch`, counted by running them."""
-        return count_macs(self, x, t, cond, branch)
-
-
-@torch.no_grad()
-def count_macs(model: nn.Module, x: torch.Tensor, t, cond, branch: int) -> dict:
-    """{"full", "shallow"}: multiply-accumulates of one forward_full and one forward_shallow of `model`."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    # torch's counter knows the GPU attention kernels but not the CPU one, which it counts as 0
-    cpu_attention = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _attention_flops}
-    counts = {}
-    with FlopCounterMode(display=False, custom_mapping=cpu_attention) as counter:
-        _, cache = model.forward_full(x, t, cond, branch=branch)
-    counts["full"] = counter.get_total_flops() // 2
-    with FlopCounterMode(display=False, custom_mapping=cpu_attention) as counter:
-        model.forward_shallow(x, t, cond, cache=cache)
-    counts["shallow"] = counter.get_total_flops() // 2
-    return counts
-
-
-def _batch_dynamic(path: Callable) -> Callable:
-    """Call a compiled path with the batch dimension of every tensor argument marked dynamic."""
-
-    def run(*args):
-        for tensor in _tensors(args):
-            if tensor.ndim:
-                torch._dynamo.maybe_mark_dynamic(tensor, 0)
-        return path(*args)
-
-    return run
-
-
-def _tensors(value):
-    if torch.is_tensor(value):
-        yield value
-    elif isinstance(value, (tuple, list)):  # PreparedContext is a tuple too
-        for item in value:
-            yield from _tensors(item)
-
-
-def _attention_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
-    """FLOPs of softmax(QK^T)V: two matrix products, 2 FLOPs per multiply-accumulate."""
-    *batch, queries, dim = query_shape
-    return 2 * math.prod(batch) * queries * key_shape[-2] * (dim + value_shape[-1])

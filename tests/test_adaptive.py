@@ -192,22 +192,24 @@ def test_a_batch_equals_its_samples_run_alone(guidance):
     torch.testing.assert_close(batch, torch.cat(alone), rtol=1e-4, atol=1e-5)
 
 
-# -- the acceptance check on the shipped model ----------------------------------------------------
+# -- the shipped model, as docs/adaptive.md reports it ------------------------------------------------
 
 @pytest.mark.skipif(not (SHIPPED / "model.safetensors").exists(), reason="the shipped digits model is absent")
 @pytest.mark.parametrize("seed", [1, 2])
-def test_shipped_model_adaptive_at_uniform_5_macs_matches_uniform_3(seed):
-    from minidiff.analysis import psnr
+def test_shipped_model_adaptive_at_uniform_5_macs_beats_uniform_3_and_order_2(seed):
+    """docs/adaptive.md's table, in its metric: the mean over images of each image's PSNR."""
+    from minidiff.metrics import psnr
 
     pipe = load(SHIPPED)
     common = dict(steps=50, sampler="ddim", class_labels=list(range(8)), seed=seed, progress=False)
     reference = pipe.generate(**common)
-    uniform3 = psnr(pipe.generate(**common, cache_interval=3), reference)
+    uniform3 = psnr(pipe.generate(**common, cache_interval=3), reference, per_image=True)
     pipe.generate(**common, cache_interval=5)
     budget = pipe.last_run.mac_fraction
+    order2 = psnr(pipe.generate(**common, cache_interval=5, cache_forecast=2), reference, per_image=True)
     adaptive = pipe.generate(**common, cache_schedule="adaptive", cache_budget=budget)
     run = pipe.last_run
     assert run.forecast == 2
     assert run.mac_fraction <= budget + 1e-12
     assert len({tuple(s) for s in run.full_steps_per_sample}) > 1
-    assert psnr(adaptive, reference) >= uniform3
+    assert psnr(adaptive, reference, per_image=True) > max(uniform3, order2)

@@ -123,9 +123,10 @@ def test_guidance_caches_both_halves_together():
     noise = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(3))
     labels = torch.tensor([0, 1])
     calls = []
-    real_full, real_shallow = pipe.unet.forward_full, pipe.unet.forward_shallow
-    pipe.unet.forward_full = lambda x, t, c, branch: calls.append(("full", x.shape[0])) or real_full(x, t, c, branch=branch)
-    pipe.unet.forward_shallow = lambda x, t, c, cache: calls.append(("shallow", x.shape[0])) or real_shallow(x, t, c, cache=cache)
+    net = pipe.denoiser  # every step is a cut, then the deep part (full) or the cached feature (shallow)
+    real_rest, real_from_cache = net.forward_rest, net.forward_from_cache
+    net.forward_rest = lambda state: calls.append(("full", state.h.shape[0])) or real_rest(state)
+    net.forward_from_cache = lambda state, h: calls.append(("shallow", state.h.shape[0])) or real_from_cache(state, h)
     pipe.generate(steps=6, noise=noise, class_labels=labels, guidance_scale=3.0, cache_interval=3, progress=False)
     assert calls == [("full", 4), ("shallow", 4), ("shallow", 4), ("full", 4), ("shallow", 4), ("shallow", 4)]
 

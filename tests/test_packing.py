@@ -226,31 +226,31 @@ def test_layers_that_cannot_pack_are_left_alone():
 
 def test_pipeline_packs_on_cpu_float32_and_compiled_paths_call_packed_kernels():
     pipe = tiny_pipeline()
-    layers = packing_layers(pipe.unet)
+    layers = packing_layers(pipe.denoiser)
     assert layers and all(m.packs for m in layers)  # the pipeline turned packing on
     pipe.to(pack=False)
     assert not any(m.packs for m in layers)
     pipe.to(pack=True)
     run = dict(batch_size=2, steps=3, class_labels=[0, 1], seed=0, output="latent", progress=False)
     images = pipe.generate(**run)
-    assert packing.packed_layers(pipe.unet) == len(layers)
+    assert packing.packed_layers(pipe.denoiser) == len(layers)
     plain = tiny_pipeline()
     plain.to(pack=False)
     want = plain.generate(**run)
     assert (images - want).abs().max().item() <= 1e-5
-    pipe.unet.compile_paths(backend="eager", fullgraph=True)  # fullgraph: the packed kernels trace as ops
-    assert packing.packed_layers(pipe.unet) == len(layers)  # all of them, before tracing
+    pipe.denoiser.compile_paths(backend="eager", fullgraph=True)  # fullgraph: the packed kernels trace as ops
+    assert packing.packed_layers(pipe.denoiser) == len(layers)  # all of them, before tracing
     compiled = pipe.generate(**run)
     assert torch.equal(compiled, images)
     # a compiled model still training: the compiled graph's packed kernels see the updated weights
-    target = tiny_pipeline(seed=4).unet
+    target = tiny_pipeline(seed=4).denoiser
     with torch.no_grad():
-        for model in (pipe.unet, plain.unet):
+        for model in (pipe.denoiser, plain.denoiser):
             for p, q in zip(model.parameters(), target.parameters()):
                 p.lerp_(q, 0.5)
     compiled, want = pipe.generate(**run), plain.generate(**run)
     assert (compiled - want).abs().max().item() <= 1e-5 and not torch.allclose(compiled, images, atol=1e-3)
-    assert packing.packed_layers(pipe.unet) == len(layers)
+    assert packing.packed_layers(pipe.denoiser) == len(layers)
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="MADV_PAGEOUT is Linux's")
@@ -293,5 +293,5 @@ def test_a_torch_without_the_packed_kernels_keeps_plain_layers(monkeypatch):
     monkeypatch.setattr(packing, "_kernels_work", lambda: False)
     assert not packing.available()
     pipe = tiny_pipeline()
-    assert not any(m.packs for m in packing_layers(pipe.unet))
+    assert not any(m.packs for m in packing_layers(pipe.denoiser))
     assert packing.pack(text_unet()) == 0

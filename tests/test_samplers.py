@@ -355,3 +355,21 @@ def test_model_with_wrong_output_shape_is_an_error():
 
     with pytest.raises(ValueError, match="output shaped like x"):
         sample_ddpm(learned_variance_model, initial_noise(), SchedulerConfig(), 3, progress=False)
+
+
+def test_keys_diffusers_filled_with_defaults_stay_unset():
+    """A config dumped from a loaded diffusers scheduler names its defaulted keys in _use_default_values;
+    diffusers' from_config treats them as unset, so DPM++ 2M gets its own spacing, not PNDM's "leading"."""
+    from diffusers import DPMSolverMultistepScheduler
+
+    from minidiff.samplers import sigma_schedule
+
+    pndm = PNDMScheduler.from_config(load(SD15))
+    dumped = dict(pndm.config)
+    assert dumped["timestep_spacing"] == "leading" and "timestep_spacing" in dumped["_use_default_values"]
+    config = SchedulerConfig.from_dict(dumped)
+    assert config.timestep_spacing is None
+    reference = DPMSolverMultistepScheduler.from_config(pndm.config)
+    reference.set_timesteps(10)
+    _, timesteps = sigma_schedule(config, 10, multistep=True)
+    assert torch.equal(torch.as_tensor(timesteps).long(), reference.timesteps.long())

@@ -120,8 +120,8 @@ def main(argv=None):
     except (CheckpointError, FileExistsError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    n = sum(p.numel() for p in pipe.unet.parameters())
-    print(f"wrote {args.dst}: DDPM U-Net, {n:,} parameters, {pipe.unet.num_branches} cache branches, "
+    n = sum(p.numel() for p in pipe.denoiser.parameters())
+    print(f"wrote {args.dst}: DDPM U-Net, {n:,} parameters, {pipe.denoiser.num_branches} cache branches, "
           f"variance {pipe.scheduler.variance_type}; {args.dtype} weights")
     return 0
 

@@ -401,11 +401,11 @@ def main(argv=None):
     except (CheckpointError, FileExistsError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    modules = {"U-Net": pipe.unet, "VAE": pipe.autoencoder, "text encoder": pipe.text_encoder}
+    modules = {"U-Net": pipe.denoiser, "VAE": pipe.autoencoder, "text encoder": pipe.text_encoder}
     counts = {name: sum(p.numel() for p in module.parameters()) for name, module in modules.items()}
     print(f"wrote {args.dst}: Stable Diffusion 1.x ({pipe.meta['layout']}), "
           + ", ".join(f"{name} {n:,}" for name, n in counts.items())
-          + f" parameters; {pipe.unet.num_branches} cache branches; {args.dtype} weights")
+          + f" parameters; {pipe.denoiser.num_branches} cache branches; {args.dtype} weights")
     return 0
 
 
