@@ -70,7 +70,7 @@ def build(model: str, latent: int, device="cpu", dtype=torch.float32, unet_kwarg
     """(diffusers U-Net, minidiff U-Net with the same weights, x, cond) for one model."""
     from minidiff.checkpoint import load_weights
     from minidiff.unet import UNet
-    from minidiff.convert.unet_keys import config_from_diffusers, diffusers_to_native
+    from minidiff.formats.unet_keys import config_from_diffusers, diffusers_to_native
 
     ref = reference_unet(model, unet_kwargs)
     config = config_from_diffusers(dict(ref.config, _class_name=type(ref).__name__))
@@ -177,7 +177,7 @@ def child(args):
     import threading
 
     from minidiff.unet import UNet
-    from minidiff.convert.unet_keys import config_from_diffusers
+    from minidiff.formats.unet_keys import config_from_diffusers
 
     model = args.models[0]
     x, cond = inputs(model, args.latent)

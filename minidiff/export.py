@@ -10,7 +10,7 @@ class-conditional one as `num_class_embeds`: diffusers adds the class embedding 
 embedding, as minidiff's `class_cond="add"` does). `original` writes SD's single `.safetensors`
 file with the CompVis key names (`model.diffusion_model.*`, `first_stage_model.*`,
 `cond_stage_model.transformer.text_model.*`). Key names come from the converters' tables run
-backwards (convert/export_keys), so converting in and exporting out gives back every tensor the
+backwards (formats/export_keys), so converting in and exporting out gives back every tensor the
 converter read, exactly. A model a format cannot express is refused, naming what is missing,
 before anything is written; DST is written atomically and replaced only with --overwrite.
 """
@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from .checkpoint import CheckpointError, atomic_folder, check_apart, save_json, save_safetensors
-from .convert.export_keys import unet_to, vae_to_diffusers
+from .formats.export_keys import unet_to, vae_to_diffusers
 from .unet import UNetConfig
 
 FORMATS = ("diffusers", "original")

@@ -12,7 +12,7 @@ publish name the layers differently, and both are read:
 - diffusers / PEFT (`pytorch_lora_weights.safetensors`): `unet.<diffusers name>.lora_A.weight` /
   `.lora_B.weight`, the older `.lora.down.weight` / `.lora.up.weight` and attention-processor
   forms, `text_encoder.text_model.encoder...`.
-Layer names go through the converters' key tables (convert/export_keys inverts unet_keys), so a
+Layer names go through the key tables of minidiff.formats (export_keys inverts unet_keys), so a
 LoRA reaches exactly the weights a converted checkpoint fills. The whole file is checked before any
 weight changes: nothing is ever merged halfway. Only .safetensors is read (nothing is unpickled).
 """
@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from .checkpoint import CheckpointError, read_state_dict
-from .convert.export_keys import unet_names
+from .formats.export_keys import unet_names
 
 # The suffix of each LoRA tensor: which part it is. The module name is what comes before it.
 _PARTS = [

@@ -24,7 +24,7 @@ from ..pipeline import Pipeline
 from ..schedules import SchedulerConfig
 from ..unet import UNet
 from .storage import add_dtype_argument, storage_dtype
-from .unet_keys import config_from_diffusers, config_from_pesser, diffusers_to_native, pesser_to_native
+from ..formats.unet_keys import config_from_diffusers, config_from_pesser, diffusers_to_native, pesser_to_native
 
 WEIGHT_NAMES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin", "model.safetensors")
 

@@ -41,8 +41,8 @@ from ..pipeline import Pipeline
 from ..schedules import SchedulerConfig
 from ..unet import UNet, UNetConfig
 from .storage import add_dtype_argument, storage_dtype
-from .unet_keys import config_from_openaimodel, openaimodel_to_native
-from .vae_keys import autoencoder_config_from_ldm, ldm_to_native
+from ..formats.unet_keys import config_from_openaimodel, openaimodel_to_native
+from ..formats.vae_keys import autoencoder_config_from_ldm, ldm_to_native
 
 UNET_PREFIX = "model.diffusion_model."
 FIRST_STAGE_PREFIX = "first_stage_model."

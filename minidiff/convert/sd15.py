@@ -36,7 +36,7 @@ from typing import Mapping, Optional
 
 import torch
 
-from . import unet_keys, vae_keys
+from ..formats import unet_keys, vae_keys
 from ..autoencoder import Autoencoder, AutoencoderConfig
 from ..checkpoint import (CheckpointError, check_conversion_paths, check_finite, check_state_dict,
                                  read_state_dict)
@@ -45,7 +45,7 @@ from ..pipeline import Pipeline
 from ..schedules import SchedulerConfig
 from ..text import CLIPTextConfig, CLIPTextEncoder, CLIPTokenizer
 from .storage import add_dtype_argument, storage_dtype
-from .text_keys import text_config_from_weights, text_keys_to_native, tokenizer_from_folder
+from ..formats.text_keys import text_config_from_weights, text_keys_to_native, tokenizer_from_folder
 from ..unet import UNet, UNetConfig
 
 # Where each model sits in the single file (LatentDiffusion's attribute names).
