@@ -23,7 +23,7 @@ from typing import Iterable, Optional
 import torch
 from torch import nn
 
-from .layout import memory_format
+from .memory_format import memory_format
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 

@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 from .cache import mac_bound
 from .checks import check_steps
 from .data import find_weights
-from .grid import auto_scale, check_grid, class_titles, grid_image, save_image, side_by_side
+from .images import auto_scale, check_grid, class_titles, grid_image, save_image, side_by_side
 from .metrics import load_metric, psnr
 from .pipeline import Pipeline, load
 

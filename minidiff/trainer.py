@@ -46,7 +46,7 @@ from .checkpoint import CheckpointError, load_weights, read_state_dict
 from .writing import TRAINING_KIND, atomic_folder, atomic_path, folder_kind, remove_folder, save_json, save_safetensors
 from .config import config_to_dict
 from .data import ImageSet, load_dataset, save_grid
-from .grid import class_titles
+from .images import class_titles
 from .pipeline import Pipeline, load
 from .plots import plot_loss
 from .schedules import NoiseSchedule, SchedulerConfig

@@ -10,7 +10,7 @@ import torch
 
 import minidiff.pipeline
 from minidiff import cli
-from minidiff.grid import class_titles
+from minidiff.images import class_titles
 
 from conftest import REPO, tiny_pipeline
 

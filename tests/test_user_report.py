@@ -53,10 +53,10 @@ def refuse_work(monkeypatch):
     import minidiff.demo
     import minidiff.forecast_bench
     import minidiff.probe
-    import minidiff.sharded
+    import minidiff.sample_many
     import minidiff.trainer
 
-    for module, name in ((minidiff.pipeline.Pipeline, "generate"), (minidiff.sharded, "sample_many"),
+    for module, name in ((minidiff.pipeline.Pipeline, "generate"), (minidiff.sample_many, "sample_many"),
                          (minidiff.trainer, "train"), (minidiff.probe, "run"),
                          (minidiff.calibration, "calibrate"), (minidiff.forecast_bench, "compare")):
         monkeypatch.setattr(module, name, refuse)
@@ -258,7 +258,7 @@ def test_probe_of_an_unconditional_model_is_refused_before_work(tmp_path, refuse
 
 
 def test_threads_beyond_the_cpus_are_capped_with_a_warning(capsys):
-    from minidiff.cli.edge import usable_cpus
+    from minidiff.cli.common import usable_cpus
 
     before = torch.get_num_threads()
     try:

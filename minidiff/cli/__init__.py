@@ -2,7 +2,7 @@
 convert, export).
 
 Library modules do not parse arguments; each command here is a parser function and a run function
-in `COMMANDS`. `run` gives every command the same edge (`edge.py`): usage errors and user errors as
+in `COMMANDS`. `run` gives every command the same edge (`common.py`): usage errors and user errors as
 one line (`error: ...`, exit 2 and 1), flags named as the user typed them, the thread count set, and
 output paths and optional packages checked before any work starts.
 """
@@ -13,7 +13,7 @@ import sys
 from dataclasses import dataclass
 from typing import Callable, Optional
 
-from .edge import Parser, USER_ERRORS, check_output, cli_message, default_threads, one_line_warnings, require, set_threads
+from .common import Parser, USER_ERRORS, check_output, cli_message, default_threads, one_line_warnings, require, set_threads
 from .explain import _explain, _explain_parser
 from .generate import _demo, _demo_parser, _info, _info_parser, _sample, _sample_many, _sample_many_parser, _sample_parser
 from .measure import _analyze, _analyze_parser, _bench, _bench_parser

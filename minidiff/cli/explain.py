@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import time
 
-from .edge import Parser, _threads_arg, check_output
+from .common import Parser, _threads_arg, check_output
 
 
 def _explain_parser() -> Parser:

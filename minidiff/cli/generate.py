@@ -6,7 +6,7 @@ import math
 import os
 import sys
 
-from .edge import (USER_ERRORS, check_device, check_fractions, check_ints, check_output, check_replaceable_image,
+from .common import (USER_ERRORS, check_device, check_fractions, check_ints, check_output, check_replaceable_image,
                    cli_message, _load, MAX_SCALE, Parser, require, resolve_classes, _scale_arg, _threads_arg)
 
 MAX_BATCH = 4096  # generate's limit on one batch
@@ -103,7 +103,7 @@ def generate_options(args) -> dict:
 # -- sample ------------------------------------------------------------------------------------------
 
 def _sample_parser() -> Parser:
-    from ..grid import IMAGE_FORMATS
+    from ..images import IMAGE_FORMATS
 
     p = Parser(prog="minidiff sample", description="Sample a model, optionally with caching.")
     add_generate_arguments(p)
@@ -127,7 +127,7 @@ def _sample(args) -> int:
 
     from ..data import save_grid
     from ..demo import network_name
-    from ..grid import auto_scale, check_grid, class_titles
+    from ..images import auto_scale, check_grid, class_titles
     from ..lora import parse_lora_arg
 
     loras = [parse_lora_arg(text) for text in args.lora]  # a malformed --lora is refused before loading
@@ -209,9 +209,9 @@ def _sample_many(args) -> int:
     require("PIL", "writing images")
     from pathlib import Path
 
-    from .. import sharded
+    from .. import sample_many
 
-    rank, world, device, made_group = sharded.distributed(args.device)
+    rank, world, device, made_group = sample_many.distributed(args.device)
     try:
         pipe = _load_for(args, device)
         labels = resolve_classes(pipe, args.class_labels)
@@ -221,11 +221,11 @@ def _sample_many(args) -> int:
         settings = {k: v for k, v in vars(args).items()
                     if k not in ("num", "out", "device", "compile", "allow_nan", "argv", "threads")}
         settings.update(model=str(Path(args.model).resolve()), class_labels=labels)
-        sharded.claim_folder(Path(args.out), settings, rank, world)
-        computed = sharded.sample_many(pipe, args.out, args.num, seed=args.seed, batch_size=args.batch_size,
+        sample_many.claim_folder(Path(args.out), settings, rank, world)
+        computed = sample_many.sample_many(pipe, args.out, args.num, seed=args.seed, batch_size=args.batch_size,
                                        class_labels=labels, prompts=args.prompt, height=args.height, width=args.width,
                                        rank=rank, world=world, **generate_options(args))
-        sharded.finish(world, made_group)
+        sample_many.finish(world, made_group)
     except USER_ERRORS as e:
         if world == 1:
             raise

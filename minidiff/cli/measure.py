@@ -7,7 +7,7 @@ import sys
 import time
 from pathlib import Path
 
-from .edge import check_fractions, check_ints, check_output, _load, Parser, require, resolve_classes, _threads_arg
+from .common import check_fractions, check_ints, check_output, _load, Parser, require, resolve_classes, _threads_arg
 
 MAX_BATCH = 4096  # generate's limit on one batch
 # Ranges every analyze and bench option shares, checked before the model is loaded (the model's own

@@ -4,7 +4,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from .edge import Parser, _load, _threads_arg
+from .common import Parser, _load, _threads_arg
 
 
 def _plan_parser() -> Parser:

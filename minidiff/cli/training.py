@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 
 
-from .edge import check_ints, check_output, Parser, require, _threads_arg
+from .common import check_ints, check_output, Parser, require, _threads_arg
 
 IMAGE_SIZES = (4, 1024)  # what the datasets resize to (minidiff.data refuses others)
 

@@ -85,7 +85,7 @@ def check_output(path, kind: str, flag: str = "--out", *, overwrite: Optional[bo
     creating one). An existing image is replaced only with `overwrite` (None: a command's own fixed
     names, replaced freely), and never a file that is not an image."""
     from ..writing import unwritable
-    from ..grid import IMAGE_FORMATS
+    from ..images import IMAGE_FORMATS
 
     path = Path(path)
     if kind == "folder":
