@@ -300,6 +300,7 @@ def _info(args) -> int:
 
     from ..demo import network_name
 
+    print(f"reading {args.model} (and counting each cache branch's MACs) ...", file=sys.stderr, flush=True)
     pipe = _load(args)
     cfg, sch = pipe.denoiser.config, pipe.scheduler
 
