@@ -259,3 +259,21 @@ def test_controlnet_for_another_base_is_refused_and_nothing_changes(setup, tmp_p
     assert ours.controlnets == before
     with pytest.raises(ValueError, match="control_image"):
         ours.generate(prompt=PROMPTS, steps=2, output="latent", progress=False)  # a ControlNet needs its image
+
+
+def test_cli_sample_with_a_controlnet_and_its_flag_errors(setup, tmp_path, capsys):
+    from PIL import Image
+
+    from minidiff.cli import main
+
+    _, _, _, folder = setup
+    Image.fromarray((control_image(size=24)[0].permute(1, 2, 0) * 255).byte().numpy()).save(tmp_path / "edges.png")
+    common = ["sample", "--model", str(folder / "sd-native"), "--prompt", "a fox", "--steps", "2", "--threads", "1",
+              "--controlnet", str(folder / "cn-native"), "--height", "16", "--width", "16"]
+    assert main(common + ["--control-image", str(tmp_path / "edges.png"), "--out", str(tmp_path / "a.png")]) == 0
+    assert (tmp_path / "a.png").is_file()
+    assert main(common + ["--control-image", str(tmp_path / "none.png"), "--out", str(tmp_path / "b.png")]) == 1
+    assert "--control-image" in capsys.readouterr().err and not (tmp_path / "b.png").exists()
+    assert main(common[:-6] + ["--controlnet", str(tmp_path), "--control-image", str(tmp_path / "edges.png"),
+                               "--out", str(tmp_path / "c.png")]) == 1
+    assert "--controlnet" in capsys.readouterr().err

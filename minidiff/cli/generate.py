@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import math
+from pathlib import Path
 
 from ..grid import IMAGE_FORMATS
 from ..samplers import SAMPLERS
@@ -46,6 +47,11 @@ def _sample_parser() -> Parser:
     p.add_argument("--allow-nan", action="store_true", help="load weights even if they contain NaN/Inf")
     p.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
                    help="merge a LoRA .safetensors (kohya or diffusers/PEFT) at SCALE (default 1); repeatable")
+    p.add_argument("--controlnet", action="append", default=[], metavar="DIR",
+                   help="ControlNet folder (convert/controlnet.py); repeatable, one --control-image each")
+    p.add_argument("--control-image", action="append", default=[], metavar="FILE",
+                   help="control image (edges, depth, pose) for each --controlnet, center-cropped to the output size")
+    p.add_argument("--controlnet-scale", type=float, default=1.0, help="weight of the ControlNet residuals")
     _threads_arg(p)
     return p
 
@@ -68,6 +74,7 @@ def _sample(args) -> int:
     pipe = _load(args, device=args.device, dtype=getattr(torch, args.dtype), allow_nan=args.allow_nan)
     for path, scale in loras:
         pipe.load_lora(path, scale)
+    control = _controls(pipe, args)
     if args.negative_prompt is not None and pipe.text_encoder is None:
         raise ValueError("this model takes no prompt, so --negative-prompt would be ignored; drop it")
     labels = resolve_classes(pipe, args.class_labels)
@@ -84,7 +91,8 @@ def _sample(args) -> int:
                            cache_threshold=args.cache_threshold, cache_budget=args.cache_budget,
                            seed=args.seed, batch_size=batch,
                            class_labels=labels, prompt=prompt, negative_prompt=args.negative_prompt,
-                           guidance_scale=args.guidance_scale, height=args.height, width=args.width)
+                           guidance_scale=args.guidance_scale, height=args.height, width=args.width,
+                           **control)
     classes = pipe.num_real_classes() if per_class else 0
     nrow = classes if 0 < classes <= 16 else math.ceil(math.sqrt(images.shape[0]))
     save_grid(images, args.out, nrow=nrow, scale=args.scale, captions=class_titles(pipe.class_names, labels) if labels else None)
@@ -101,6 +109,33 @@ def _sample(args) -> int:
                   "full steps per sample: " + "; ".join(f"{i}: {steps}" for i, steps in enumerate(per_sample)))
         print(f"MACs {run.mac_fraction:.3f} of the uncached run, forecast order {run.forecast}; {chosen}")
     return 0
+
+
+def _controls(pipe, args) -> dict:
+    """generate's ControlNet arguments from --controlnet / --control-image (square, at the output size)."""
+    if len(args.controlnet) != len(args.control_image):
+        raise ValueError(f"--control-image: give one per --controlnet ({len(args.controlnet)} ControlNet(s), "
+                         f"{len(args.control_image)} image(s))")
+    if not args.controlnet:
+        return {}
+    from ..data import _read_image
+
+    for path in args.controlnet:
+        try:
+            pipe.add_controlnet(path)
+        except ValueError as e:
+            raise ValueError(f"--controlnet: {e}") from None
+    size = args.height or args.width or pipe.default_size
+    if (args.height or size) != (args.width or size):
+        raise ValueError("--control-image is center-cropped square: give --height equal to --width")
+    images = []
+    for path in args.control_image:
+        try:
+            images.append(_read_image(Path(path), size, 3)[None].float() / 255)
+        except ValueError as e:
+            raise ValueError(f"--control-image: {e}") from None
+    args.height = args.width = size
+    return dict(control_image=images, controlnet_scale=args.controlnet_scale)
 
 
 def _example_cond(pipe):
