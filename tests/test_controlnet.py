@@ -180,6 +180,36 @@ def test_cached_run_equals_hand_driven_full_and_shallow_calls_exactly(setup, int
     assert ours.last_run.full_calls == len(range(0, 10, interval))
 
 
+@pytest.mark.parametrize("branch,interval", [(0, 3), (2, 5)])
+def test_cached_run_equals_deepcache_helper_on_diffusers_controlnet_pipeline(setup, branch, interval):
+    """DeepCache's helper runs the whole ControlNet at every step and the U-Net shallow; the rule runs
+    the ControlNet only to the cut. The residuals past the cut are never read, so the runs agree."""
+    import diffusers
+    from DeepCache import DeepCacheSDHelper
+
+    reference, controlnet, ours, _ = setup
+    pipe = diffusers.StableDiffusionControlNetPipeline(
+        vae=reference.vae, text_encoder=reference.text_encoder, tokenizer=reference.tokenizer, unet=reference.unet,
+        controlnet=controlnet, scheduler=diffusers.DDIMScheduler.from_config(ours.scheduler.to_dict()),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    noise, image = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(7)), control_image(1)
+    helper = DeepCacheSDHelper(pipe=pipe)
+    helper.set_params(cache_interval=interval, cache_branch_id=branch)
+    helper.enable()
+    try:
+        expected = pipe(PROMPTS, image=image, guidance_scale=7.5, num_inference_steps=10, latents=noise.clone(),
+                        output_type="latent").images
+    finally:
+        helper.disable()
+    common = dict(prompt=PROMPTS, control_image=image, guidance_scale=7.5, sampler="ddim", steps=10, noise=noise,
+                  output="latent", progress=False)
+    got = ours.generate(cache_interval=interval, cache_branch=branch, **common)
+    uncached = ours.generate(**common)
+    assert relative_err(got, expected) <= RELATIVE_TOLERANCE
+    assert relative_err(uncached, expected) > 1e-2  # caching changed the run, so the agreement says something
+
+
 def test_a_shallow_step_runs_the_controlnet_only_up_to_the_cut(setup):
     _, _, ours, _ = setup
     net = ours.controlnets[0]
