@@ -87,7 +87,7 @@ class Pipeline:
         `pack` None keeps the pipeline's choice (`Pipeline(..., pack=)`); True or False changes it."""
         check_dtype(self.device if device is None else torch.device(device), dtype)
         self.denoiser.to(device=device, dtype=dtype)  # packed layers return to plain weights first
-        for net in getattr(self, "controlnets", []):
+        for net in self.controlnets:
             net.to(device=device, dtype=dtype)
         self.packs = self.packs if pack is None else pack
         if self.packs:

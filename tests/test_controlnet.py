@@ -122,6 +122,8 @@ def original_file(controlnet, path):
 
 
 def test_both_layouts_convert_to_identical_tensors(setup, tmp_path):
+    from safetensors.torch import load_file
+
     import minidiff.cli
 
     _, _, ours, folder = setup
@@ -132,8 +134,13 @@ def test_both_layouts_convert_to_identical_tensors(setup, tmp_path):
     assert convert_cn.main([str(tmp_path / "diffusers"), str(tmp_path / "from-diffusers")]) == 0
     assert minidiff.cli.convert_main(["controlnet", str(path), str(tmp_path / "from-original"), "--base",
                                       str(folder / "sd-native")]) == 0
+    pth = tmp_path / "control_v11p_sd15_tiny.pth"  # the published .pth: read without running pickled code
+    torch.save({k.removeprefix("control_model."): v for k, v in load_file(str(path)).items()}, pth)
+    assert convert_cn.main([str(pth), str(tmp_path / "from-pth"), "--base", str(folder / "sd-native")]) == 0
     a, b = cn.load(tmp_path / "from-diffusers").state_dict(), cn.load(tmp_path / "from-original").state_dict()
     assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+    c = cn.load(tmp_path / "from-pth").state_dict()
+    assert sorted(a) == sorted(c) and all(torch.equal(a[k], c[k]) for k in a)
     one, other = convert_cn.read(path, base=folder / "sd-native").config, convert_cn.read(tmp_path / "diffusers").config
     assert one.hint_block_channels == other.hint_block_channels == (16, 32, 96, 256)
     assert {**one.unet.to_dict(), "sample_size": None} == {**other.unet.to_dict(), "sample_size": None}
