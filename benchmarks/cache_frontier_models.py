@@ -42,9 +42,9 @@ def rows_for(model: str, *, per_class: int, intervals, branches, schedules, seed
     add("none", "-", 1, 1.0, reference)
     fractions = set()
     for b in branches:
-        if b >= pipe.unet.num_branches:
+        if b >= pipe.denoiser.num_branches:
             continue
-        macs = pipe.unet.macs(noise[:1], 500, labels[:1], branch=b)
+        macs = pipe.denoiser.macs(noise[:1], 500, labels[:1], branch=b)
         ratio = macs["shallow"] / macs["full"]
         for kind in schedules:
             if kind == "calibrated" and (pipe.calibration is None or str(b) not in pipe.calibration["segments"]):

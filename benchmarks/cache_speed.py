@@ -51,7 +51,7 @@ def main():
         cfg = ARCHS[arch]
         pipe = Pipeline(UNet(cfg), SchedulerConfig())
         noise = torch.randn(args.batch, 3, cfg.sample_size, cfg.sample_size)
-        macs = pipe.unet.macs(noise[:1], 500, branch=args.branch)
+        macs = pipe.denoiser.macs(noise[:1], 500, branch=args.branch)
         ratio = macs["shallow"] / macs["full"]
         configs = [1] + args.intervals
         run(pipe, 2, 1, args.branch, noise)  # warm-up

@@ -88,7 +88,7 @@ def main():
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
     pipe = load(args.model)
-    deep_name, probe_name = cached_layer(pipe.unet, args.branch), f"enc.{args.branch}"
+    deep_name, probe_name = cached_layer(pipe.denoiser, args.branch), f"enc.{args.branch}"
     runs = []
     for seed in args.seeds:
         labels = [i % pipe.num_real_classes() for i in range(args.batch)]

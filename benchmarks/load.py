@@ -83,7 +83,7 @@ def child(side: str, work: Path, latent: int, batch: int, threads: int):
         pipe = minidiff.load(work / "minidiff", allow_nan=side == "minidiff-unchecked")
         loaded = time.perf_counter()
         with torch.inference_mode():
-            out = pipe.unet(x, t, context)
+            out = pipe.denoiser(x, t, context)
     else:
         from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
         from transformers import CLIPTextModel, CLIPTokenizer

@@ -2,6 +2,7 @@
 
     python benchmarks/vs_reference.py [--models sd15 church] [--latent 32] [--steps 20] [--repeats 3]
     python benchmarks/vs_reference.py --quick     # SD1.5 only, 10 steps, N=5, one repeat, no memory runs
+    python benchmarks/vs_reference.py --models sd15 --forward-only --no-compile   # (a) alone, eager
 
 For each model (random full-size weights: speed does not depend on them):
   (a) one U-Net forward, minidiff vs diffusers;
@@ -69,7 +70,7 @@ def build(model: str, latent: int, device="cpu", dtype=torch.float32, unet_kwarg
     """(diffusers U-Net, minidiff U-Net with the same weights, x, cond) for one model."""
     from minidiff.checkpoint import load_weights
     from minidiff.unet import UNet
-    from minidiff.convert.unet_keys import config_from_diffusers, diffusers_to_native
+    from minidiff.formats.unet_keys import config_from_diffusers, diffusers_to_native
 
     ref = reference_unet(model, unet_kwargs)
     config = config_from_diffusers(dict(ref.config, _class_name=type(ref).__name__))
@@ -83,7 +84,7 @@ def build(model: str, latent: int, device="cpu", dtype=torch.float32, unet_kwarg
 
 def compiled(ref, ours, **kwargs):
     """Compiled twins: diffusers' whole U-Net (sharing its weights), minidiff's full and shallow paths
-    (a copy: compiling returns layers to plain weights, which the eager run keeps packed)."""
+    (a copy: compile_paths replaces the model's own paths, and the eager run keeps them)."""
     ref_c = copy.copy(ref)  # a new attribute dict, the same parameters
     ref_c.compile(**kwargs)
     return ref_c, copy.deepcopy(ours).compile_paths(**kwargs)
@@ -176,7 +177,7 @@ def child(args):
     import threading
 
     from minidiff.unet import UNet
-    from minidiff.convert.unet_keys import config_from_diffusers
+    from minidiff.formats.unet_keys import config_from_diffusers
 
     model = args.models[0]
     x, cond = inputs(model, args.latent)
@@ -226,7 +227,7 @@ def compare(model, args):
     print(f"\n== {label}")
     prepared = ours.prepare_context(cond) if cond is not None else None  # as every step of a run sees it
     cases = [("forward", None, lambda m: ours_or_ref(m, impls, x, cond, prepared))]
-    for n in [1] + args.intervals:
+    for n in [] if args.forward_only else [1] + args.intervals:
         name = f"DDIM {args.steps} steps " + ("uncached" if n == 1 else f"cached N={n}")
         cases.append((name, n, lambda m, n=n: run_sampling(m, impls, x, cond, args.steps, n)))
     names = [m for m in IMPLEMENTATIONS if m in impls]
@@ -278,6 +279,7 @@ def main():
     parser.add_argument("--no-pack", action="store_true",
                         help="minidiff eager with plain CPU weights (no oneDNN packing, see minidiff/packing.py)")
     parser.add_argument("--quick", action="store_true", help="sd15, 10 steps, N=5, 1 repeat, no memory runs")
+    parser.add_argument("--forward-only", action="store_true", help="only case (a), one U-Net forward")
     parser.add_argument("--child", choices=["ours", "ref"], help=argparse.SUPPRESS)
     parser.add_argument("--interval", type=int, default=1, help=argparse.SUPPRESS)
     args = parser.parse_args()

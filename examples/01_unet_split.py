@@ -32,7 +32,7 @@ def main():
     # Progress goes out at once: building the CIFAR-10 network and counting its MACs take up to a minute.
     print(f"loading {args.model} ..." if args.model else "building the DDPM CIFAR-10 architecture (random weights) ...",
           flush=True)
-    unet = load(args.model, pack=False).unet if args.model else UNet(CIFAR10).eval()  # pack=False: plain layers
+    unet = load(args.model, pack=False).denoiser if args.model else UNet(CIFAR10).eval()  # pack=False: plain layers
     cfg = unet.config
     size = cfg.sample_size or 32
     x = torch.zeros(1, cfg.in_channels, size, size)

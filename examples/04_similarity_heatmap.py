@@ -31,11 +31,11 @@ record = analysis.record_features(pipe, steps=args.steps, sampler="ddim", batch_
 matrices = analysis.similarity_matrices(record)  # {layer: (steps, steps) cosine similarity, batch mean}
 print(f"recorded {len(matrices)} layers x {record.num_steps} steps in {time.perf_counter() - start:.1f}s\n")
 
-roles = {name: analysis.layer_role(pipe.unet, name) for name in matrices}
+roles = {name: analysis.layer_role(pipe.denoiser, name) for name in matrices}
 print(analysis.format_summary(analysis.summarize(matrices), roles=roles))
 
 # The panels DeepCache shows: shallow skips change throughout, deep features barely move.
-n = len(pipe.unet.output_blocks)
+n = len(pipe.denoiser.output_blocks)
 shown = ["enc.0", "enc.1", f"enc.{n - 1}", "mid", "dec.0", f"dec.{n // 2}", f"dec.{n - 2}", f"dec.{n - 1}"]
 out = Path(args.out)
 analysis.save_matrices(matrices, out / "similarity.npz")

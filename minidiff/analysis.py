@@ -29,7 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .checkpoint import atomic_path
+from .writing import atomic_path
 from .metrics import psnr
 from .samplers import num_model_calls
 from .denoiser import Denoiser

@@ -1,7 +1,7 @@
 """The first stage of a latent diffusion model: a KL or VQ autoencoder between images and latents.
 
 The module tree reproduces the original LDM layout (`ldm/modules/diffusionmodules/model.py`), so a
-CompVis checkpoint loads by stripping its `first_stage_model.` prefix (see `minidiff.convert.vae_keys`):
+CompVis checkpoint loads by stripping its `first_stage_model.` prefix (see `minidiff.formats.vae_keys`):
 
     encoder.conv_in -> encoder.down.{level}.block.{j} (+ .attn.{j}) -> .downsample -> encoder.mid
     decoder.mid -> decoder.up.{level}.block.{j} (+ .attn.{j}) -> .upsample, level 0 = full resolution
@@ -366,7 +366,7 @@ class Autoencoder(nn.Module):
     def load_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
         """Load a native-layout state dict after checking every key and shape (nothing is assigned on error).
 
-        Convert first with `minidiff.convert.vae_keys.ldm_to_native` or `diffusers_to_native`. A model built
+        Convert first with `minidiff.formats.vae_keys.ldm_to_native` or `diffusers_to_native`. A model built
         on the meta device takes the tensors themselves.
         """
         check_state_dict(self, state_dict, what=f"{self.config.kind.upper()} autoencoder")

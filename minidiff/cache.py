@@ -31,7 +31,7 @@ import torch
 
 from .adaptive import AdaptiveSchedule, full_step_allowance
 from .cached_model import CachedModel, RunStats, mac_fraction  # noqa: F401 (the wrapper and its record)
-from .checkpoint import save_json
+from .writing import save_json
 from .forecast import check_order
 from .samplers import changed_options, draws_noise
 
@@ -420,9 +420,36 @@ def load_calibrated(path) -> Optional[dict]:
     except (OSError, ValueError) as e:
         raise ValueError(f"{path} (the calibrated cache schedule) is unreadable: {e}; delete it or rerun "
                          "`minidiff analyze calibrate`") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{path} must hold a JSON object")
+    why = calibration_damage(data)
+    if why:
+        raise ValueError(f"{path} is damaged ({why}); delete it or rerun `minidiff analyze calibrate --overwrite`")
     return data
+
+
+def calibration_damage(data) -> Optional[str]:
+    """What makes `data` unusable as a calibration (wrong schema, rows of the wrong length, costs that
+    are not finite numbers >= 0), or None. A NaN cost would silently pick a nonsense schedule."""
+    if not isinstance(data, dict):
+        return f"it holds a JSON {type(data).__name__}, not an object"
+    if data.get("format") != CALIBRATION_FORMAT or data.get("version") != CALIBRATION_VERSION:
+        return (f"format {data.get('format')!r} version {data.get('version')!r}, expected {CALIBRATION_FORMAT!r} "
+                f"version {CALIBRATION_VERSION}")
+    segments = data.get("segments")
+    if not isinstance(segments, dict) or not segments:
+        return f"'segments' must map branch numbers to cost rows, got {str(segments)[:40]!r}"
+    for branch, rows in segments.items():
+        if not (isinstance(branch, str) and branch.isdigit()) or not isinstance(rows, list) or not rows:
+            return f"segments[{branch!r}] must be a branch number with a list of cost rows"
+        for s, row in enumerate(rows):
+            if not isinstance(row, list) or len(row) != len(rows) - s:
+                return f"segments[{branch!r}] row {s} must hold {len(rows) - s} costs"
+            # >= -1e-6, not 0: a zero cost measured as 1 - cos(h, h) may round to -1e-7
+            if not all(type(v) in (int, float) and math.isfinite(v) and v >= -1e-6 for v in row):
+                return f"segments[{branch!r}] row {s} holds a cost that is not a finite number >= 0"
+    branch = data.get("branch")
+    if type(branch) is not int or str(branch) not in segments:
+        return f"its default branch {branch!r} is not one of the measured branches {sorted(segments, key=int)}"
+    return None
 
 
 def mac_bound(full_calls: int, shallow_calls: int, shallow_over_full: float) -> float:

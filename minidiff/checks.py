@@ -23,6 +23,13 @@ def check_labels(labels, batch: int, num_classes: int, device, network: str) -> 
 
 
 
+def check_steps(steps, num_train_timesteps: int):
+    """The one limit on sampling steps a user gives: at most the model's noise levels."""
+    if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= num_train_timesteps:
+        raise ValueError(f"steps must be an int in [1, {num_train_timesteps}] (this model's noise levels), "
+                         f"got {steps!r}")
+
+
 def batch_timesteps(t, x: torch.Tensor) -> torch.Tensor:
     """t (a number or one per sample) as a (B,) tensor on x's device, B = x.shape[0]."""
     t = torch.as_tensor(t, device=x.device)

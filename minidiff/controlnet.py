@@ -25,10 +25,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checkpoint import CheckpointError, atomic_folder, build_loaded, read_state_dict, save_json, save_safetensors
+from .checkpoint import CheckpointError, build_loaded, read_state_dict
 from .checks import batch_timesteps
 from .config import config_from_dict, config_to_dict
 from .unet import Control, PreparedContext, UNet, UNetConfig
+from .writing import atomic_folder, save_json, save_safetensors
 
 FORMAT = "minidiff-controlnet"
 FORMAT_VERSION = 1

@@ -219,7 +219,7 @@ def load_dataset(name: str, size: int = 32, channels: Optional[int] = None) -> I
 def save_grid(images: torch.Tensor, path, nrow: int = 8, *, scale: int = 1, captions=None, column_titles=None):
     """Write (B, C, H, W) images in [0, 1] as one grid (atomically), `nrow` images per row, each scaled
     up `scale` times (None: to a readable tile, see `grid.auto_scale`), optionally captioned."""
-    from .grid import grid_image, save_image
+    from .images import grid_image, save_image
 
     save_image(grid_image(images, nrow, scale=scale, captions=captions, column_titles=column_titles), path)
 
@@ -238,7 +238,7 @@ def find_weights(name: str) -> Path:
 
 def save_png(image: torch.Tensor, path):
     """Write one (C, H, W) image in [0, 1] (C = 1 or 3) as an 8-bit PNG, atomically."""
-    from .checkpoint import atomic_path
+    from .writing import atomic_path
 
     Image = _pil()
     array = (image.detach().float().cpu().clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()

@@ -14,13 +14,21 @@ import torch
 from tqdm.auto import tqdm
 
 from .cache import mac_bound
+from .checks import check_steps
 from .data import find_weights
-from .grid import class_titles, grid_image, save_image, side_by_side
+from .images import auto_scale, check_grid, class_titles, grid_image, save_image, side_by_side
 from .metrics import load_metric, psnr
 from .pipeline import Pipeline, load
 
 DEFAULT_MODEL = "digits-cond"
 DEFAULT_CLASSIFIER = "digits-classifier"
+OUTPUTS = ("demo_uncached.png", "demo_cached.png", "demo_side_by_side.png")  # replaced by each run
+MAX_SAMPLES = 4096  # one batch: generate's limit
+
+
+def network_name(pipe: Pipeline) -> str:
+    """What the denoising network is called in messages: "U-Net" or "DiT"."""
+    return {"unet": "U-Net", "dit": "DiT"}[pipe.denoiser_kind]
 
 
 def run(pipe: Pipeline, noise, labels, *, steps, interval=1, branch=0, schedule="uniform", guidance=None) -> dict:
@@ -51,29 +59,40 @@ def demo(*, model=None, classifier=None, steps: int = 50, interval: int = 5, bra
          threads: int = 1, scale=None, progress: bool = True) -> list:
     """Sample the shipped (or given) model uncached and cached from the same noise; print the table,
     write the grids (images enlarged `scale` times; None: readable tiles), return the table's rows.
-    `minidiff demo` (cli.py) documents every argument."""
+    `model` is a folder or a loaded Pipeline. `minidiff demo` (cli.py) documents every argument."""
     if threads:
         torch.set_num_threads(threads)
-    model_path = Path(model) if model else find_weights(DEFAULT_MODEL)
+    if isinstance(model, Pipeline):
+        pipe, model_path = model, model.source
+    else:
+        model_path = Path(model) if model else find_weights(DEFAULT_MODEL)
+        pipe = load(model_path)
     classifier_path = None if classifier == "none" else classifier or find_weights(DEFAULT_CLASSIFIER)
-    pipe = load(model_path)
+    if schedule == "calibrated" and pipe.calibration_error:
+        raise ValueError(pipe.calibration_error)
     if schedule == "calibrated" and pipe.calibration is None:
         raise ValueError(f"the calibrated schedule needs {model_path / 'calibration.json'}; write it with "
                          f"minidiff analyze calibrate --model {model_path}, or choose another schedule")
-    metric = None if classifier_path is None else load_metric(classifier_path)
-    cfg = pipe.unet.config
+    cfg = pipe.denoiser.config
     classes = pipe.num_real_classes() if cfg.num_classes else 0
     count = per_class * max(classes, 1)
-    labels = torch.arange(classes).repeat(per_class) if classes else None
+    if count > MAX_SAMPLES:
+        raise ValueError(f"per_class {per_class} makes {count} samples ({max(classes, 1)} classes); the demo samples "
+                         f"them in one batch of at most {MAX_SAMPLES}")
+    check_steps(steps, pipe.scheduler.num_train_timesteps)
     size = pipe.default_size
+    nrow = classes if 0 < classes <= 16 else 8
+    check_grid(count, size, size, nrow, scale if scale is not None else auto_scale(size, size), "each demo grid")
+    metric = None if classifier_path is None else load_metric(classifier_path)
+    labels = torch.arange(classes).repeat(per_class) if classes else None
     noise = torch.randn(count, cfg.in_channels, size, size, generator=torch.Generator().manual_seed(seed))
-    n_params = sum(param.numel() for param in pipe.unet.parameters())
+    n_params = sum(param.numel() for param in pipe.denoiser.parameters())
     print(f"model {model_path} ({size}x{size}, {n_params / 1e6:.2f}M parameters), DDIM {steps} steps, "
           f"{count} samples, seed {seed}, {torch.get_num_threads()} CPU thread(s)")
 
-    macs = pipe.unet.macs(noise[:1], 500, None if labels is None else labels[:1], branch=branch)
+    macs = pipe.denoiser.macs(noise[:1], 500, None if labels is None else labels[:1], branch=branch)
     ratio = macs["shallow"] / macs["full"]
-    print(f"U-Net MACs per image: full {macs['full'] / 1e6:.1f}M, shallow (branch {branch}) "
+    print(f"{network_name(pipe)} MACs per image: full {macs['full'] / 1e6:.1f}M, shallow (branch {branch}) "
           f"{macs['shallow'] / 1e6:.1f}M ({macs['shallow'] / macs['full']:.3f} of full)")
 
     run(pipe, noise[:2], None if labels is None else labels[:2], steps=2, guidance=guidance)  # warm-up
@@ -104,23 +123,21 @@ def demo(*, model=None, classifier=None, steps: int = 50, interval: int = 5, bra
                      "-" if scores is None else f"{scores.toy_fid:.2f}",
                      "-" if r is base else f"{psnr(r['images'], base['images']):.1f}"])
     print(table(rows))
-    if schedule == "uniform":
-        print(f"MAC bound of uniform N={interval}: mac_bound(1, {interval - 1}, "
-              f"{ratio:.3f}) = {mac_bound(1, interval - 1, ratio):.2f}x "
-              "(compute only; wall time also pays per-call overhead)")
+    chosen = results[plans[1][0]]
+    print(f"MAC bound of {plans[1][0]}: mac_bound({chosen['full']}, {chosen['shallow']}, {ratio:.3f}) = "
+          f"{mac_bound(chosen['full'], chosen['shallow'], ratio):.2f}x (full, shallow calls, shallow/full MACs; "
+          "compute only: wall time also pays per-call overhead)")
     if metric is not None:
         print("confident: max softmax >= 0.9; class acc: vs the requested label; toy FID: Frechet distance in a "
               "small digit classifier's features, NOT Inception FID (biased upwards at small n)")
 
     out = Path(out)
-    nrow = classes if 0 < classes <= 16 else 8
     titles = class_titles(pipe.class_names, range(classes)) if 0 < classes <= 16 else None
     uncached = grid_image(base["images"], nrow, scale=scale, column_titles=titles)
     cached = grid_image(results[plans[1][0]]["images"], nrow, scale=scale, column_titles=titles)
     label = f"cached N={interval}, branch {branch}" + ("" if schedule == "uniform" else f", {schedule} schedule")
-    save_image(uncached, out / "demo_uncached.png")
-    save_image(cached, out / "demo_cached.png")
-    save_image(side_by_side([("uncached", uncached), (label, cached)]), out / "demo_side_by_side.png")
-    print(f"wrote {out / 'demo_side_by_side.png'} (uncached | {label}), {out / 'demo_uncached.png'}, "
-          f"{out / 'demo_cached.png'}")
+    pictures = [uncached, cached, side_by_side([("uncached", uncached), (label, cached)])]
+    for name, picture in zip(OUTPUTS, pictures):
+        save_image(picture, out / name)
+    print(f"wrote {out / OUTPUTS[2]} (uncached | {label}), {out / OUTPUTS[0]}, {out / OUTPUTS[1]}")
     return rows

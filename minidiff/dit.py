@@ -27,6 +27,7 @@ from torch import nn
 from .config import config_from_dict, config_to_dict
 from .checks import batch_timesteps, check_labels
 from .denoiser import CutState, Denoiser
+from .packing import Conv2d, Linear
 from .unet import CrossAttention, TimeEmbedding, timestep_embedding
 
 
@@ -100,8 +101,8 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
 class MLP(nn.Module):
     def __init__(self, dim: int, ratio: int):
         super().__init__()
-        self.fc1 = nn.Linear(dim, dim * ratio)
-        self.fc2 = nn.Linear(dim * ratio, dim)
+        self.fc1 = Linear(dim, dim * ratio)
+        self.fc2 = Linear(dim * ratio, dim)
 
     def forward(self, x):
         return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
@@ -116,7 +117,7 @@ class DiTBlock(nn.Module):
         self.attn = CrossAttention(dim, heads)
         self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.mlp = MLP(dim, mlp_ratio)
-        self.ada = nn.Linear(dim, 6 * dim)  # emb -> shift, scale, gate for attention and for the MLP
+        self.ada = Linear(dim, 6 * dim)  # emb -> shift, scale, gate for attention and for the MLP
 
     def forward(self, x, emb):
         shift1, scale1, gate1, shift2, scale2, gate2 = self.ada(emb).chunk(6, dim=1)
@@ -128,8 +129,8 @@ class FinalLayer(nn.Module):
     def __init__(self, dim: int, patch_values: int):
         super().__init__()
         self.norm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-        self.ada = nn.Linear(dim, 2 * dim)
-        self.linear = nn.Linear(dim, patch_values)
+        self.ada = Linear(dim, 2 * dim)
+        self.linear = Linear(dim, patch_values)
 
     def forward(self, x, emb):
         shift, scale = self.ada(emb).chunk(2, dim=1)
@@ -147,7 +148,7 @@ class DiT(Denoiser):
         super().__init__()
         self.config = cfg = config
         dim, p = cfg.hidden_size, cfg.patch_size
-        self.patch_embed = nn.Conv2d(cfg.in_channels, dim, p, stride=p)
+        self.patch_embed = Conv2d(cfg.in_channels, dim, p, stride=p)
         self.time_embed = TimeEmbedding(dim, dim)
         self.class_embed = nn.Embedding(cfg.num_classes, dim) if cfg.num_classes is not None else None
         self.blocks = nn.ModuleList(DiTBlock(dim, cfg.num_heads, cfg.mlp_ratio) for _ in range(cfg.depth))

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from . import analysis
 from .cache import mac_bound, make_schedule
-from .checkpoint import atomic_folder
+from .writing import atomic_folder
 from .metrics import psnr, toy_classifier
 from .schedules import NoiseSchedule
 
@@ -66,9 +66,9 @@ QUICK = Grid(steps=10, batch=2, intervals=(2, 5), forecasts=(0, 2), budgets=(0.5
 
 def conditioning_kwargs(pipe, batch: int) -> dict:
     """generate's conditioning keywords: one of each class in turn, or nothing for an unconditional model."""
-    if pipe.unet.config.num_classes is not None:
+    if pipe.denoiser.config.num_classes is not None:
         return {"class_labels": pipe.default_labels(batch)}
-    if getattr(pipe.unet.config, "context_dim", None) is not None:
+    if getattr(pipe.denoiser.config, "context_dim", None) is not None:
         return {"prompt": [""] * batch}
     return {}
 
@@ -110,8 +110,8 @@ def shallow_macs(pipe) -> list:
     cond, _ = pipe.conditioning(1, **conditioning_kwargs(pipe, 1))
     out = []
     with torch.inference_mode():
-        for b in range(pipe.unet.num_branches):
-            macs = pipe.unet.macs(x, 500, cond, branch=b)
+        for b in range(pipe.denoiser.num_branches):
+            macs = pipe.denoiser.macs(x, 500, cond, branch=b)
             out.append({"branch": b, "full": int(macs["full"]), "shallow": int(macs["shallow"]),
                         "ratio": macs["shallow"] / macs["full"]})
     return out
@@ -124,7 +124,7 @@ def full_steps(pipe, kind: str, calls: int, interval: int, branch: int) -> list:
 
 def supports_adaptive(pipe) -> bool:
     """Adaptive caching decides per sample at run time, which needs the network split at the cut."""
-    return hasattr(pipe.unet, "forward_cut")
+    return hasattr(pipe.denoiser, "forward_cut")
 
 
 def least_budget(calls: int, ratio: float) -> float:
@@ -141,7 +141,7 @@ def calibrated_branches(pipe) -> list:
 
 def network(pipe, shapes: dict, macs: list, grid: Grid) -> dict:
     """Blocks in depth order, the skip arrows, and per branch which blocks a shallow step runs."""
-    unet = pipe.unet
+    unet = pipe.denoiser
     names = analysis.layer_names(unet)
     if pipe.denoiser_kind == "dit":  # a residual stream through `depth` blocks
         depth = unet.config.depth
@@ -209,7 +209,7 @@ def _sprite(run: dict) -> str:
 def grid_settings(pipe, grid: Grid, ratios: dict) -> list:
     """(schedule, interval, branch, forecast, budget) of every cached run the page can show; adaptive
     budgets a branch cannot keep (`least_budget`, with `ratios` its shallow/full MACs) are left out."""
-    n = pipe.unet.num_branches
+    n = pipe.denoiser.num_branches
     count = min(grid.branch_count, n)
     branches = sorted({round(i * (n - 1) / max(1, count - 1)) for i in range(count)})
     calibrated = calibrated_branches(pipe)
@@ -236,7 +236,7 @@ def gather(pipe, grid: Grid = FULL, *, model_dir=None, name: str = "", progress:
     """Run the grid and the measurements; returns the page's data (plain JSON types)."""
     macs = shallow_macs(pipe)
     settings = grid_settings(pipe, grid, {m["branch"]: m["ratio"] for m in macs})
-    switches = grid.switches if pipe.unet.config.num_classes is not None else 0
+    switches = grid.switches if pipe.denoiser.config.num_classes is not None else 0
     probes = grid.probe_count if can_probe(pipe) else 0
     bar = tqdm(total=len(settings) + 3 + switches + (1 if probes else 0), desc="explain", disable=not progress,
                file=sys.stderr)
@@ -244,7 +244,7 @@ def gather(pipe, grid: Grid = FULL, *, model_dir=None, name: str = "", progress:
     record = analysis.record_features(pipe, steps=grid.steps, sampler=SAMPLER, batch_size=grid.batch, seed=SEED,
                                       **conditioning_kwargs(pipe, grid.batch))
     matrices = analysis.similarity_matrices(record)
-    depth = analysis.depth_profile(matrices, pipe.unet, record.shapes)
+    depth = analysis.depth_profile(matrices, pipe.denoiser, record.shapes)
     shapes = {k: list(v) for k, v in record.shapes.items()}
     bar.update()
     base = run_cached(pipe, grid)
@@ -265,10 +265,10 @@ def gather(pipe, grid: Grid = FULL, *, model_dir=None, name: str = "", progress:
     probes = probe_data(pipe, grid, probes) if probes else None
     bar.update(1 if probes else 0)
     bar.close()
-    cfg = pipe.unet.config
+    cfg = pipe.denoiser.config
     return {
         "model": {"name": name, "kind": pipe.denoiser_kind,
-                  "parameters": sum(p.numel() for p in pipe.unet.parameters()), "size": pipe.default_size,
+                  "parameters": sum(p.numel() for p in pipe.denoiser.parameters()), "size": pipe.default_size,
                   "channels": cfg.in_channels, "classes": pipe.class_names,
                   "labels": conditioning_kwargs(pipe, grid.batch).get("class_labels")},
         "settings": {"steps": grid.steps, "sampler": SAMPLER, "batch": grid.batch, "seed": SEED, "calls": calls,
@@ -306,7 +306,7 @@ def switch_data(pipe, grid: Grid, model_dir, calls: int, bar) -> dict:
     old, new = (3, 8) if n > 8 else (0, n - 1)
     at = sorted({round(i * calls / grid.switches) for i in range(1, grid.switches)} | {1})
     result = analysis.switch_experiment(pipe, old=old, new=new, steps=grid.steps, sampler=SAMPLER, at_steps=at,
-                                        batch_size=grid.batch, seed=SEED, layers=[analysis.cached_layer(pipe.unet, 0)],
+                                        batch_size=grid.batch, seed=SEED, layers=[analysis.cached_layer(pipe.denoiser, 0)],
                                         classifier=toy_classifier(pipe, model_dir) if model_dir else None)
     bar.update(grid.switches)
     keys = sorted(result.images)
@@ -322,7 +322,7 @@ def can_probe(pipe) -> bool:
     import importlib.util
 
     dataset = pipe.meta.get("training", {}).get("config", {}).get("dataset")
-    return dataset == "digits" and pipe.unet.config.num_classes is not None \
+    return dataset == "digits" and pipe.denoiser.config.num_classes is not None \
         and importlib.util.find_spec("sklearn") is not None
 
 
@@ -332,7 +332,7 @@ def probe_data(pipe, grid: Grid, count: int) -> dict:
     from . import probe
 
     images, labels = probe.real_digits(pipe, count, SEED)
-    names = analysis.layer_names(pipe.unet)
+    names = analysis.layer_names(pipe.denoiser)
     picks = sorted({round(i * (len(names) - 1) / max(1, grid.probe_layers - 1)) for i in range(grid.probe_layers)})
     result = probe.probe_real(pipe, images, labels, grid.probe_timesteps, layers=[names[i] for i in picks], seed=SEED)
     accuracy = {name: [next(r["accuracy"] for r in result.rows if r["layer"] == name and r["timestep"] == t)

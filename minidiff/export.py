@@ -10,7 +10,7 @@ class-conditional one as `num_class_embeds`: diffusers adds the class embedding 
 embedding, as minidiff's `class_cond="add"` does). `original` writes SD's single `.safetensors`
 file with the CompVis key names (`model.diffusion_model.*`, `first_stage_model.*`,
 `cond_stage_model.transformer.text_model.*`). Key names come from the converters' tables run
-backwards (convert/export_keys), so converting in and exporting out gives back every tensor the
+backwards (formats/export_keys), so converting in and exporting out gives back every tensor the
 converter read, exactly. A model a format cannot express is refused, naming what is missing,
 before anything is written; DST is written atomically and replaced only with --overwrite.
 """
@@ -21,12 +21,13 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import CheckpointError, atomic_folder, check_apart, save_json, save_safetensors
-from .convert.export_keys import unet_to, vae_to_diffusers
+from .checkpoint import CheckpointError
+from .writing import atomic_folder, check_apart, save_json, save_safetensors
+from .formats.export_keys import unet_to, vae_to_diffusers
 from .unet import UNetConfig
 
 FORMATS = ("diffusers", "original")
-EXPORT_KIND = "diffusers export"  # what atomic_folder's --overwrite may replace (see checkpoint.folder_kind)
+EXPORT_KIND = "diffusers export"  # what atomic_folder's --overwrite may replace (see writing.folder_kind)
 SAFETENSORS_METADATA = {"format": "pt"}  # transformers and diffusers check this entry
 # The prefixes of SD's single file (the same as convert/sd15.py reads).
 UNET_PREFIX, VAE_PREFIX, TEXT_PREFIX = ("model.diffusion_model.", "first_stage_model.",
@@ -131,7 +132,7 @@ def _tokenizer_files(pipe, folder: Path):
 
 def _check_exportable(pipe, fmt: str):
     """Refuse, before anything is written, a model that `fmt` cannot express; names what is missing."""
-    if not hasattr(pipe.unet, "input_blocks"):
+    if not hasattr(pipe.denoiser, "input_blocks"):
         raise CheckpointError("a DiT cannot be exported: minidiff's DiT (its patch embedding, adaLN blocks and "
                               "class-conditioned final layer) has no diffusers or CompVis layout written here")
     latent, text = pipe.autoencoder is not None, pipe.text_encoder is not None
@@ -144,7 +145,7 @@ def _check_exportable(pipe, fmt: str):
                               "pipeline layout written here; diffusers' LDM pipelines take a VQModel and no classes")
     if text and pipe.tokenizer is None:
         raise CheckpointError("the model has a text encoder but no tokenizer/, which the exported folder needs")
-    unet_config(pipe.unet.config, conditional=text)
+    unet_config(pipe.denoiser.config, conditional=text)
     if latent:
         vae_config(pipe.autoencoder.config)
 
@@ -157,8 +158,8 @@ def write_diffusers(pipe, dst, *, overwrite: bool = False):
     """Write `pipe` as a diffusers folder at `dst` (atomically)."""
     _check_exportable(pipe, "diffusers")
     text = pipe.text_encoder is not None
-    cfg = pipe.unet.config
-    unet = unet_to(_state(pipe.unet), cfg, "diffusers")
+    cfg = pipe.denoiser.config
+    unet = unet_to(_state(pipe.denoiser), cfg, "diffusers")
     with atomic_folder(dst, overwrite=overwrite, kind=EXPORT_KIND, marker=True) as tmp:
         save_json(unet_config(cfg, conditional=text), tmp / "unet" / "config.json")
         save_safetensors(unet, tmp / "unet" / "diffusion_pytorch_model.safetensors", SAFETENSORS_METADATA)
@@ -197,7 +198,7 @@ def write_original(pipe, dst, *, overwrite: bool = False):
     if dst.exists() and not overwrite:
         raise FileExistsError(f"{dst} exists; pass --overwrite to replace it")
     _check_exportable(pipe, "original")
-    state = {UNET_PREFIX + k: v for k, v in unet_to(_state(pipe.unet), pipe.unet.config, "openaimodel").items()}
+    state = {UNET_PREFIX + k: v for k, v in unet_to(_state(pipe.denoiser), pipe.denoiser.config, "openaimodel").items()}
     state.update({VAE_PREFIX + k: v for k, v in _state(pipe.autoencoder).items()})  # native = LDM layout
     state.update({TEXT_PREFIX + k: v for k, v in _state(pipe.text_encoder).items()})
     positions = pipe.text_encoder.config.max_position_embeddings
@@ -231,5 +232,5 @@ def main(argv=None) -> int:
         raise FileExistsError(f"{args.dst} exists; pass --overwrite to replace it")
     pipe = export(args.model, args.dst, format=args.format, overwrite=args.overwrite)
     print(f"wrote {args.dst}: {args.format} layout of {args.model} "
-          f"({sum(p.numel() for p in pipe.unet.parameters()):,} U-Net parameters)")
+          f"({sum(p.numel() for p in pipe.denoiser.parameters()):,} U-Net parameters)")
     return 0

@@ -17,7 +17,8 @@ from typing import Optional
 import torch
 
 from .cache import load_calibrated
-from .checkpoint import CheckpointError, atomic_folder, build_loaded, read_state_dict, save_json, save_safetensors
+from .checkpoint import CheckpointError, build_loaded, read_state_dict
+from .writing import atomic_folder, check_apart, save_json, save_safetensors
 from .dit import DiT, DiTConfig
 from .schedules import SchedulerConfig
 from .unet import UNet, UNetConfig
@@ -68,6 +69,8 @@ def save(pipe, dst, *, overwrite: bool = False, dtype: Optional[torch.dtype] = N
     state = state_dict(pipe)
     if dtype is not None:
         state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+    if getattr(pipe, "source", None) is not None:
+        check_apart(pipe.source, dst)  # the weights are read from there; the folder is the user's model
     with atomic_folder(dst, overwrite=overwrite) as tmp:
         save_json(config_dict(pipe), tmp / "config.json")
         save_json(pipe.scheduler.to_dict(), tmp / "scheduler.json")

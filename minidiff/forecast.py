@@ -14,7 +14,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from .layout import memory_format
+from .memory_format import memory_format
 
 MAX_ORDER = 2  # higher orders amplify noise in the history more than they remove bias
 

@@ -12,7 +12,7 @@ publish name the layers differently, and both are read:
 - diffusers / PEFT (`pytorch_lora_weights.safetensors`): `unet.<diffusers name>.lora_A.weight` /
   `.lora_B.weight`, the older `.lora.down.weight` / `.lora.up.weight` and attention-processor
   forms, `text_encoder.text_model.encoder...`.
-Layer names go through the converters' key tables (convert/export_keys inverts unet_keys), so a
+Layer names go through the key tables of minidiff.formats (export_keys inverts unet_keys), so a
 LoRA reaches exactly the weights a converted checkpoint fills. The whole file is checked before any
 weight changes: nothing is ever merged halfway. Only .safetensors is read (nothing is unpickled).
 """
@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from .checkpoint import CheckpointError, read_state_dict
-from .convert.export_keys import unet_names
+from .formats.export_keys import unet_names
 
 # The suffix of each LoRA tensor: which part it is. The module name is what comes before it.
 _PARTS = [
@@ -90,8 +90,8 @@ def _layers(module: nn.Module) -> dict:
 def _names(pipe) -> dict:
     """Every name a LoRA file may give a layer -> (component, native module name)."""
     names = {}
-    unet_layers = _layers(pipe.unet)
-    diffusers = unet_names([f"{layer}.weight" for layer in unet_layers], pipe.unet.config, "diffusers")
+    unet_layers = _layers(pipe.denoiser)
+    diffusers = unet_names([f"{layer}.weight" for layer in unet_layers], pipe.denoiser.config, "diffusers")
     for native, public in diffusers.items():
         module = public[: -len(".weight")]
         target = ("unet", native[: -len(".weight")])
@@ -174,7 +174,7 @@ def read_lora(path, pipe) -> list:
     if not tensors:
         raise CheckpointError(f"LoRA file {path} holds no tensors")
     names = _names(pipe)
-    modules = {"unet": dict(pipe.unet.named_modules()),
+    modules = {"unet": dict(pipe.denoiser.named_modules()),
                "text_encoder": dict(pipe.text_encoder.named_modules()) if pipe.text_encoder is not None else {}}
     deltas, seen = [], {}
     for module, parts in _group(tensors, str(path)).items():
@@ -199,7 +199,7 @@ def load_lora(pipe, path, scale: float = 1.0):
     """
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
         raise ValueError(f"LoRA scale must be a finite number, got {scale!r}")
-    if not hasattr(pipe.unet, "input_blocks"):
+    if not hasattr(pipe.denoiser, "input_blocks"):
         raise ValueError("LoRA files name U-Net and text-encoder layers; this pipeline's denoiser is a DiT")
     deltas = read_lora(path, pipe)
     state = _state(pipe)

@@ -26,7 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checkpoint import CheckpointError, atomic_folder, load_weights, read_state_dict, save_json, save_safetensors
+from .checkpoint import CheckpointError, load_weights, read_state_dict
+from .writing import atomic_folder, save_json, save_safetensors
 from .config import config_from_dict
 from .data import ImageSet
 

@@ -11,6 +11,7 @@ import math
 import os
 import time
 import warnings
+from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
@@ -38,6 +39,7 @@ class Pipeline:
         self.null_class, self.class_names = null_class, class_names
         self.calibration = calibration
         self.calibration_error: Optional[str] = None  # why a damaged calibration.json was skipped at load
+        self.source: Optional[Path] = None  # the folder `load` read, which `save` never replaces
         self.meta = dict(meta or {})
         self.last_run: Optional[RunStats] = None
         self.controlnets: list = []  # minidiff.controlnet.ControlNet, steering every generate (add_controlnet)
@@ -225,7 +227,8 @@ class Pipeline:
                  cache_center: Optional[int] = None, cache_power: float = DEFAULT_POWER,
                  generator: Optional[torch.Generator] = None, progress: bool = True, callback=None,
                  init_image: Optional[torch.Tensor] = None, strength: float = 0.75, center: Optional[int] = None,
-                 power: Optional[float] = None, control_image=None, controlnet_scale=1.0) -> torch.Tensor:
+                 power: Optional[float] = None, budget: Optional[float] = None, control_image=None,
+                 controlnet_scale=1.0) -> torch.Tensor:
         """Sample images (in [0, 1], (B, C, H, W)) or, with output="latent", the final sample.
 
         img2img: `init_image` ((B or 1, 3, H, W) in [0, 1]) is encoded, noised to the step where
@@ -241,10 +244,23 @@ class Pipeline:
         None (default) means 0 for fixed schedules and "auto" for the adaptive one. An option the
         schedule would ignore is refused by name (minidiff.cache.CacheOptions).
 
+        `budget` (a fraction of the MACs of `steps` uncached steps) lets the model's plan.json
+        (`minidiff plan`) choose the steps and caching: the best configuration measured within it.
+
         ControlNet (`add_controlnet`): `control_image` ((B or 1, 3, H, W) in [0, 1], one per ControlNet
         as a list) steers the run, times `controlnet_scale`; a shallow step runs each ControlNet only
         up to the cut (minidiff.controlnet). Its size is the default height/width.
         """
+        if budget is not None:
+            return self._generate_within(budget, steps, dict(
+                cache_interval=cache_interval, cache_branch=cache_branch, cache_schedule=cache_schedule,
+                cache_forecast=cache_forecast, cache_threshold=cache_threshold, cache_budget=cache_budget,
+                cache_center=cache_center, cache_power=cache_power), dict(
+                sampler=sampler, eta=eta, karras_sigmas=karras_sigmas, seed=seed, noise=noise, batch_size=batch_size,
+                class_labels=class_labels, guidance_scale=guidance_scale, prompt=prompt,
+                negative_prompt=negative_prompt, height=height, width=width, output=output, generator=generator,
+                progress=progress, callback=callback, init_image=init_image, strength=strength,
+                control_image=control_image, controlnet_scale=controlnet_scale))
         if center is not None or power is not None:
             warnings.warn("generate(center=, power=) are deprecated: use cache_center= and cache_power=",
                           DeprecationWarning, stacklevel=3)  # past inference_mode's wrapper
@@ -292,6 +308,17 @@ class Pipeline:
         result = sample if output == "latent" else self.decode(sample)
         self.last_run = cached.run_stats(steps, time.perf_counter() - start)
         return result
+
+    def _generate_within(self, budget, steps, cache_options: dict, others: dict):
+        """generate(budget=...): the plan picks every cache_* option, so none may be given."""
+        from .planner import generate_within
+
+        defaults = dict(cache_interval=1, cache_branch=0, cache_schedule="uniform", cache_forecast=None,
+                        cache_threshold=None, cache_budget=None, cache_center=None, cache_power=DEFAULT_POWER)
+        given = sorted(k for k, v in cache_options.items() if v != defaults[k])
+        if given:
+            raise ValueError(f"budget= lets the model's plan choose the caching; drop {', '.join(given)}")
+        return generate_within(self, budget, steps, **others)
 
     def _batch_size(self, batch_size: int, noise, class_labels, prompt, init_image) -> int:
         """The batch follows the noise, labels, prompts or images when they are given."""
@@ -559,7 +586,8 @@ def load(path, *, device="cpu", dtype: Optional[torch.dtype] = None, allow_nan: 
                                                                 allow_nan=allow_nan, check=check)
     pipe = Pipeline(denoiser, scheduler, **parts, pack=False)
     pipe.calibration_error = calibration_error
+    pipe.source = Path(path)
     pipe = pipe.to(device=device, dtype=dtype, pack=pack)
-    for path in [] if controlnet is None else controlnet if isinstance(controlnet, (list, tuple)) else [controlnet]:
-        pipe.add_controlnet(path)
+    for net in [] if controlnet is None else controlnet if isinstance(controlnet, (list, tuple)) else [controlnet]:
+        pipe.add_controlnet(net)
     return pipe

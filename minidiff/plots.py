@@ -10,7 +10,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .checkpoint import atomic_path
+from .writing import atomic_path
 
 
 def _figure(width: float, height: float):

@@ -76,7 +76,7 @@ def split_mask(n: int, seed: int = 0) -> torch.Tensor:
 def pooled_features(pipe, x: torch.Tensor, t, names: Sequence[str], *, batch: int = 256) -> dict:
     """name -> (N, C) global-average-pooled layer outputs of the model at (x, t) under the null class;
     CONTROL -> x flattened."""
-    unet, wanted = pipe.unet, set(names)
+    unet, wanted = pipe.denoiser, set(names)
     null = _null_class(pipe)
     kept: dict = {name: [] for name in names}
 
@@ -95,12 +95,36 @@ def pooled_features(pipe, x: torch.Tensor, t, names: Sequence[str], *, batch: in
 
 
 def _null_class(pipe) -> Optional[int]:
-    if pipe.unet.config.num_classes is None:
+    if pipe.denoiser.config.num_classes is None:
         return None
     if pipe.null_class is None:
         raise ValueError("this model has no null class, so the probe cannot hide the label from it; probes need a "
                          "class-conditional model trained with label dropout (null_class in config.json)")
     return pipe.null_class
+
+
+DIGIT_CLASSES = 10  # the probes read real digits
+
+
+def check_probe(pipe, *, timesteps: Sequence[int], count: Optional[int] = None, per_class: int = 20,
+                trajectories: bool = True):
+    """Refuse, before any work, what `run` could not do: timesteps outside the model's noise levels,
+    too few digits for both halves of the split, trajectories of a model without classes."""
+    top = pipe.scheduler.num_train_timesteps - 1
+    bad = [t for t in timesteps if not 0 <= t <= top]
+    if bad or not timesteps:
+        raise ValueError(f"timesteps must be ints in [0, {top}] (this model's noise levels), got {bad or 'none'}")
+    if count is not None and count < 2 * DIGIT_CLASSES:
+        raise ValueError(f"count must be an int >= {2 * DIGIT_CLASSES} (2 digits per class, so that both halves of "
+                         f"the split hold some), got {count}")
+    null = _null_class(pipe)
+    if trajectories:
+        if null is None:
+            raise ValueError("trajectory probes need a class-conditional model; pass --no-trajectories to probe "
+                             "only real digits")
+        if per_class * pipe.num_real_classes() > 4096:
+            raise ValueError(f"per_class {per_class} makes {per_class * pipe.num_real_classes()} trajectories in one "
+                             "batch; at most 4096")
 
 
 def noised(pipe, images: torch.Tensor, t: int, seed: int) -> torch.Tensor:
@@ -114,7 +138,7 @@ def probe_real(pipe, images: torch.Tensor, labels: torch.Tensor, timesteps: Sequ
                seed: int = 0, log=None) -> ProbeResult:
     """Probes at every layer and timestep on real images noised to x_t; also the pure-noise control
     (timestep -1 in the rows: x is noise alone, so no probe can beat chance there)."""
-    names = layers or layer_names(pipe.unet)
+    names = layers or layer_names(pipe.denoiser)
     num_classes = int(labels.max()) + 1
     train = split_mask(len(labels), seed)
     rows = []
@@ -130,7 +154,7 @@ def probe_real(pipe, images: torch.Tensor, labels: torch.Tensor, timesteps: Sequ
                          "dim": features[name].shape[1], "n_train": int(train.sum()), "n_test": int((~train).sum())})
         if log:
             best = max((r for r in rows if r["timestep"] == t and r["layer"] != CONTROL), key=lambda r: r["accuracy"])
-            log(f"t={t:4d}: best layer {best['layer']} {best['accuracy']:.3f}, pixels "
+            log(f"{'noise' if t < 0 else f't={t}':>6}: best layer {best['layer']} {best['accuracy']:.3f}, pixels "
                 f"{next(r['accuracy'] for r in rows if r['timestep'] == t and r['layer'] == CONTROL):.3f}")
     return ProbeResult(rows, [CONTROL, *names], 1.0 / num_classes)
 
@@ -138,19 +162,19 @@ def probe_real(pipe, images: torch.Tensor, labels: torch.Tensor, timesteps: Sequ
 def probe_trajectories(pipe, *, per_class: int = 20, steps: int = 50, every: int = 5, layers=None, seed: int = 0,
                        log=None) -> ProbeResult:
     """Probes along class-conditional DDIM runs: x_t at every `every`-th step, re-read under the null class."""
-    names = layers or layer_names(pipe.unet)
+    names = layers or layer_names(pipe.denoiser)
     null = _null_class(pipe)
     if null is None:
         raise ValueError("trajectory probes need a class-conditional model")
-    num_classes = null if null == pipe.unet.config.num_classes - 1 else pipe.unet.config.num_classes
+    num_classes = null if null == pipe.denoiser.config.num_classes - 1 else pipe.denoiser.config.num_classes
     labels = torch.arange(num_classes).repeat(per_class)
     size = pipe.default_size
-    noise = torch.randn(len(labels), pipe.unet.config.in_channels, size, size,
+    noise = torch.randn(len(labels), pipe.denoiser.config.in_channels, size, size,
                         generator=torch.Generator().manual_seed(seed))
     states: dict = {}
 
     def model(x, t):
-        return pipe.unet(x, t, labels.to(x.device))
+        return pipe.denoiser(x, t, labels.to(x.device))
 
     def callback(i, t, x):
         if i % every == 0:
@@ -236,7 +260,7 @@ def real_digits(pipe, count: Optional[int] = None, seed: int = 0) -> tuple:
     """(images in [-1, 1], labels): the digits dataset at the model's size, `count` of them class-balanced."""
     from .data import load_dataset
 
-    data = load_dataset("digits", pipe.default_size, pipe.unet.config.in_channels)
+    data = load_dataset("digits", pipe.default_size, pipe.denoiser.config.in_channels)
     indices = torch.arange(len(data))
     if count is not None and count < len(data):
         order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))
@@ -261,7 +285,7 @@ def run(pipe, out, *, timesteps=(999, 900, 800, 700, 600, 500, 400, 300, 200, 10
 
     out = Path(out)
     images, labels = real_digits(pipe, count, seed)
-    log(f"probing {len(layer_names(pipe.unet))} layers on {len(labels)} real digits (half fit, half scored) at {len(timesteps)} timesteps")
+    log(f"probing {len(layer_names(pipe.denoiser))} layers on {len(labels)} real digits (half fit, half scored) at {len(timesteps)} timesteps")
     real = probe_real(pipe, images, labels, timesteps, seed=seed, log=log)
     trajectory = probe_trajectories(pipe, per_class=per_class, steps=steps, every=every, seed=seed, log=log) \
         if trajectories else None

@@ -42,11 +42,11 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .checkpoint import TRAINING_KIND, CheckpointError, atomic_folder, atomic_path, folder_kind, load_weights, \
-    read_state_dict, remove_folder, save_json, save_safetensors
+from .checkpoint import CheckpointError, load_weights, read_state_dict
+from .writing import TRAINING_KIND, atomic_folder, atomic_path, folder_kind, remove_folder, save_json, save_safetensors
 from .config import config_to_dict
 from .data import ImageSet, load_dataset, save_grid
-from .grid import class_titles
+from .images import class_titles
 from .pipeline import Pipeline, load
 from .plots import plot_loss
 from .schedules import NoiseSchedule, SchedulerConfig
@@ -513,7 +513,7 @@ def _read_checkpoint(path, cfg: TrainConfig) -> dict:
         raise ValueError(f"cannot resume from {path}: it was trained with a different config ({'; '.join(differing)})."
                          " Resume with the original settings (see its train_state.json), or start a new run")
     meta["tensors"] = read_state_dict(path / "train_state.safetensors")
-    meta["ema"] = load(path / "model").unet.state_dict()
+    meta["ema"] = load(path / "model").denoiser.state_dict()
     meta["losses"] = [(int(r["step"]), float(r["loss"]), float(r["images_per_s"]), float(r["seconds"]))
                       for r in csv.DictReader(io.StringIO((path / "loss.csv").read_text()))]
     return meta

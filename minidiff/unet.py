@@ -24,6 +24,7 @@ from torch import nn
 from .checks import batch_timesteps, check_config, check_labels
 from .config import config_from_dict, config_to_dict
 from .denoiser import CutState, Denoiser, FeatureCache, count_macs  # noqa: F401 (importable from here as before)
+from .packing import Conv2d, Linear
 
 
 @dataclass
@@ -119,8 +120,8 @@ def timestep_embedding(t: torch.Tensor, dim: int, flip_sin_to_cos: bool, freq_sh
 class TimeEmbedding(nn.Module):
     def __init__(self, channels: int, dim: int):
         super().__init__()
-        self.linear_1 = nn.Linear(channels, dim)
-        self.linear_2 = nn.Linear(dim, dim)
+        self.linear_1 = Linear(channels, dim)
+        self.linear_2 = Linear(dim, dim)
 
     def forward(self, x):
         return self.linear_2(F.silu(self.linear_1(x)))
@@ -132,12 +133,12 @@ class ResBlock(nn.Module):
     def __init__(self, in_ch: int, out_ch: int, emb_dim: int, groups: int, eps: float, dropout: float):
         super().__init__()
         self.norm1 = GroupNorm32(groups, in_ch, eps)
-        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
-        self.emb_proj = nn.Linear(emb_dim, out_ch)
+        self.conv1 = Conv2d(in_ch, out_ch, 3, padding=1)
+        self.emb_proj = Linear(emb_dim, out_ch)
         self.norm2 = GroupNorm32(groups, out_ch, eps)
         self.dropout = nn.Dropout(dropout)
-        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
-        self.shortcut = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else None
+        self.conv2 = Conv2d(out_ch, out_ch, 3, padding=1)
+        self.shortcut = Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else None
 
     def forward(self, x, emb, context=None):
         # In place where it is free: at high resolution a shallow step is memory-bound, and every
@@ -165,10 +166,10 @@ class AttentionBlock(nn.Module):
         super().__init__()
         self.heads = heads
         self.norm = GroupNorm32(groups, channels, eps)
-        self.to_q = nn.Linear(channels, channels)
-        self.to_k = nn.Linear(channels, channels)
-        self.to_v = nn.Linear(channels, channels)
-        self.to_out = nn.Linear(channels, channels)
+        self.to_q = Linear(channels, channels)
+        self.to_k = Linear(channels, channels)
+        self.to_v = Linear(channels, channels)
+        self.to_out = Linear(channels, channels)
 
     def forward(self, x, emb=None, context=None):
         b, c, hgt, wid = x.shape
@@ -193,10 +194,10 @@ class CrossAttention(nn.Module):
         self.heads = heads
         self.kv_index: Optional[int] = None  # this layer's entry in a PreparedContext (cross-attention only)
         kv_dim = context_dim or dim
-        self.to_q = nn.Linear(dim, dim, bias=False)
-        self.to_k = nn.Linear(kv_dim, dim, bias=False)
-        self.to_v = nn.Linear(kv_dim, dim, bias=False)
-        self.to_out = nn.Linear(dim, dim)
+        self.to_q = Linear(dim, dim, bias=False)
+        self.to_k = Linear(kv_dim, dim, bias=False)
+        self.to_v = Linear(kv_dim, dim, bias=False)
+        self.to_out = Linear(dim, dim)
 
     def forward(self, x, context=None):
         if isinstance(context, PreparedContext):
@@ -212,8 +213,8 @@ class GEGLU(nn.Module):
 
     def __init__(self, dim: int, mult: int = 4):
         super().__init__()
-        self.proj = nn.Linear(dim, dim * mult * 2)
-        self.out = nn.Linear(dim * mult, dim)
+        self.proj = Linear(dim, dim * mult * 2)
+        self.out = Linear(dim * mult, dim)
 
     def forward(self, x):
         h, gate = self.proj(x).chunk(2, dim=-1)
@@ -244,7 +245,7 @@ class SpatialTransformer(nn.Module):
         super().__init__()
         self.norm = GroupNorm32(groups, channels, 1e-6)
         self.linear_projection = linear_projection
-        proj = (lambda: nn.Linear(channels, channels)) if linear_projection else (lambda: nn.Conv2d(channels, channels, 1))
+        proj = (lambda: Linear(channels, channels)) if linear_projection else (lambda: Conv2d(channels, channels, 1))
         self.proj_in = proj()
         self.blocks = nn.ModuleList(TransformerBlock(channels, heads, context_dim) for _ in range(depth))
         self.proj_out = proj()
@@ -269,7 +270,7 @@ class Downsample(nn.Module):
     def __init__(self, channels: int, padding: int):
         super().__init__()
         self.asymmetric = padding == 0
-        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=padding)
+        self.conv = Conv2d(channels, channels, 3, stride=2, padding=padding)
 
     def forward(self, x, emb=None, context=None):
         return self.conv(F.pad(x, (0, 1, 0, 1)) if self.asymmetric else x)
@@ -278,7 +279,7 @@ class Downsample(nn.Module):
 class Upsample(nn.Module):
     def __init__(self, channels: int):
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+        self.conv = Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x, emb=None, context=None, size=None):
         """Nearest 2x, or to `size`, the next skip's, where an odd size was rounded going down
@@ -288,7 +289,7 @@ class Upsample(nn.Module):
         return self.conv(F.interpolate(x, size=tuple(size), mode="nearest"))
 
 
-class InputConv(nn.Conv2d):
+class InputConv(Conv2d):
     def forward(self, x, emb=None, context=None):
         return super().forward(x)
 
@@ -396,7 +397,7 @@ class UNet(Denoiser):
                 self.output_blocks.append(Layer(blocks))
 
         self.out_norm = GroupNorm32(groups, ch, eps)
-        self.out_conv = nn.Conv2d(ch, cfg.out_channels, 3, padding=1)
+        self.out_conv = Conv2d(ch, cfg.out_channels, 3, padding=1)
 
     @property
     def num_branches(self) -> int:

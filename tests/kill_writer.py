@@ -14,7 +14,7 @@ import sys
 import traceback
 from pathlib import Path
 
-from minidiff.checkpoint import save_safetensors
+from minidiff.writing import save_safetensors
 from minidiff.pipeline import Pipeline
 from minidiff.schedules import SchedulerConfig
 from minidiff.unet import UNet, UNetConfig

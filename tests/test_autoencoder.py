@@ -10,7 +10,7 @@ from torch import nn
 
 from conftest import SHARED, randomize_norms_and_biases
 from minidiff.autoencoder import Autoencoder, AutoencoderConfig
-from minidiff.convert.vae_keys import (autoencoder_config_from_diffusers, autoencoder_config_from_ldm, diffusers_to_native,
+from minidiff.formats.vae_keys import (autoencoder_config_from_diffusers, autoencoder_config_from_ldm, diffusers_to_native,
                                       ldm_to_native)
 
 REFS = SHARED

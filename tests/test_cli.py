@@ -10,7 +10,7 @@ import torch
 
 import minidiff.pipeline
 from minidiff import cli
-from minidiff.grid import class_titles
+from minidiff.images import class_titles
 
 from conftest import REPO, tiny_pipeline
 
@@ -187,11 +187,12 @@ def test_sample_makes_one_image_per_class_by_default_and_takes_class_names(tmp_p
     with Image.open(out) as img:  # three 8 px tiles enlarged 3x in one row, each with a caption under it
         assert img.width == 3 * (24 + 2) + 2 and img.height > 24 + 4
     assert cli.main(["sample", "--model", str(model), "--steps", "2", "--out", str(out), "--class", "square",
-                     "--batch-size", "2"]) == 0
+                     "--batch-size", "2", "--overwrite"]) == 0
     assert seen[-1] == [1, 1]
     with Image.open(out) as img:  # the default scale makes an 8 px tile 128 px
         assert img.width == 2 * (128 + 2) + 2
-    assert cli.main(["sample", "--model", str(model), "--steps", "2", "--out", str(out), "--class", "2", "0"]) == 0
+    assert cli.main(["sample", "--model", str(model), "--steps", "2", "--out", str(out), "--class", "2", "0",
+                     "--overwrite"]) == 0
     assert seen[-1] == [2, 0]
     assert "wrote" in capsys.readouterr().out
 

@@ -11,8 +11,8 @@ from conftest import randomize_near_unit_norms
 
 from minidiff.autoencoder import Autoencoder, AutoencoderConfig
 from minidiff.unet import UNet, UNetConfig
-from minidiff.convert.unet_keys import config_from_diffusers, diffusers_to_native
-from minidiff.convert.vae_keys import diffusers_to_native as vae_diffusers_to_native
+from minidiff.formats.unet_keys import config_from_diffusers, diffusers_to_native
+from minidiff.formats.vae_keys import diffusers_to_native as vae_diffusers_to_native
 
 diffusers = pytest.importorskip("diffusers")
 

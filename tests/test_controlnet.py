@@ -11,7 +11,7 @@ from test_convert_sd15 import TEXT_WIDTH, TOKENIZER_DIR, convert_diffusers, tiny
 from minidiff import controlnet as cn
 from minidiff.checkpoint import CheckpointError
 from minidiff.convert import controlnet as convert_cn
-from minidiff.convert.export_keys import unet_to
+from minidiff.formats.export_keys import unet_to
 
 RELATIVE_TOLERANCE = 1e-4
 PROMPTS = ["a photograph of an astronaut riding a horse", "a red fox in the snow"]

@@ -11,7 +11,7 @@ from minidiff.convert.ddpm import _pesser_config, main
 from minidiff import load
 from minidiff.checkpoint import check_state_dict
 from minidiff.unet import UNet
-from minidiff.convert.unet_keys import config_from_diffusers, pesser_to_native
+from minidiff.formats.unet_keys import config_from_diffusers, pesser_to_native
 
 diffusers = pytest.importorskip("diffusers")
 

@@ -10,7 +10,8 @@ import torch
 
 import minidiff
 from conftest import SHARED, check_half_precision_file, randomize_with_norms, sharpen_attention
-from minidiff.convert import sd15, text_keys, unet_keys
+from minidiff.convert import sd15
+from minidiff.formats import text_keys, unet_keys
 from minidiff.autoencoder import Autoencoder
 from minidiff.checkpoint import CheckpointError, check_state_dict
 from minidiff.convert.compvis import ema_key

@@ -5,7 +5,7 @@ import torch
 
 from minidiff.checkpoint import load_weights
 from minidiff.unet import UNet
-from minidiff.convert.unet_keys import config_from_diffusers, diffusers_to_native
+from minidiff.formats.unet_keys import config_from_diffusers, diffusers_to_native
 
 diffusers = pytest.importorskip("diffusers")
 

@@ -19,7 +19,7 @@ from minidiff.convert import ddpm, sd15
 from test_convert_sd15 import (SCHEDULE_BUFFERS, TOKENIZER_DIR, UNET_CONFIGS, LdmFirstStage, LDM_UNET,
                                convert_diffusers, single_file_state, tiny_clip, tiny_diffusers_pipeline,
                                tiny_diffusers_unet, tiny_yaml, write_single_file)
-from minidiff.convert import export_keys, unet_keys
+from minidiff.formats import export_keys, unet_keys
 from minidiff.text import CLIPTextConfig
 
 REPO = Path(__file__).resolve().parents[1]

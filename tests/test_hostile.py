@@ -27,9 +27,9 @@ from hypothesis import strategies as st
 from kill_writer import TINY, VERSION_STRIDE, tiny_pipeline
 
 import minidiff
-from minidiff import checkpoint
-from minidiff.checkpoint import (CheckpointError, atomic_folder, atomic_path, check_state_dict, load_weights,
-                                 read_state_dict, remove_stale_temps, save_json, save_safetensors)
+from minidiff import writing
+from minidiff.checkpoint import CheckpointError, check_state_dict, load_weights, read_state_dict
+from minidiff.writing import atomic_folder, atomic_path, remove_stale_temps, save_json, save_safetensors
 from minidiff.pipeline import Pipeline
 from minidiff.schedules import SchedulerConfig
 from minidiff.unet import UNet, UNetConfig
@@ -596,7 +596,7 @@ def test_written_files_follow_the_umask_not_0600(tmp_path):
 
 def test_overwrite_without_atomic_exchange_still_replaces_whole_folders(tmp_path, monkeypatch):
     """Where renameat2 is missing (macOS, some network file systems) two renames are used."""
-    monkeypatch.setattr(checkpoint, "_exchange", lambda a, b: False)
+    monkeypatch.setattr(writing, "_exchange", lambda a, b: False)
     dst = tmp_path / "model"
     tiny_pipeline(1).save(dst)
     tiny_pipeline(2).save(dst, overwrite=True)

@@ -8,7 +8,8 @@ from conftest import randomize, shared_path
 
 import minidiff
 from minidiff.autoencoder import Autoencoder, AutoencoderConfig
-from minidiff.checkpoint import CheckpointError, build_loaded, read_state_dict, save_safetensors
+from minidiff.checkpoint import CheckpointError, build_loaded, read_state_dict
+from minidiff.writing import save_safetensors
 from minidiff.pipeline import Pipeline
 from minidiff.schedules import SchedulerConfig
 from minidiff.text import DEFAULT_BPE, CLIPTextConfig, CLIPTextEncoder, CLIPTokenizer

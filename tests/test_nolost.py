@@ -16,7 +16,8 @@ import torch
 
 import minidiff
 from minidiff import pipeline as pipeline_module
-from minidiff.checkpoint import OUTPUT_MARKER, atomic_folder, read_state_dict
+from minidiff.checkpoint import read_state_dict
+from minidiff.writing import OUTPUT_MARKER, atomic_folder
 from minidiff.pipeline import check_dtype
 from minidiff.cli import train_main as main
 from minidiff.unet import FeatureCache, UNet, UNetConfig

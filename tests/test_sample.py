@@ -1,4 +1,4 @@
-"""minidiff.sharded (`torchrun -m minidiff.sample`): many samples across processes, the same whatever the number of processes, resumable."""
+"""minidiff.sample_many (`torchrun -m minidiff.sample`): many samples across processes, the same whatever the number of processes, resumable."""
 import os
 import subprocess
 import sys
@@ -8,7 +8,7 @@ import pytest
 
 from minidiff.data import save_png
 from minidiff.pipeline import load
-from minidiff.sharded import batches, rank_batches, sample_many, sample_path
+from minidiff.sample_many import batches, rank_batches, sample_many, sample_path
 
 REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
 MODEL = REPO / "weights" / "digits-cond"
@@ -81,7 +81,7 @@ def test_sample_i_is_generate_with_seed_base_plus_i(pipe, tmp_path):
 
 
 def test_classes_and_prompts_cycle_over_samples(pipe, tmp_path):
-    from minidiff.sharded import conditioning_for
+    from minidiff.sample_many import conditioning_for
 
     assert conditioning_for([0, 1, 2, 3], [7, 8], None, 10) == {"class_labels": [7, 8, 7, 8]}
     assert conditioning_for([9, 10, 11], None, None, 10) == {"class_labels": [9, 0, 1]}

@@ -353,7 +353,7 @@ def test_cli_samples_sd_with_dpmpp_karras_and_caching(sd_models, tmp_path, capsy
     assert rc == 0 and out.exists()
     assert "25 U-Net calls (9 full, 16 shallow at branch 0)" in capsys.readouterr().out
     assert cli_main(["sample", "--model", str(folder), "--sampler", "ddim", "--karras-sigmas", "--steps", "4",
-                     "--prompt", "x", "--out", str(out)]) == 1
+                     "--prompt", "x", "--out", str(out), "--overwrite"]) == 1
     assert "error: --karras-sigmas does not apply to the ddim sampler" in capsys.readouterr().err
 
 

@@ -18,7 +18,7 @@ from minidiff.text import (
     CLIPTokenizer,
     bytes_to_unicode,
 )
-from minidiff.convert.text_keys import text_keys_to_native
+from minidiff.formats.text_keys import text_keys_to_native
 
 SD15 = SHARED / "runwayml--stable-diffusion-v1-5"
 TOKENIZER_DIR = SD15 / "tokenizer"

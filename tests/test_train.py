@@ -188,7 +188,7 @@ def test_bad_config_values_are_clear():
 # Runs the CLI entry point under torchrun, then saves each rank's weights (training writes rank 0's only).
 WORKER = """
 import os, sys
-from minidiff.checkpoint import save_safetensors
+from minidiff.writing import save_safetensors
 from minidiff.cli import train_main as main
 result = main(sys.argv[2:])
 save_safetensors(result.model.state_dict(), f"{sys.argv[1]}/rank{os.environ['RANK']}.safetensors")

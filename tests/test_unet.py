@@ -9,7 +9,7 @@ from minidiff.convert.ddpm import convert
 from minidiff import load
 from minidiff.checkpoint import CheckpointError, check_state_dict, load_weights
 from minidiff.unet import UNet, UNetConfig
-from minidiff.convert.unet_keys import config_from_diffusers, diffusers_to_native, pesser_to_native, config_from_pesser
+from minidiff.formats.unet_keys import config_from_diffusers, diffusers_to_native, pesser_to_native, config_from_pesser
 
 diffusers = pytest.importorskip("diffusers")
 

@@ -2,7 +2,7 @@
 convert, export).
 
 Library modules do not parse arguments; each command here is a parser function and a run function
-in `COMMANDS`. `run` gives every command the same edge (`edge.py`): usage errors and user errors as
+in `COMMANDS`. `run` gives every command the same edge (`common.py`): usage errors and user errors as
 one line (`error: ...`, exit 2 and 1), flags named as the user typed them, the thread count set, and
 output paths and optional packages checked before any work starts.
 """
@@ -13,10 +13,11 @@ import sys
 from dataclasses import dataclass
 from typing import Callable, Optional
 
-from .edge import Parser, USER_ERRORS, check_output, cli_message, default_threads, require, set_threads
+from .common import Parser, USER_ERRORS, check_output, cli_message, default_threads, one_line_warnings, require, set_threads
 from .explain import _explain, _explain_parser
 from .generate import _demo, _demo_parser, _info, _info_parser, _sample, _sample_many, _sample_many_parser, _sample_parser
 from .measure import _analyze, _analyze_parser, _bench, _bench_parser
+from .plan import _plan, _plan_parser
 from .training import _toy_metric, _toy_metric_parser, _train, _train_parser
 
 __all__ = ["main", "COMMANDS", "run", "check_output", "cli_message", "default_threads", "require", "set_threads",
@@ -49,7 +50,7 @@ def convert_main(argv=None) -> int:
             return 2
         del argv[at:at + 2]
     converter = importlib.import_module(f"minidiff.convert.{argv[0]}").main
-    return guarded(lambda: (set_threads(threads), converter(argv[1:]))[1] or 0)
+    return guarded(lambda: (one_line_warnings(), set_threads(threads), converter(argv[1:]))[2] or 0)
 
 
 def export_main(argv=None) -> int:
@@ -94,6 +95,7 @@ def run(name: str, argv=None):
     args.argv = argv
 
     def work():
+        one_line_warnings()
         set_threads(getattr(args, "threads", None))
         return command.run(args)
 
@@ -143,6 +145,7 @@ COMMANDS = {
     "analyze": Command(_analyze_parser, _analyze, "feature similarity, depth profile, switch experiment, calibration, "
                        "linear probes"),
     "bench": Command(_bench_parser, _bench, "quality-vs-speed frontier of cache schedules; adaptive caching"),
+    "plan": Command(_plan_parser, _plan, "measure the composed frontier; store the best run per MAC budget"),
     "toy-metric": Command(_toy_metric_parser, _toy_metric, "train the toy-metric classifier for a dataset"),
     "explain": Command(_explain_parser, _explain, "write an offline page that shows caching on a model"),
     "convert": Command(None, convert_main, "convert a public checkpoint (ddpm, ldm, sd15, controlnet) to a minidiff folder"),
@@ -151,7 +154,8 @@ COMMANDS = {
 
 
 def version() -> str:
-    """The installed package's version, or the source tree's when it is not installed."""
+    """The installed package's version, or the source tree's when it is not installed; imports no
+    torch, so `minidiff --version` answers at once."""
     try:
         from importlib.metadata import PackageNotFoundError, version as installed
         return installed("minidiff")

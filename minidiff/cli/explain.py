@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import time
 
-from .edge import Parser, _threads_arg, check_output
+from .common import Parser, _threads_arg, check_output
 
 
 def _explain_parser() -> Parser:
@@ -22,7 +22,7 @@ def _explain_parser() -> Parser:
 
 
 def _explain(args) -> int:
-    from ..checkpoint import check_replaceable
+    from ..writing import check_replaceable
     from ..explain import PAGE_KIND, build
 
     if args.probes < 0:

@@ -3,48 +3,117 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
+import sys
 from pathlib import Path
 
-from ..grid import IMAGE_FORMATS
-from ..samplers import SAMPLERS
+from .common import (USER_ERRORS, check_device, check_fractions, check_ints, check_output, check_replaceable_image,
+                   cli_message, _load, MAX_SCALE, Parser, require, resolve_classes, _scale_arg, _threads_arg)
 
-from .edge import check_output, _load, Parser, require, resolve_classes, _scale_arg, _threads_arg
+MAX_BATCH = 4096  # generate's limit on one batch
+MAX_SAMPLES = 1_000_000  # sample-many -n: 20x an FID-50k set
+
+
+# -- options shared by sample and sample-many ---------------------------------------------------------
+
+def add_generate_arguments(p: argparse.ArgumentParser, device_help: str = "cpu, cuda, cuda:N or mps (default cpu)"):
+    """The `Pipeline.generate` options of `minidiff sample` and `minidiff sample-many`, defined once."""
+    from ..samplers import SAMPLERS
+
+    p.add_argument("--model", required=True, help="minidiff model folder (see convert/ for public checkpoints)")
+    p.add_argument("--steps", type=int, default=50, help="sampling steps (default 50)")
+    p.add_argument("--sampler", default="ddim", choices=sorted(SAMPLERS), help="(default ddim)")
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM noise, ddim only (default 0: deterministic)")
+    p.add_argument("--karras-sigmas", action="store_true", help="Karras et al. 2022 noise levels "
+                   "(euler, heun, dpmpp_2m, unipc; default off)")
+    p.add_argument("--cache-interval", type=int, default=1, help="N: one full network step every N steps "
+                   "(default 1: no caching)")
+    p.add_argument("--cache-branch", type=int, default=0, help="skip connection the shallow path keeps (default 0)")
+    p.add_argument("--cache-schedule", default="uniform", choices=["uniform", "nonuniform", "calibrated", "adaptive"],
+                   help="which steps run in full (default uniform; calibrated needs the model's calibration.json)")
+    p.add_argument("--cache-forecast", default=None, choices=[0, 1, 2, "auto"],
+                   type=lambda v: v if v == "auto" else int(v) if v.isdigit() else v,
+                   help="0: reuse the cached deep feature; 1, 2: extrapolate it through the last 2 or 3 full "
+                        "steps; auto: 2 for deterministic samplers, 0 for noisy ones (default: 0; auto if adaptive)")
+    p.add_argument("--cache-threshold", type=float, help="adaptive: relative L1 staleness that triggers a refresh "
+                   "(default 0.03)")
+    p.add_argument("--cache-budget", type=float, help="adaptive: most MACs per sample, as a fraction of uncached "
+                   "(default: none)")
+    p.add_argument("--budget", type=float, help="at most this fraction of the MACs of --steps uncached steps; the "
+                   "model's plan.json (`minidiff plan`) chooses steps and caching (default: none)")
+    p.add_argument("--class", dest="class_labels", nargs="+", metavar="CLASS",
+                   help="class number(s) or name(s) (`minidiff info` lists them); default: every class in turn")
+    p.add_argument("--prompt", nargs="+", help="text prompt(s) for text-conditioned models (default: none)")
+    p.add_argument("--negative-prompt", help="what guidance steers away from (default: none; needs --guidance-scale above 1)")
+    p.add_argument("--guidance-scale", type=float, help="classifier-free guidance scale (default: off)")
+    p.add_argument("--height", type=int, help="image height in px (default: the model's size)")
+    p.add_argument("--width", type=int, help="image width in px (default: the model's size)")
+    p.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
+    p.add_argument("--device", help=device_help)
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
+                   help="precision of the network (default float32)")
+    p.add_argument("--allow-nan", action="store_true", help="load weights even if they contain NaN/Inf")
+    _threads_arg(p)
+
+
+def check_generate_arguments(args):
+    """What can be refused before the model is loaded; the rest (--steps against the model's noise
+    levels, classes, sizes) right after it, before any sampling."""
+    check_ints(args, {"--batch-size": ("batch_size", 1, MAX_BATCH), "--cache-interval": ("cache_interval", 1, 10_000),
+                      "--cache-branch": ("cache_branch", 0, 10_000), "--height": ("height", 1, 16384),
+                      "--width": ("width", 1, 16384), "--seed": ("seed", 0, 2 ** 64 - 1)})
+    check_fractions(args, {"--cache-budget": ("cache_budget", 0, 1), "--budget": ("budget", 0, 1)})
+    if args.budget is not None:
+        given = [flag for flag, value, default in (
+            ("--cache-interval", args.cache_interval, 1), ("--cache-branch", args.cache_branch, 0),
+            ("--cache-schedule", args.cache_schedule, "uniform"), ("--cache-forecast", args.cache_forecast, None),
+            ("--cache-threshold", args.cache_threshold, None), ("--cache-budget", args.cache_budget, None))
+            if value != default]
+        if given:
+            raise ValueError(f"--budget lets the model's plan choose the caching; drop {', '.join(given)}")
+    check_device(args.device)
+    if args.negative_prompt is not None and not (args.guidance_scale or 0) > 1:
+        raise ValueError("--negative-prompt acts only through classifier-free guidance, which is off; add "
+                         "--guidance-scale above 1 (e.g. 7.5) or drop --negative-prompt")
+
+
+def _load_for(args, device):
+    """The model, then the checks that need it: steps within its noise levels, a prompt it can take."""
+    import torch
+
+    from ..checks import check_steps
+
+    pipe = _load(args, device=device, dtype=getattr(torch, args.dtype), allow_nan=args.allow_nan)
+    check_steps(args.steps, pipe.scheduler.num_train_timesteps)
+    if args.negative_prompt is not None and pipe.text_encoder is None:
+        raise ValueError("this model takes no prompt, so --negative-prompt would be ignored; drop it")
+    if args.cache_schedule == "calibrated" and pipe.calibration_error:
+        raise ValueError(pipe.calibration_error)
+    return pipe
+
+
+def generate_options(args) -> dict:
+    """The `generate` keywords both commands pass as given."""
+    return dict(steps=args.steps, sampler=args.sampler, eta=args.eta, karras_sigmas=args.karras_sigmas,
+                cache_interval=args.cache_interval, cache_branch=args.cache_branch,
+                cache_schedule=args.cache_schedule, cache_forecast=args.cache_forecast,
+                cache_threshold=args.cache_threshold, cache_budget=args.cache_budget, budget=args.budget,
+                negative_prompt=args.negative_prompt, guidance_scale=args.guidance_scale)
 
 
 # -- sample ------------------------------------------------------------------------------------------
 
 def _sample_parser() -> Parser:
+    from ..images import IMAGE_FORMATS
+
     p = Parser(prog="minidiff sample", description="Sample a model, optionally with caching.")
-    p.add_argument("--model", required=True, help="minidiff model folder (see convert/ for public checkpoints)")
-    p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--sampler", default="ddim", choices=sorted(SAMPLERS))
-    p.add_argument("--eta", type=float, default=0.0, help="DDIM noise (ddim only)")
-    p.add_argument("--karras-sigmas", action="store_true", help="Karras et al. 2022 noise levels "
-                   "(euler, heun, dpmpp_2m, unipc)")
-    p.add_argument("--cache-interval", type=int, default=1, help="N: one full U-Net step every N steps")
-    p.add_argument("--cache-branch", type=int, default=0, help="skip connection the shallow path keeps")
-    p.add_argument("--cache-schedule", default="uniform", choices=["uniform", "nonuniform", "calibrated", "adaptive"])
-    p.add_argument("--cache-forecast", default=None, choices=[0, 1, 2, "auto"],
-                   type=lambda v: v if v == "auto" else int(v) if v.isdigit() else v,
-                   help="0: reuse the cached deep feature; 1, 2: extrapolate it through the last 2 or 3 full "
-                        "steps; auto: 2 for deterministic samplers, 0 for noisy ones (default: 0; auto if adaptive)")
-    p.add_argument("--cache-threshold", type=float, help="adaptive: relative L1 staleness that triggers a refresh")
-    p.add_argument("--cache-budget", type=float, help="adaptive: most MACs per sample, as a fraction of uncached")
+    add_generate_arguments(p)
     p.add_argument("--batch-size", type=int, default=None,
-                   help="images (default: one per class on a class model, one per prompt, else 4)")
-    p.add_argument("--class", dest="class_labels", nargs="+", metavar="CLASS",
-                   help="class number(s) or name(s) (`minidiff info` lists them); default: one image per class")
-    p.add_argument("--prompt", nargs="+", help="text prompt(s) for text-conditioned models")
-    p.add_argument("--negative-prompt", help="what guidance steers away from (needs --guidance-scale above 1)")
-    p.add_argument("--guidance-scale", type=float)
-    p.add_argument("--height", type=int)
-    p.add_argument("--width", type=int)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
-    p.add_argument("--out", default="out/sample.png", help=f"image file ({', '.join(IMAGE_FORMATS)})")
+                   help=f"images, 1-{MAX_BATCH} (default: one per class on a class model, one per prompt, else 4)")
+    p.add_argument("--out", default="out/sample.png", help=f"image file ({', '.join(IMAGE_FORMATS)}; default "
+                   "out/sample.png)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out image")
     _scale_arg(p)
-    p.add_argument("--allow-nan", action="store_true", help="load weights even if they contain NaN/Inf")
     p.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
                    help="merge a LoRA .safetensors (kohya or diffusers/PEFT) at SCALE (default 1); repeatable")
     p.add_argument("--controlnet", action="append", default=[], metavar="DIR",
@@ -52,62 +121,61 @@ def _sample_parser() -> Parser:
     p.add_argument("--control-image", action="append", default=[], metavar="FILE",
                    help="control image (edges, depth, pose) for each --controlnet, center-cropped to the output size")
     p.add_argument("--controlnet-scale", type=float, default=1.0, help="weight of the ControlNet residuals")
-    _threads_arg(p)
     return p
 
 
 def _sample(args) -> int:
-    check_output(args.out, "image")
+    check_generate_arguments(args)
+    check_ints(args, {"--scale": ("scale", 1, MAX_SCALE)})
+    check_output(args.out, "image", overwrite=args.overwrite)
     require("PIL", "writing images")
-    if args.negative_prompt is not None and not (args.guidance_scale or 0) > 1:
-        raise ValueError("--negative-prompt acts only through classifier-free guidance, which is off; add "
-                         "--guidance-scale above 1 (e.g. 7.5) or drop --negative-prompt")
     import torch
 
-    from ..cache import mac_bound
     from ..data import save_grid
-    from ..grid import class_titles
-
+    from ..demo import network_name
+    from ..images import auto_scale, check_grid, class_titles
     from ..lora import parse_lora_arg
 
-    loras = [parse_lora_arg(text) for text in args.lora]
-    pipe = _load(args, device=args.device, dtype=getattr(torch, args.dtype), allow_nan=args.allow_nan)
+    loras = [parse_lora_arg(text) for text in args.lora]  # a malformed --lora is refused before loading
+    pipe = _load_for(args, args.device or "cpu")
     for path, scale in loras:
         pipe.load_lora(path, scale)
     control = _controls(pipe, args)
-    if args.negative_prompt is not None and pipe.text_encoder is None:
-        raise ValueError("this model takes no prompt, so --negative-prompt would be ignored; drop it")
     labels = resolve_classes(pipe, args.class_labels)
-    per_class = labels is None and pipe.unet.config.num_classes is not None
+    per_class = labels is None and pipe.denoiser.config.num_classes is not None
     if per_class:  # one image per class, as the demo does
         labels = pipe.default_labels(args.batch_size or pipe.num_real_classes())
     batch = args.batch_size or (len(labels) if labels else len(args.prompt) if args.prompt else 4)
     if labels and len(labels) == 1:
         labels = labels * batch
-    prompt = args.prompt[0] if args.prompt and len(args.prompt) == 1 else args.prompt
-    images = pipe.generate(steps=args.steps, sampler=args.sampler, eta=args.eta, karras_sigmas=args.karras_sigmas,
-                           cache_interval=args.cache_interval, cache_branch=args.cache_branch,
-                           cache_schedule=args.cache_schedule, cache_forecast=args.cache_forecast,
-                           cache_threshold=args.cache_threshold, cache_budget=args.cache_budget,
-                           seed=args.seed, batch_size=batch,
-                           class_labels=labels, prompt=prompt, negative_prompt=args.negative_prompt,
-                           guidance_scale=args.guidance_scale, height=args.height, width=args.width,
-                           **control)
     classes = pipe.num_real_classes() if per_class else 0
-    nrow = classes if 0 < classes <= 16 else math.ceil(math.sqrt(images.shape[0]))
-    save_grid(images, args.out, nrow=nrow, scale=args.scale, captions=class_titles(pipe.class_names, labels) if labels else None)
+    nrow = classes if 0 < classes <= 16 else math.ceil(math.sqrt(batch))
+    height, width = args.height or pipe.default_size, args.width or pipe.default_size
+    check_grid(batch, height, width, nrow, args.scale or auto_scale(height, width))
+    prompt = args.prompt[0] if args.prompt and len(args.prompt) == 1 else args.prompt
+    images = pipe.generate(**generate_options(args), seed=args.seed, batch_size=batch, class_labels=labels,
+                           prompt=prompt, height=args.height, width=args.width, **control)
+    save_grid(images, args.out, nrow=nrow, scale=args.scale,
+              captions=class_titles(pipe.class_names, labels) if labels else None)
     run = pipe.last_run
-    ratio = run.shallow_ratio
-    print(f"wrote {args.out}: {images.shape[0]} images, {run.model_calls} U-Net calls ({run.full_calls} full, "
-          f"{run.shallow_calls} shallow at branch {args.cache_branch}), {run.seconds:.2f} s on "
-          f"{torch.get_num_threads()} thread(s); shallow/full MACs {ratio:.3f}, MAC bound on speedup "
-          f"{1 / run.mac_fraction:.2f}x (uniform N={args.cache_interval}: "
-          f"{mac_bound(1, args.cache_interval - 1, ratio):.2f}x)")
     per_sample = run.full_steps_per_sample
+    chosen = getattr(run, "plan", None) or {}  # --budget: what the model's plan chose
+    if chosen:
+        print(f"the plan for budget {args.budget:g}: " + ", ".join(f"{k.removeprefix('cache_')} {v}" for k, v in
+                                                                  chosen.items() if k not in ("budget",)))
+    schedule, branch = chosen.get("cache_schedule", args.cache_schedule), chosen.get("cache_branch", args.cache_branch)
+    # with the adaptive schedule a call is full for some samples only: count full steps per sample instead
+    split = "" if schedule == "adaptive" else f" ({run.full_calls} full, {run.shallow_calls} shallow at branch {branch})"
+    print(f"wrote {args.out}: {images.shape[0]} images, {run.model_calls} {network_name(pipe)} calls{split}, "
+          f"{run.seconds:.2f} s on {torch.get_num_threads()} thread(s)")
     if run.shallow_calls or run.forecast:  # say what caching did; an uncached run has nothing to add
-        chosen = (f"full steps {per_sample[0]}" if all(steps == per_sample[0] for steps in per_sample) else
-                  "full steps per sample: " + "; ".join(f"{i}: {steps}" for i, steps in enumerate(per_sample)))
-        print(f"MACs {run.mac_fraction:.3f} of the uncached run, forecast order {run.forecast}; {chosen}")
+        counts = sorted({len(steps) for steps in per_sample})
+        full = str(counts[0]) if len(counts) == 1 else f"{counts[0]}-{counts[-1]}"
+        print(f"full steps per sample: {full} of {run.model_calls}, the rest shallow at branch {branch}; "
+              f"MACs spent {run.mac_fraction:.3f} of uncached (MAC bound on speedup {1 / run.mac_fraction:.2f}x, "
+              f"shallow/full {run.shallow_ratio:.3f}), forecast order {run.forecast}")
+        print(f"full steps {per_sample[0]}" if all(steps == per_sample[0] for steps in per_sample) else
+              "full steps of each sample: " + "; ".join(f"{i}: {steps}" for i, steps in enumerate(per_sample)))
     return 0
 
 
@@ -139,10 +207,10 @@ def _controls(pipe, args) -> dict:
 
 
 def _example_cond(pipe):
-    """A conditioning input of batch 1 shaped as the U-Net expects, for counting MACs."""
+    """A conditioning input of batch 1 shaped as the network expects, for counting MACs."""
     import torch
 
-    cfg = pipe.unet.config
+    cfg = pipe.denoiser.config
     if cfg.num_classes is not None:
         return torch.zeros(1, dtype=torch.long, device=pipe.device)
     if cfg.context_dim is not None:
@@ -152,45 +220,54 @@ def _example_cond(pipe):
 
 # -- sample-many (also torchrun -m minidiff.sample) ------------------------------------------------
 
-def add_generate_arguments(parser: argparse.ArgumentParser):
-    """The `Pipeline.generate` options shared by `minidiff sample` and this module."""
-    parser.add_argument("--model", required=True, help="minidiff model folder (see convert/ for public checkpoints)")
-    parser.add_argument("--steps", type=int, default=50)
-    parser.add_argument("--sampler", default="ddim", choices=sorted(SAMPLERS))
-    parser.add_argument("--eta", type=float, default=0.0)
-    parser.add_argument("--cache-interval", type=int, default=1, help="N: one full U-Net step every N steps")
-    parser.add_argument("--cache-branch", type=int, default=0, help="skip connection the shallow path keeps")
-    parser.add_argument("--cache-schedule", default="uniform", choices=["uniform", "nonuniform", "calibrated"])
-    parser.add_argument("--class", dest="class_labels", type=int, nargs="+", help="class label(s)")
-    parser.add_argument("--prompt", nargs="+", help="text prompt(s) for text-conditioned models")
-    parser.add_argument("--negative-prompt")
-    parser.add_argument("--guidance-scale", type=float)
-    parser.add_argument("--height", type=int)
-    parser.add_argument("--width", type=int)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
-    parser.add_argument("--allow-nan", action="store_true", help="load weights even if they contain NaN/Inf")
-
-
 def _sample_many_parser() -> Parser:
     parser = Parser(prog="minidiff sample-many", description="Write NUM samples as PNGs, shared across "
                                      "torchrun processes; a restart skips finished samples.")
-    add_generate_arguments(parser)
+    add_generate_arguments(parser, device_help="default: this rank's GPU when there is one, else cpu")
     parser.add_argument("-n", "--num", type=int, required=True,
-                        help="how many samples (sample i uses seed + i); under torchrun write -n N, as torchrun takes "
-                        "--num for an abbreviation of its own --numa-binding")
+                        help=f"how many samples, at most {MAX_SAMPLES:,} (sample i uses seed + i); under torchrun "
+                        "write -n N, as torchrun takes --num for an abbreviation of its own --numa-binding")
     parser.add_argument("--out", required=True, help="folder for 000000.png, 000001.png, ...")
-    parser.add_argument("--batch-size", type=int, default=1, help="samples per U-Net batch (per process)")
-    parser.add_argument("--device", help="default: this rank's GPU when there is one, else cpu")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the U-Net's full and shallow paths")
-    _threads_arg(parser)
+    parser.add_argument("--batch-size", type=int, default=1, help="samples per network batch, per process "
+                        "(default 1)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the network's full and shallow paths")
     return parser
 
 
 def _sample_many(args) -> int:
-    from ..sharded import run
+    """This torchrun rank's share of `args.num` samples in `args.out`; every rank writes its own files,
+    rank 0 reports. Everything is checked before `run.json` is written."""
+    check_generate_arguments(args)
+    check_ints(args, {"-n": ("num", 1, MAX_SAMPLES)})
+    check_output(args.out, "folder")
+    require("PIL", "writing images")
+    from pathlib import Path
 
-    return run(args)
+    from .. import sample_many
+
+    rank, world, device, made_group = sample_many.distributed(args.device)
+    try:
+        pipe = _load_for(args, device)
+        labels = resolve_classes(pipe, args.class_labels)
+        pipe.initial_noise(1, height=args.height, width=args.width)  # refuses a size the model cannot take
+        if args.compile:
+            pipe.denoiser.compile_paths()
+        settings = {k: v for k, v in vars(args).items()
+                    if k not in ("num", "out", "device", "compile", "allow_nan", "argv", "threads")}
+        settings.update(model=str(Path(args.model).resolve()), class_labels=labels)
+        sample_many.claim_folder(Path(args.out), settings, rank, world)
+        computed = sample_many.sample_many(pipe, args.out, args.num, seed=args.seed, batch_size=args.batch_size,
+                                       class_labels=labels, prompts=args.prompt, height=args.height, width=args.width,
+                                       rank=rank, world=world, **generate_options(args))
+        sample_many.finish(world, made_group)
+    except USER_ERRORS as e:
+        if world == 1:
+            raise
+        print(f"error (rank {rank}): {cli_message(e, _sample_many_parser())}", file=sys.stderr)
+        return 1
+    if rank == 0:
+        print(f"{args.out}: {args.num} samples ({len(computed)} computed by rank 0 of {world})")
+    return 0
 
 
 # -- demo --------------------------------------------------------------------------------------------
@@ -221,15 +298,25 @@ def _demo_parser() -> Parser:
 
 
 def _demo(args) -> int:
+    from pathlib import Path
+
     from .. import demo
 
-    for name in ("per_class", "repeats", "interval", "steps"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    check_ints(args, {"--per-class": ("per_class", 1, demo.MAX_SAMPLES), "--repeats": ("repeats", 1, 100),
+                      "--interval": ("interval", 1, 10_000),
+                      "--branch": ("branch", 0, 10_000), "--scale": ("scale", 1, MAX_SCALE),
+                      "--seed": ("seed", 0, 2 ** 64 - 1)})
     check_output(args.out, "folder")
+    for name in demo.OUTPUTS:  # the demo replaces its own pictures of an earlier run, nothing else
+        if (Path(args.out) / name).exists():
+            check_replaceable_image(Path(args.out) / name, "--out", None)
     require("PIL", "writing the demo's images")
-    settings = {k: v for k, v in vars(args).items() if k not in ("threads", "argv")}
-    demo.demo(**settings, threads=0)  # `run` has set the threads
+    from ..data import find_weights
+
+    settings = {k: v for k, v in vars(args).items() if k not in ("threads", "argv", "model")}
+    folder = args.model or find_weights(demo.DEFAULT_MODEL)
+    pipe = _load(argparse.Namespace(model=folder))  # a damaged calibration.json: said once, if it matters
+    demo.demo(model=pipe, **settings, threads=0)  # `run` has set the threads
     return 0
 
 
@@ -245,8 +332,10 @@ def _info_parser() -> Parser:
 def _info(args) -> int:
     import torch
 
+    from ..demo import network_name
+
     pipe = _load(args)
-    cfg, sch = pipe.unet.config, pipe.scheduler
+    cfg, sch = pipe.denoiser.config, pipe.scheduler
 
     def millions(module):
         return f"{sum(p.numel() for p in module.parameters()) / 1e6:.2f}M"
@@ -255,7 +344,7 @@ def _info(args) -> int:
             "text-conditional" if pipe.text_encoder is not None else "unconditional")
     space = "latent" if pipe.autoencoder is not None else "pixel-space"
     print(f"{args.model}: {kind} {space} diffusion model")
-    parts = [f"U-Net {millions(pipe.unet)}"] + [f"{name} {millions(m)}" for name, m in
+    parts = [f"{network_name(pipe)} {millions(pipe.denoiser)}"] + [f"{name} {millions(m)}" for name, m in
                                                 (("autoencoder", pipe.autoencoder), ("text encoder", pipe.text_encoder))
                                                 if m is not None]
     print(f"  parameters:  {', '.join(parts)}")
@@ -279,16 +368,18 @@ def _info(args) -> int:
     print(f"  text:        {'yes: --prompt, and --negative-prompt with --guidance-scale' if pipe.text_encoder else 'no'}")
     x = torch.zeros(1, cfg.in_channels, latent, latent)
     ratios = []
-    for b in range(pipe.unet.num_branches):
-        macs = pipe.unet.macs(x, 500, _example_cond(pipe), branch=b)
+    for b in range(pipe.denoiser.num_branches):
+        macs = pipe.denoiser.macs(x, 500, _example_cond(pipe), branch=b)
         ratios.append(f"{b}: {macs['shallow'] / macs['full']:.3f}")
         full = macs["full"]
-    print(f"  branches:    0-{pipe.unet.num_branches - 1} (--cache-branch); full step {full / 1e9:.3f} GMACs at "
+    print(f"  branches:    0-{pipe.denoiser.num_branches - 1} (--cache-branch); full step {full / 1e9:.3f} GMACs at "
           f"{size}x{size}; shallow/full MACs per branch:")
     for start in range(0, len(ratios), 8):
         print("               " + "  ".join(ratios[start:start + 8]))
     cal = pipe.calibration
-    if cal is None:
+    if pipe.calibration_error:
+        print(f"  calibration: damaged: {pipe.calibration_error}")
+    elif cal is None:
         print("  calibration: none (minidiff analyze calibrate --model ... writes one; --cache-schedule calibrated "
               "needs it)")
     else:

@@ -3,17 +3,40 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 import time
 from pathlib import Path
 
-from ..samplers import SAMPLERS
+from .common import check_fractions, check_ints, check_output, _load, Parser, require, resolve_classes, _threads_arg
 
-from .edge import check_output, _load, Parser, require, resolve_classes, _threads_arg
+MAX_BATCH = 4096  # generate's limit on one batch
+# Ranges every analyze and bench option shares, checked before the model is loaded (the model's own
+# limits, such as --steps against its noise levels, right after).
+LIMITS = {"--batch": ("batch", 1, MAX_BATCH), "--calibration-batch": ("calibration_batch", 1, MAX_BATCH),
+          "--seed": ("seed", 0, 2 ** 64 - 1), "--seeds": ("seeds", 0, 2 ** 64 - 1),
+          "--calibration-seed": ("calibration_seed", 0, 2 ** 64 - 1), "--branch": ("branch", 0, 10_000),
+          "--branches": ("branches", 0, 10_000), "--intervals": ("intervals", 1, 10_000),
+          "--repeats": ("repeats", 0, 100), "--pool": ("pool", 1, 16384), "--project": ("project", 0, 2 ** 31),
+          "--at": ("at", 0, 10_000), "--per-class": ("per_class", 1, MAX_BATCH), "--every": ("every", 1, 10_000)}
+
+
+def _check_args(args):
+    check_ints(args, LIMITS)
+    check_fractions(args, {"--budgets": ("budgets", 0, 1)})
+
+
+def _check_steps(pipe, args):
+    from ..checks import check_steps
+
+    if getattr(args, "steps", None) is not None:
+        check_steps(args.steps, pipe.scheduler.num_train_timesteps)
 
 
 # -- analyze -----------------------------------------------------------------------------------------
 
 def _model_args(p: argparse.ArgumentParser, batch: int = 8):
+    from ..samplers import SAMPLERS
+
     p.add_argument("--model", required=True, help="minidiff model folder")
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--sampler", default="ddim", choices=sorted(SAMPLERS))
@@ -108,8 +131,10 @@ def _probe_checks(args):
 
 
 def _probe_cmd(pipe, args) -> int:
-    from ..probe import run
+    from ..probe import check_probe, run
 
+    check_probe(pipe, timesteps=args.timesteps, count=args.count, per_class=args.per_class,
+                trajectories=not args.no_trajectories)
     run(pipe, args.out, timesteps=args.timesteps, count=args.count, per_class=args.per_class, steps=args.steps,
         every=args.every, seed=args.seed, trajectories=not args.no_trajectories)
     return 0
@@ -121,8 +146,11 @@ def _analyze(args) -> int:
               "calibrate": _calibrate_checks, "probe": _probe_checks}
     commands = {"similarity": _similarity_cmd, "depth": _depth_cmd, "switch": _switch_cmd,
                 "calibrate": _calibrate_cmd, "probe": _probe_cmd}
+    _check_args(args)
     checks[args.command](args)
-    return commands[args.command](_load(args), args)
+    pipe = _load(args)
+    _check_steps(pipe, args)
+    return commands[args.command](pipe, args)
 
 
 def _plot_folder_checks(args):
@@ -144,7 +172,7 @@ def _calibration_target(args) -> Path:
 def _labels_from(args, pipe, batch=None):
     batch = batch or args.batch
     if args.class_label is None:
-        return None if pipe.unet.config.num_classes is None else pipe.default_labels(batch)
+        return None if pipe.denoiser.config.num_classes is None else pipe.default_labels(batch)
     return resolve_classes(pipe, [args.class_label]) * batch
 
 
@@ -168,7 +196,7 @@ def _similarity_cmd(pipe, args) -> int:
     record = _record_from(args, pipe)
     matrices = analysis.similarity_matrices(record)
     summary = analysis.summarize(matrices)
-    roles = {name: analysis.layer_role(pipe.unet, name) for name in matrices}
+    roles = {name: analysis.layer_role(pipe.denoiser, name) for name in matrices}
     print(analysis.format_summary(summary, roles=roles))
     analysis.save_matrices(matrices, out / "similarity.npz")
     analysis.write_csv([{"layer": k, **v, "role": roles[k]} for k, v in summary.items()], out / "summary.csv")
@@ -182,7 +210,7 @@ def _depth_cmd(pipe, args) -> int:
 
     out = Path(args.out)
     record = _record_from(args, pipe)
-    rows = analysis.depth_profile(analysis.similarity_matrices(record), pipe.unet, record.shapes)
+    rows = analysis.depth_profile(analysis.similarity_matrices(record), pipe.denoiser, record.shapes)
     print(analysis.format_depth(rows))
     analysis.write_csv(rows, out / "depth.csv")
     plots.plot_depth(rows, out / "depth.png", title=f"{args.model}: feature change per step vs depth "
@@ -196,12 +224,12 @@ def _switch_cmd(pipe, args) -> int:
     from ..frontier import format_rows
 
     out = Path(args.out)
-    text = pipe.unet.config.num_classes is None
+    text = pipe.denoiser.config.num_classes is None
     old, new = (args.old, args.new) if text else (*resolve_classes(pipe, [args.old], "--from"),
                                                   *resolve_classes(pipe, [args.new], "--to"))
     classifier = None if text else metrics.toy_classifier(pipe, args.model, args.classifier)
     start = time.perf_counter()
-    layers = args.layers or ["mid", analysis.cached_layer(pipe.unet, pipe.unet.num_branches // 2)]
+    layers = args.layers or ["mid", analysis.cached_layer(pipe.denoiser, pipe.denoiser.num_branches // 2)]
     result = analysis.switch_experiment(pipe, old=old, new=new, steps=args.steps, sampler=args.sampler,
                                         at_steps=args.at, batch_size=args.batch, seed=args.seed, layers=layers,
                                         guidance_scale=args.guidance_scale, classifier=classifier)
@@ -225,7 +253,7 @@ def _calibrate_cmd(pipe, args) -> int:
     from ..calibration import calibrate
 
     target = _calibration_target(args)
-    branches = args.branches or [b for b in (0, 1, 2, 3) if b < pipe.unet.num_branches]
+    branches = args.branches or [b for b in (0, 1, 2, 3) if b < pipe.denoiser.num_branches]
     calibration = calibrate(pipe, steps=args.steps, sampler=args.sampler, branch=args.branch, branches=branches,
                             cost=args.cost, batch_size=args.batch, seed=args.seed,
                             class_labels=_labels_from(args, pipe), prompt=args.prompt,
@@ -272,6 +300,8 @@ def _add_frontier(sub):
 
 
 def _add_adaptive(sub):
+    from ..samplers import SAMPLERS
+
     q = sub.add_parser("adaptive", help="cached sampling at equal MACs: DeepCache reuse, forecast orders, fixed "
                        "and adaptive schedules, and fewer steps (PSNR vs uncached)")
     q.add_argument("--model", required=True)
@@ -305,22 +335,24 @@ def _bench(args) -> int:
 def _frontier_cmd(args) -> int:
     """One frontier per sampler, each with its own calibration; rows are printed as they finish."""
     from .. import analysis, metrics, plots
-    from ..checkpoint import atomic_path
+    from ..writing import atomic_path
+    from ..checks import check_steps
     from ..frontier import format_budgets, format_rows, frontier, parse_samplers
     from ..samplers import SAMPLER_OPTIONS, num_model_calls, sampler_options
 
+    _check_args(args)
     check_output(args.out, "folder")
     require("matplotlib", "the frontier plots")
-    if args.repeats < 0:
-        raise ValueError(f"--repeats must be 0 (no timing) or more, got {args.repeats}")
     runs = parse_samplers(args.samplers, args.steps) if args.samplers else [(args.sampler, args.steps)]
     pipe = _load(args)
+    for _, steps in runs:
+        check_steps(steps, pipe.scheduler.num_train_timesteps)
     labels = _labels_from(args, pipe)
     classifier = metrics.toy_classifier(pipe, args.model, args.classifier)
-    branches = [b for b in args.branches if 0 <= b < pipe.unet.num_branches]
+    branches = [b for b in args.branches if 0 <= b < pipe.denoiser.num_branches]
     if not branches:
         raise ValueError(f"none of the branches {args.branches} exists; this U-Net has branches "
-                         f"0-{pipe.unet.num_branches - 1}")
+                         f"0-{pipe.denoiser.num_branches - 1}")
     rows = []
     for sampler, steps in runs:
         given = dict(eta=args.eta, karras_sigmas=args.karras_sigmas)
@@ -400,12 +432,21 @@ def _adaptive_cmd(args) -> int:
     from .. import forecast_bench
     from ..frontier import format_rows
 
+    _check_args(args)
     if args.plot:
-        check_output(args.plot, "image")
+        check_output(args.plot, "image", "--plot")
         require("matplotlib", "the refresh plot")
     pipe = _load(args)
+    _check_steps(pipe, args)
+    measured = []
+
+    def progress(_row_text):  # a count as rows finish; the aligned table follows once, at the end
+        measured.append(1)
+        print(f"\r  measured {len(measured)} rows", end="", file=sys.stderr, flush=True)
+
     rows = forecast_bench.compare(pipe, sampler=args.sampler, steps=args.steps, seeds=args.seeds,
-                                  batch=args.batch, budgets=args.budgets, branch=args.branch)
+                                  batch=args.batch, budgets=args.budgets, branch=args.branch, log=progress)
+    print(file=sys.stderr)
     print(format_rows(rows, ["budget", "method", "mac_fraction", "psnr", "psnr_min", "seconds",
                              "distinct_schedules"]))
     if args.plot:

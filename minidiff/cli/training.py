@@ -3,9 +3,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+from pathlib import Path
 
 
-from .edge import check_output, Parser, require, _threads_arg
+from .common import check_ints, check_output, Parser, require, _threads_arg
+
+IMAGE_SIZES = (4, 1024)  # what the datasets resize to (minidiff.data refuses others)
 
 
 # -- train -------------------------------------------------------------------------------------------
@@ -69,6 +73,7 @@ def _train(args):
         settings = json.loads((checkpoint_dir(resume) / "train_state.json").read_text())["config"]
     settings.update(PRESETS.get(args.pop("preset", None), {}))
     settings.update(args)
+    check_ints(argparse.Namespace(**settings), {"--image-size": ("image_size", *IMAGE_SIZES)})
     config = config_from_dict(TrainConfig, settings)
     if resume is not None:
         check_output(resume, "folder", "--resume")  # a resumed run writes where it was resumed from
@@ -79,9 +84,13 @@ def _train(args):
     if config.dataset == "digits":
         require("sklearn", "the digits dataset")
     try:
-        return train(config, resume=resume, overwrite=overwrite)
+        result = train(config, resume=resume, overwrite=overwrite)
     except TrainingInterrupted as stopped:  # already said where the checkpoint is and how to resume
         raise SystemExit(stopped.exit_code) from None
+    if os.environ.get("RANK", "0") == "0":
+        where = checkpoint_dir(resume) if resume is not None else Path(config.out_dir) / "checkpoint"
+        print(f"done: step {result.step}, checkpoint in {where}", flush=True)
+    return result
 
 
 # -- toy metric --------------------------------------------------------------------------------------
@@ -103,6 +112,7 @@ def _toy_metric_parser() -> Parser:
 
 def _toy_metric(args):
     """Train the toy classifier for a dataset and save it (weights, config, reference statistics)."""
+    check_ints(args, {"--image-size": ("image_size", *IMAGE_SIZES), "--epochs": ("epochs", 1, 10_000)})
     out = check_output(args.out, "folder")
     if out.is_dir() and any(out.iterdir()) and not args.overwrite:
         raise FileExistsError(f"--out {out} exists and is not empty; pass --overwrite to replace it")

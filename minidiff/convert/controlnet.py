@@ -18,9 +18,10 @@ import re
 import sys
 from pathlib import Path
 
-from ..checkpoint import CheckpointError, build_loaded, check_conversion_paths, read_state_dict
+from ..checkpoint import CheckpointError, build_loaded, read_state_dict
 from ..controlnet import ControlNet, ControlNetConfig, save
-from . import unet_keys
+from ..formats import unet_keys
+from ..writing import check_conversion_paths
 
 WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 # diffusers ControlNetModel config keys that are not the U-Net's, with the value minidiff implements

@@ -19,12 +19,13 @@ import re
 import sys
 from pathlib import Path
 
-from ..checkpoint import CheckpointError, check_conversion_paths, load_weights, read_state_dict
+from ..checkpoint import CheckpointError, load_weights, read_state_dict
+from ..writing import check_conversion_paths
 from ..pipeline import Pipeline
 from ..schedules import SchedulerConfig
 from ..unet import UNet
 from .storage import add_dtype_argument, storage_dtype
-from .unet_keys import config_from_diffusers, config_from_pesser, diffusers_to_native, pesser_to_native
+from ..formats.unet_keys import config_from_diffusers, config_from_pesser, diffusers_to_native, pesser_to_native
 
 WEIGHT_NAMES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin", "model.safetensors")
 
@@ -120,8 +121,8 @@ def main(argv=None):
     except (CheckpointError, FileExistsError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    n = sum(p.numel() for p in pipe.unet.parameters())
-    print(f"wrote {args.dst}: DDPM U-Net, {n:,} parameters, {pipe.unet.num_branches} cache branches, "
+    n = sum(p.numel() for p in pipe.denoiser.parameters())
+    print(f"wrote {args.dst}: DDPM U-Net, {n:,} parameters, {pipe.denoiser.num_branches} cache branches, "
           f"variance {pipe.scheduler.variance_type}; {args.dtype} weights")
     return 0
 

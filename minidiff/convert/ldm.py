@@ -32,15 +32,18 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from ..autoencoder import Autoencoder, AutoencoderConfig
-from ..checkpoint import CheckpointError, check_conversion_paths, load_weights, read_state_dict
+from ..checkpoint import CheckpointError, check_state_dict, load_weights, read_state_dict
+from ..writing import check_conversion_paths
 from .compvis import EMA_PREFIX, ema_key, read_yaml
 from ..pipeline import Pipeline
 from ..schedules import SchedulerConfig
 from ..unet import UNet, UNetConfig
 from .storage import add_dtype_argument, storage_dtype
-from .unet_keys import config_from_openaimodel, openaimodel_to_native
-from .vae_keys import autoencoder_config_from_ldm, ldm_to_native
+from ..formats.unet_keys import config_from_openaimodel, openaimodel_to_native
+from ..formats.vae_keys import autoencoder_config_from_ldm, ldm_to_native
 
 UNET_PREFIX = "model.diffusion_model."
 FIRST_STAGE_PREFIX = "first_stage_model."
@@ -222,6 +225,8 @@ def from_checkpoint(src, config: LDMConfig, *, use_ema: bool = True) -> Pipeline
     if "scale_factor" in state_dict:  # written by scale_by_std training; it overrides the yaml
         scale_factor = float(state_dict["scale_factor"])
         ae_config = AutoencoderConfig.from_dict({**ae_config.to_dict(), "scale_factor": scale_factor})
+    with torch.device("meta"):  # keys and shapes first: a mismatch is refused before cin256's 400M weights exist
+        check_state_dict(UNet(config.unet), parts["unet"], f"U-Net of {src}")
     unet = load_weights(UNet(config.unet), parts["unet"], f"U-Net of {src}")
     autoencoder = load_weights(Autoencoder(ae_config), parts["autoencoder"], f"first stage of {src}")
     meta = {"source": str(src), "family": "ldm", "weights": "ema" if parts["ema"] else "model"}
@@ -233,7 +238,14 @@ def convert(src, dst, *, config=None, overwrite: bool = False, use_ema: bool = T
     `dtype`: "float16" / "bfloat16" halve the file)."""
     dtype = storage_dtype(dtype)
     src, dst = check_conversion_paths(src, dst, overwrite)
-    pipe = from_checkpoint(src, load_config(config), use_ema=use_ema)
+    try:
+        pipe = from_checkpoint(src, load_config(config), use_ema=use_ema)
+    except CheckpointError as e:
+        if config is not None or "do not fit" not in str(e):
+            raise
+        raise CheckpointError(f"{src} does not fit cin256-v2, the architecture assumed without --config (its "
+                              "weights have other keys or shapes); pass the model's yaml with --config model.yaml"
+                              ) from None
     pipe.save(dst, overwrite=overwrite, dtype=dtype)
     return pipe
 
@@ -253,10 +265,10 @@ def main(argv=None):
     except (CheckpointError, FileExistsError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    unet = sum(p.numel() for p in pipe.unet.parameters())
+    unet = sum(p.numel() for p in pipe.denoiser.parameters())
     ae = sum(p.numel() for p in pipe.autoencoder.parameters())
     print(f"wrote {args.dst}: U-Net {unet:,} parameters incl. class embedding ({pipe.meta['weights']} weights), "
-          f"{pipe.autoencoder.config.kind.upper()} first stage {ae:,}, {pipe.unet.num_branches} cache branches, "
+          f"{pipe.autoencoder.config.kind.upper()} first stage {ae:,}, {pipe.denoiser.num_branches} cache branches, "
           f"null class {pipe.null_class}; {args.dtype} weights")
     return 0
 

@@ -36,16 +36,16 @@ from typing import Mapping, Optional
 
 import torch
 
-from . import unet_keys, vae_keys
+from ..formats import unet_keys, vae_keys
 from ..autoencoder import Autoencoder, AutoencoderConfig
-from ..checkpoint import (CheckpointError, check_conversion_paths, check_finite, check_state_dict,
-                                 read_state_dict)
+from ..checkpoint import CheckpointError, check_finite, check_state_dict, read_state_dict
+from ..writing import check_conversion_paths
 from .compvis import YamlError, ema_key, read_yaml
 from ..pipeline import Pipeline
 from ..schedules import SchedulerConfig
 from ..text import CLIPTextConfig, CLIPTextEncoder, CLIPTokenizer
 from .storage import add_dtype_argument, storage_dtype
-from .text_keys import text_config_from_weights, text_keys_to_native, tokenizer_from_folder
+from ..formats.text_keys import text_config_from_weights, text_keys_to_native, tokenizer_from_folder
 from ..unet import UNet, UNetConfig
 
 # Where each model sits in the single file (LatentDiffusion's attribute names).
@@ -401,11 +401,11 @@ def main(argv=None):
     except (CheckpointError, FileExistsError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    modules = {"U-Net": pipe.unet, "VAE": pipe.autoencoder, "text encoder": pipe.text_encoder}
+    modules = {"U-Net": pipe.denoiser, "VAE": pipe.autoencoder, "text encoder": pipe.text_encoder}
     counts = {name: sum(p.numel() for p in module.parameters()) for name, module in modules.items()}
     print(f"wrote {args.dst}: Stable Diffusion 1.x ({pipe.meta['layout']}), "
           + ", ".join(f"{name} {n:,}" for name, n in counts.items())
-          + f" parameters; {pipe.unet.num_branches} cache branches; {args.dtype} weights")
+          + f" parameters; {pipe.denoiser.num_branches} cache branches; {args.dtype} weights")
     return 0
 
 

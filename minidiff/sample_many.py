@@ -1,7 +1,7 @@
 """Evaluation-size sampling, one PNG per sample, shared across processes and resumable.
 
-    python -m minidiff.sample --model DIR --num 50000 --out DIR [generate options]
-    torchrun --nproc_per_node=K -m minidiff.sample --model DIR --num 50000 --out DIR ...
+    minidiff sample-many --model DIR -n 50000 --out DIR [sample options]
+    torchrun --nproc_per_node=K -m minidiff.sample --model DIR -n 50000 --out DIR ...
 
 Samples are cut into fixed batches (batch j holds samples j*B .. j*B+B-1) and the batches are
 dealt round-robin to the ranks, so what goes into a batch never depends on the number of
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import os
-import sys
+import re
 from pathlib import Path
 from typing import Optional
 
@@ -59,7 +59,7 @@ def initial_noise(pipe, seeds: list, height, width) -> tuple:
     return noise, generators[0]
 
 
-def _distributed(device: Optional[str]) -> tuple:
+def distributed(device: Optional[str]) -> tuple:
     """(rank, world, device, group made here): gloo on CPU, nccl on CUDA; no group for one process."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
@@ -76,19 +76,49 @@ def _distributed(device: Optional[str]) -> tuple:
     return rank, world, device, made
 
 
-def _check_run_file(out_dir: Path, settings: dict, rank: int):
-    """Refuse to mix samples made with different settings in one folder."""
+def finish(world: int, made_group: bool):
+    """Wait for every rank's files, then take down the group `distributed` made."""
+    if world > 1:
+        dist.barrier()
+    if made_group:
+        dist.destroy_process_group()
+
+
+def _plain(settings: dict) -> dict:
+    """Settings without unset options (None, False), so options added later match older run.json files."""
+    return {k: v for k, v in settings.items() if v is not None and v is not False}
+
+
+def holds_samples(out_dir: Path) -> bool:
+    return out_dir.is_dir() and any(SAMPLE_NAME.fullmatch(entry.name) for entry in out_dir.iterdir())
+
+
+SAMPLE_NAME = re.compile(r"\d{6,}\.png")
+
+
+def claim_folder(out_dir: Path, settings: dict, rank: int, world: int = 1):
+    """Refuse to mix samples made with different settings in one folder; rank 0 records the settings
+    in run.json. A run.json beside no samples (a run refused or stopped before its first) is replaced."""
     path = out_dir / RUN_FILE
     if path.exists():
-        earlier = json.loads(path.read_text())
-        changed = sorted(k for k in set(settings) | set(earlier) if settings.get(k) != earlier.get(k))
-        if changed:
+        try:
+            earlier = json.loads(path.read_text())
+        except ValueError:
+            earlier = {}
+        earlier, now = _plain(earlier if isinstance(earlier, dict) else {}), _plain(settings)
+        changed = sorted(k for k in set(now) | set(earlier) if now.get(k) != earlier.get(k))
+        if changed and holds_samples(out_dir):
             raise ValueError(f"{out_dir} holds samples made with other settings ({', '.join(changed)} differ); "
                              "use another --out folder or delete it")
-    elif rank == 0:
-        from .checkpoint import save_json
+        write = bool(changed)
+    else:
+        write = True
+    if write and rank == 0:
+        from .writing import save_json
 
         save_json(settings, path)
+    if world > 1:
+        dist.barrier()  # rank 0 has written run.json
 
 
 def sample_many(pipe, out_dir, num: int, *, seed: int = 0, batch_size: int = 1, class_labels=None, prompts=None,
@@ -103,7 +133,7 @@ def sample_many(pipe, out_dir, num: int, *, seed: int = 0, batch_size: int = 1, 
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or not 1 <= batch_size <= 4096:
         raise ValueError(f"batch_size must be an int in [1, 4096], got {batch_size!r}")
     out_dir = Path(out_dir)
-    num_classes = pipe.num_real_classes() if pipe.unet.config.num_classes is not None else None
+    num_classes = pipe.num_real_classes() if pipe.denoiser.config.num_classes is not None else None
     mine = rank_batches(num, batch_size, rank, world)
     slots = -(-len(batches(num, batch_size)) // world)  # every rank takes part in as many progress updates
     done_before = sum(len(b) for b in mine if all(sample_path(out_dir, i).exists() for i in b))
@@ -134,38 +164,3 @@ def _sum_over_ranks(values: list, device, world: int) -> list:
     counts = torch.tensor(values, dtype=torch.long, device=device)
     dist.all_reduce(counts)
     return counts.tolist()
-
-
-def run(args) -> int:
-    """Sample `args.num` images into `args.out` as this torchrun rank's share (the options of
-    `minidiff sample-many`); every rank writes its own files, rank 0 reports."""
-    from .checkpoint import CheckpointError
-    from .pipeline import load
-
-    rank, world, device, made_group = _distributed(args.device)
-    settings = {k: v for k, v in vars(args).items()
-                if k not in ("num", "out", "device", "compile", "allow_nan", "argv", "threads")}
-    settings["model"] = str(Path(args.model).resolve())
-    try:
-        pipe = load(args.model, device=device, dtype=getattr(torch, args.dtype), allow_nan=args.allow_nan)
-        if args.compile:
-            pipe.unet.compile_paths()
-        _check_run_file(Path(args.out), settings, rank)
-        if world > 1:
-            dist.barrier()  # rank 0 has written run.json
-        computed = sample_many(
-            pipe, args.out, args.num, seed=args.seed, batch_size=args.batch_size, class_labels=args.class_labels,
-            prompts=args.prompt, height=args.height, width=args.width, rank=rank, world=world, steps=args.steps,
-            sampler=args.sampler, eta=args.eta, cache_interval=args.cache_interval, cache_branch=args.cache_branch,
-            cache_schedule=args.cache_schedule, negative_prompt=args.negative_prompt,
-            guidance_scale=args.guidance_scale)
-    except (CheckpointError, ValueError, FloatingPointError) as e:
-        print(f"error (rank {rank}): {e}", file=sys.stderr)
-        return 1
-    if world > 1:
-        dist.barrier()
-    if rank == 0:
-        print(f"{args.out}: {args.num} samples ({len(computed)} computed by rank 0 of {world})")
-    if made_group:
-        dist.destroy_process_group()
-    return 0

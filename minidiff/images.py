@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Optional, Sequence
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 # What `save_image` writes for each file suffix; anything else is refused before any work (cli.check_output).
 IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG"}
 READABLE_TILE = 128  # px: the automatic scale makes the longer side of a tile at least this
 PAD = 2
 GREY = 128
+MAX_GRID_PIXELS = 2 ** 28  # 268 Mpx, 0.8 GB as RGB: past this a grid is a mistake, not a picture
+MAX_TEXT = 24  # px: the tallest caption or title line `grid_image` draws (font at most 20 px)
 
 
 def pil():
@@ -35,18 +38,19 @@ def grid_image(images: torch.Tensor, nrow: int = 8, *, scale: Optional[int] = No
     Image = pil()
     from PIL import ImageDraw
 
+    import torch
+
     b, c, h, w = images.shape
     scale = auto_scale(h, w) if scale is None else scale
-    if not isinstance(scale, int) or scale < 1:
-        raise ValueError(f"scale must be a whole number >= 1, got {scale!r}")
+    check_grid(b, h, w, nrow, scale)
     nrow = max(1, min(nrow, b))
-    rows = math.ceil(b / nrow)
     th, tw = h * scale, w * scale
     font = _font(max(10, min(20, tw // 8)))
     text = _text_height(font)
     cap = text + 2 if captions else 0
     top = text + 4 if column_titles else 0
-    canvas = Image.new("RGB", (nrow * (tw + PAD) + PAD, top + rows * (th + cap + PAD) + PAD), (GREY,) * 3)
+    canvas = Image.new("RGB", grid_size(b, h, w, nrow, scale, text if captions else None,
+                                        text if column_titles else None), (GREY,) * 3)
     draw = ImageDraw.Draw(canvas)
     array = (images.detach().float().cpu().clamp(0, 1) * 255).round().to(torch.uint8)
     for i in range(b):
@@ -60,6 +64,27 @@ def grid_image(images: torch.Tensor, nrow: int = 8, *, scale: Optional[int] = No
     for col, title in enumerate(column_titles or []):
         draw.text((PAD + col * (tw + PAD) + 2, 2), _fit(draw, title, tw - 2, font), fill="white", font=font)
     return canvas
+
+
+def grid_size(count: int, height: int, width: int, nrow: int, scale: int, caption: Optional[int] = None,
+              title: Optional[int] = None) -> tuple:
+    """(width, height) in px of the grid of `count` tiles that `grid_image` draws; `caption` and
+    `title` are their text heights (None: none drawn)."""
+    nrow = max(1, min(nrow, count))
+    rows = math.ceil(count / nrow)
+    cap = caption + 2 if caption is not None else 0
+    top = title + 4 if title is not None else 0
+    return nrow * (width * scale + PAD) + PAD, top + rows * (height * scale + cap + PAD) + PAD
+
+
+def check_grid(count: int, height: int, width: int, nrow: int, scale, what: str = "the grid"):
+    """Refuse, before any sampling, a scale that is not a whole number >= 1 or a grid too large to hold."""
+    if not isinstance(scale, int) or isinstance(scale, bool) or scale < 1:
+        raise ValueError(f"scale must be a whole number >= 1, got {scale!r}")
+    w, h = grid_size(count, height, width, nrow, scale, MAX_TEXT, MAX_TEXT)
+    if w * h > MAX_GRID_PIXELS:
+        raise ValueError(f"scale must be lower: {scale} makes {what} {w}x{h} px, about {w * h * 3 / 2 ** 30:.1f} GiB "
+                         f"as RGB, and minidiff draws at most {MAX_GRID_PIXELS / 1e6:.0f} megapixels")
 
 
 def class_titles(class_names, labels) -> list:
@@ -89,7 +114,7 @@ def side_by_side(panels: Sequence[tuple]):
 
 def save_image(picture, path) -> Path:
     """Write a PIL image atomically in the format its suffix names (IMAGE_FORMATS)."""
-    from .checkpoint import atomic_path
+    from .writing import atomic_path
 
     path = Path(path)
     fmt = IMAGE_FORMATS.get(path.suffix.lower())
