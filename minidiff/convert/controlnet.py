@@ -43,7 +43,7 @@ def _hint_key_original(index: int, n_blocks: int) -> str:
     return f"blocks.{index // 2 - 1}"
 
 
-def _split(state: dict, own: list, source: str) -> tuple:
+def _split(state: dict, own: list) -> tuple:
     """(the ControlNet-specific keys renamed by `own`'s (pattern, function) pairs, the encoder's keys)."""
     native, encoder = {}, {}
     for key, value in state.items():
@@ -61,7 +61,7 @@ def diffusers_to_native(state: dict, cfg: ControlNetConfig) -> dict:
     own = [(r"controlnet_cond_embedding\.(.*)", lambda m: "hint_embed." + m[1]),
            (r"controlnet_down_blocks\.(\d+)\.(weight|bias)", lambda m: f"zero_convs.{m[1]}.{m[2]}"),
            (r"controlnet_mid_block\.(weight|bias)", lambda m: f"middle_out.{m[1]}")]
-    native, encoder = _split(state, own, "diffusers")
+    native, encoder = _split(state, own)
     native.update({"encoder." + k: v for k, v in unet_keys.diffusers_to_native(encoder, cfg.unet).items()})
     return native
 
@@ -72,7 +72,7 @@ def original_to_native(state: dict, cfg: ControlNetConfig) -> dict:
            (r"zero_convs\.(\d+)\.0\.(weight|bias)", lambda m: f"zero_convs.{m[1]}.{m[2]}"),
            (r"middle_block_out\.0\.(weight|bias)", lambda m: f"middle_out.{m[1]}")]
     state = {k[len("control_model."):] if k.startswith("control_model.") else k: v for k, v in state.items()}
-    native, encoder = _split(state, own, "original")
+    native, encoder = _split(state, own)
     native.update({"encoder." + k: v for k, v in unet_keys.openaimodel_to_native(encoder, cfg.unet).items()})
     return native
 
