@@ -42,6 +42,7 @@ class Pipeline:
         self.source: Optional[Path] = None  # the folder `load` read, which `save` never replaces
         self.meta = dict(meta or {})
         self.last_run: Optional[RunStats] = None
+        self.controlnets: list = []  # minidiff.controlnet.ControlNet, steering every generate (add_controlnet)
         denoiser.num_train_timesteps = scheduler.num_train_timesteps  # lets the network refuse timesteps past it
         self.packs = pack  # False for a network still being trained (its EMA is updated in place)
         if pack:
@@ -88,6 +89,8 @@ class Pipeline:
         `pack` None keeps the pipeline's choice (`Pipeline(..., pack=)`); True or False changes it."""
         check_dtype(self.device if device is None else torch.device(device), dtype)
         self.denoiser.to(device=device, dtype=dtype)  # packed layers return to plain weights first
+        for net in self.controlnets:
+            net.to(device=device, dtype=dtype)
         self.packs = self.packs if pack is None else pack
         if self.packs:
             self._pack_denoiser()
@@ -186,16 +189,21 @@ class Pipeline:
 
     # -- generation ---------------------------------------------------------------------------
 
-    def make_denoiser(self, cached, cond, uncond, guidance_scale):
+    def make_denoiser(self, cached, cond, uncond, guidance_scale, control=None):
         """`(x, t) -> eps` for a sampler; guidance runs both halves as one batched network call,
         so a cached step caches the conditional and unconditional features together. A text
-        context's cross-attention keys and values are projected here, once for all steps."""
+        context's cross-attention keys and values are projected here, once for all steps.
+        `control` (minidiff.controlnet.Controlled) wraps the conditioning with ControlNet hints."""
         text = self.denoiser.config.context_dim is not None and self.denoiser.config.num_classes is None
-        prepare = self.denoiser.prepare_context if text else (lambda c: c)
+        project = self.denoiser.prepare_context if text else (lambda c: c)
+
+        def prepare(c, copies):
+            return project(c) if control is None else control.repeat(copies).with_cond(project(c))
+
         if uncond is None:
-            cond = prepare(cond)
+            cond = prepare(cond, 1)
             return lambda x, t: cached(x, t, cond)
-        both = prepare(torch.cat([uncond, cond]))
+        both = prepare(torch.cat([uncond, cond]), 2)
 
         def guided(x, t):
             out_uncond, out_cond = cached(torch.cat([x, x]), t, both).chunk(2)
@@ -219,7 +227,8 @@ class Pipeline:
                  cache_center: Optional[int] = None, cache_power: float = DEFAULT_POWER,
                  generator: Optional[torch.Generator] = None, progress: bool = True, callback=None,
                  init_image: Optional[torch.Tensor] = None, strength: float = 0.75, center: Optional[int] = None,
-                 power: Optional[float] = None, budget: Optional[float] = None) -> torch.Tensor:
+                 power: Optional[float] = None, budget: Optional[float] = None, control_image=None,
+                 controlnet_scale=1.0) -> torch.Tensor:
         """Sample images (in [0, 1], (B, C, H, W)) or, with output="latent", the final sample.
 
         img2img: `init_image` ((B or 1, 3, H, W) in [0, 1]) is encoded, noised to the step where
@@ -237,6 +246,10 @@ class Pipeline:
 
         `budget` (a fraction of the MACs of `steps` uncached steps) lets the model's plan.json
         (`minidiff plan`) choose the steps and caching: the best configuration measured within it.
+
+        ControlNet (`add_controlnet`): `control_image` ((B or 1, 3, H, W) in [0, 1], one per ControlNet
+        as a list) steers the run, times `controlnet_scale`; a shallow step runs each ControlNet only
+        up to the cut (minidiff.controlnet). Its size is the default height/width.
         """
         if budget is not None:
             return self._generate_within(budget, steps, dict(
@@ -246,7 +259,8 @@ class Pipeline:
                 sampler=sampler, eta=eta, karras_sigmas=karras_sigmas, seed=seed, noise=noise, batch_size=batch_size,
                 class_labels=class_labels, guidance_scale=guidance_scale, prompt=prompt,
                 negative_prompt=negative_prompt, height=height, width=width, output=output, generator=generator,
-                progress=progress, callback=callback, init_image=init_image, strength=strength))
+                progress=progress, callback=callback, init_image=init_image, strength=strength,
+                control_image=control_image, controlnet_scale=controlnet_scale))
         if center is not None or power is not None:
             warnings.warn("generate(center=, power=) are deprecated: use cache_center= and cache_power=",
                           DeprecationWarning, stacklevel=3)  # past inference_mode's wrapper
@@ -256,6 +270,12 @@ class Pipeline:
                     output=output, seed=seed)
         options = sampler_options(sampler, eta=eta, karras_sigmas=karras_sigmas)
         batch_size = self._batch_size(batch_size, noise, class_labels, prompt, init_image)
+        if (control_image is None) != (not self.controlnets):
+            raise ValueError("control_image needs a ControlNet (load(..., controlnet=DIR) or add_controlnet)"
+                             if control_image is not None else "this pipeline has a ControlNet: pass control_image")
+        if control_image is not None and height is None and width is None and noise is None:
+            first = control_image[0] if isinstance(control_image, (list, tuple)) else control_image
+            height, width = (tuple(first.shape[2:]) if torch.is_tensor(first) and first.ndim == 4 else (None, None))
 
         cond, uncond = self.conditioning(batch_size, class_labels=class_labels, prompt=prompt,
                                          negative_prompt=negative_prompt, guidance_scale=guidance_scale)
@@ -269,6 +289,11 @@ class Pipeline:
             x, start_step = self.initial_noise(batch_size, height=height, width=width, generator=generator,
                                                noise=noise), 0
         self._check_memory(x, 2 if uncond is not None else 1)
+        control = None
+        if control_image is not None:
+            from .controlnet import control_for
+
+            control = control_for(self.controlnets, control_image, controlnet_scale, x.shape[0], tuple(x.shape[2:]))
         cached = wrap(self.denoiser, calls=num_model_calls(sampler, steps - start_step), x=x, cond=cond,
                       sampler=sampler, sampler_options=options, steps=steps, calibration=self.calibration,
                       calibration_error=self.calibration_error,
@@ -279,7 +304,7 @@ class Pipeline:
         sample = self.sample(cached, x, steps=steps, sampler=sampler, cond=cond, uncond=uncond,
                              guidance_scale=guidance_scale, generator=generator, progress=progress,
                              callback=self._stop_at_nan(callback, guidance_scale if uncond is not None else None),
-                             start_step=start_step, **options)
+                             start_step=start_step, control=control, **options)
         result = sample if output == "latent" else self.decode(sample)
         self.last_run = cached.run_stats(steps, time.perf_counter() - start)
         return result
@@ -332,11 +357,11 @@ class Pipeline:
     @torch.inference_mode()
     def sample(self, model, x: torch.Tensor, *, steps: int, sampler: str = "ddim", cond=None, uncond=None,
                guidance_scale: Optional[float] = None, generator: Optional[torch.Generator] = None,
-               progress: bool = True, callback=None, start_step: int = 0, **options) -> torch.Tensor:
+               progress: bool = True, callback=None, start_step: int = 0, control=None, **options) -> torch.Tensor:
         """Run `sampler` from `x` with any `model(x, t, cond)` callable (the network, a `CachedModel`, a
         wrapper) under this model's noise schedule; returns the final sample (latents for latent models).
         `options` are the sampler's own (`samplers.SAMPLER_OPTIONS`, e.g. eta for ddim)."""
-        denoiser = self.make_denoiser(model, cond, uncond, guidance_scale)
+        denoiser = self.make_denoiser(model, cond, uncond, guidance_scale, control)
         return SAMPLERS[sampler](denoiser, x, self.scheduler, steps, generator=generator, progress=progress,
                                  callback=callback, start_step=start_step, **options)
 
@@ -465,6 +490,17 @@ class Pipeline:
         load_lora(self, path, scale)
         return self
 
+    def add_controlnet(self, controlnet) -> "Pipeline":
+        """Steer every later generate with a ControlNet (a folder from convert/controlnet.py, or a
+        minidiff.controlnet.ControlNet); repeatable, their residuals add. Refused if made for another base."""
+        from . import controlnet as cn
+
+        net = controlnet if isinstance(controlnet, cn.ControlNet) else cn.load(controlnet, device=self.device)
+        cn.check_fits(net, self.denoiser, f"ControlNet {controlnet}" if not isinstance(controlnet, cn.ControlNet)
+                      else "the ControlNet")
+        self.controlnets.append(net.to(self.device, self.dtype).eval())
+        return self
+
     def unload_lora(self) -> "Pipeline":
         """Restore the weights from before the first `load_lora`, bit for bit."""
         from .lora import unload_lora
@@ -533,7 +569,7 @@ def available_memory(device: torch.device) -> Optional[int]:
 
 
 def load(path, *, device="cpu", dtype: Optional[torch.dtype] = None, allow_nan: bool = False,
-         check: str = "first-use", pack: bool = True) -> Pipeline:
+         check: str = "first-use", pack: bool = True, controlnet=None) -> Pipeline:
     """Load a native minidiff model folder (see convert/ for public checkpoints).
 
     `dtype` is the denoiser's and text encoder's precision, float32 unless given, whatever the file
@@ -541,6 +577,7 @@ def load(path, *, device="cpu", dtype: Optional[torch.dtype] = None, allow_nan: 
     Weights with NaN/Inf are refused (unless `allow_nan`): with `check="first-use"` by each layer
     just before it first runs, so loading reads no weight it does not need yet; `check="now"`
     reads them all before returning. `pack=False` keeps CPU weights in the plain layout (see Pipeline.to).
+    `controlnet` is a ControlNet folder (or a list of them): see Pipeline.add_controlnet.
     """
     if check not in ("first-use", "now"):
         raise ValueError(f"check must be 'first-use' or 'now', got {check!r}")
@@ -550,4 +587,7 @@ def load(path, *, device="cpu", dtype: Optional[torch.dtype] = None, allow_nan: 
     pipe = Pipeline(denoiser, scheduler, **parts, pack=False)
     pipe.calibration_error = calibration_error
     pipe.source = Path(path)
-    return pipe.to(device=device, dtype=dtype, pack=pack)
+    pipe = pipe.to(device=device, dtype=dtype, pack=pack)
+    for net in [] if controlnet is None else controlnet if isinstance(controlnet, (list, tuple)) else [controlnet]:
+        pipe.add_controlnet(net)
+    return pipe

@@ -303,10 +303,29 @@ class Layer(nn.ModuleList):
         return h
 
 
+class Control:
+    """Conditioning that also steers the skips: `cond` is the U-Net's own, and `start(x, t)` returns
+    the step's steering state (minidiff.controlnet.Controlled is the one kind, a ControlNet's hints).
+
+    The state offers `steer(skips) -> (state, skips)`, which adds residuals to the next skips the
+    encoder made, and `steer_middle(h)`; the primitives call them only as deep as they run, so a
+    shallow step steers only the skips it reads."""
+
+    def check(self, x):
+        raise NotImplementedError
+
+    def with_cond(self, cond) -> "Control":
+        raise NotImplementedError
+
+    def start(self, x, t):
+        raise NotImplementedError
+
+
 @dataclass
 class _Cond:
     emb: torch.Tensor
     context: Optional[torch.Tensor]
+    control: object = None  # a Control's steering state for this step, or None
 
 
 class UNet(Denoiser):
@@ -314,7 +333,8 @@ class UNet(Denoiser):
     # each skip's size (a network without the attribute is held to its downsample_factor).
     input_multiple = 1
 
-    def __init__(self, config: UNetConfig):
+    def __init__(self, config: UNetConfig, *, decoder: bool = True):
+        """`decoder=False` builds only the embeddings, input_blocks and middle_block (a ControlNet's copy)."""
         super().__init__()
         self.config = cfg = config
         emb_dim, groups, eps = cfg.time_embed_dim, cfg.norm_groups, cfg.norm_eps
@@ -352,7 +372,18 @@ class UNet(Denoiser):
 
         self.skip_channels = tuple(skip_channels)  # one per input block, in order
         self.middle_block = Layer([res(ch, ch)] + ([attn(ch)] if cfg.mid_attention else []) + [res(ch, ch)])
+        if decoder:
+            self._build_decoder(res, attn, ch)
+        for i, layer in enumerate(self._cross_attention_layers()):
+            layer.kv_index = i
+        # Activations run channels-last (NHWC): oneDNN and cuDNN convolutions skip their layout
+        # reorders, and a transformer's (B, C, H, W) -> (B, HW, C) becomes a view. Weights keep
+        # this layout through load_state_dict; files are written contiguous as usual.
+        self.to(memory_format=torch.channels_last)
 
+    def _build_decoder(self, res, attn, ch):
+        cfg, levels, skip_channels = self.config, self.config.level_channels, list(self.skip_channels)
+        groups, eps = cfg.norm_groups, cfg.norm_eps
         self.output_blocks = nn.ModuleList()
         for level in reversed(range(len(levels))):
             out_ch = levels[level]
@@ -367,12 +398,6 @@ class UNet(Denoiser):
 
         self.out_norm = GroupNorm32(groups, ch, eps)
         self.out_conv = Conv2d(ch, cfg.out_channels, 3, padding=1)
-        for i, layer in enumerate(self._cross_attention_layers()):
-            layer.kv_index = i
-        # Activations run channels-last (NHWC): oneDNN and cuDNN convolutions skip their layout
-        # reorders, and a transformer's (B, C, H, W) -> (B, HW, C) becomes a view. Weights keep
-        # this layout through load_state_dict; files are written contiguous as usual.
-        self.to(memory_format=torch.channels_last)
 
     @property
     def num_branches(self) -> int:
@@ -455,6 +480,10 @@ class UNet(Denoiser):
     def _check_cond(self, x: torch.Tensor, t, cond) -> tuple:
         """(timesteps as a (B,) tensor, checked conditioning): the checks run outside the compiled paths."""
         cfg = self.config
+        if isinstance(cond, Control):  # the U-Net's own conditioning inside, checked as usual
+            cond.check(x)
+            t, inner = self._check_cond(x, t, cond.cond)
+            return t, cond.with_cond(inner)
         t = batch_timesteps(t, x)
         if cfg.num_classes is not None:
             return t, self._check_labels(cond, x.shape[0])
@@ -467,6 +496,9 @@ class UNet(Denoiser):
     def embed(self, x: torch.Tensor, t: torch.Tensor, cond=None) -> _Cond:
         """Time (+ class) embedding and cross-attention context for a checked batch; once per call."""
         cfg = self.config
+        control = None
+        if isinstance(cond, Control):
+            control, cond = cond.start(x, t), cond.cond
         emb = self.time_embed(timestep_embedding(t, cfg.model_channels, cfg.flip_sin_to_cos, cfg.freq_shift)
                               .to(x.dtype))
         context = None
@@ -477,7 +509,7 @@ class UNet(Denoiser):
                 context = self.class_embed(cond)[:, None, :].to(x.dtype)  # (B, 1, D)
         elif cfg.context_dim is not None:
             context = cond if isinstance(cond, PreparedContext) else cond.to(x.dtype)
-        return _Cond(F.silu(emb), context)  # every consumer of emb applies SiLU first
+        return _Cond(F.silu(emb), context, control)  # every consumer of emb applies SiLU first
 
     def _check_labels(self, labels, batch: int) -> torch.Tensor:
         return check_labels(labels, batch, self.config.num_classes, self.time_embed.linear_1.weight.device, "U-Net")
@@ -518,6 +550,8 @@ class UNet(Denoiser):
         x = x.contiguous(memory_format=torch.channels_last)
         c = self.embed(x, t, cond)
         h, skips = self._encode(x, c, self.input_blocks[: branch + 1])
+        if c.control is not None:  # a ControlNet steers only the skips this step reads (minidiff.controlnet)
+            c.control, skips = c.control.steer(skips)
         return CutState(branch, h, skips, c)
 
     def _rest(self, state: CutState, keep: bool):
@@ -528,6 +562,9 @@ class UNet(Denoiser):
         h = self.middle_block(h, c.emb, c.context)
         if self.recorder is not None:
             self.recorder("mid", h)
+        if c.control is not None:  # and, on a full step, the deeper skips and the middle
+            control, deeper = c.control.steer(deeper)
+            h = control.steer_middle(h)
         cache_at = len(self.output_blocks) - 1 - state.branch if keep else None
         return self._decode(h, state.skips + deeper, c, 0, cache_at)
 

@@ -27,11 +27,11 @@ __all__ = ["main", "COMMANDS", "run", "check_output", "cli_message", "default_th
 
 # -- convert -----------------------------------------------------------------------------------------
 
-CONVERT_FORMATS = ("ddpm", "ldm", "sd15")
+CONVERT_FORMATS = ("ddpm", "ldm", "sd15", "controlnet")
 
 
 def convert_main(argv=None) -> int:
-    """`minidiff convert ddpm|ldm|sd15 SRC DST ...`: the converters' own command lines, behind the same
+    """`minidiff convert ddpm|ldm|sd15|controlnet SRC DST ...`: the converters' own command lines, behind the same
     error edge as every command (and --threads)."""
     import importlib
 
@@ -148,7 +148,7 @@ COMMANDS = {
     "plan": Command(_plan_parser, _plan, "measure the composed frontier; store the best run per MAC budget"),
     "toy-metric": Command(_toy_metric_parser, _toy_metric, "train the toy-metric classifier for a dataset"),
     "explain": Command(_explain_parser, _explain, "write an offline page that shows caching on a model"),
-    "convert": Command(None, convert_main, "convert a public checkpoint (ddpm, ldm, sd15) to a minidiff folder"),
+    "convert": Command(None, convert_main, "convert a public checkpoint (ddpm, ldm, sd15, controlnet) to a minidiff folder"),
     "export": Command(None, export_main, "write a model folder as a diffusers folder or an SD single file"),
 }
 

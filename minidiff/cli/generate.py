@@ -5,6 +5,7 @@ import argparse
 import math
 import os
 import sys
+from pathlib import Path
 
 from .common import (USER_ERRORS, check_device, check_fractions, check_ints, check_output, check_replaceable_image,
                    cli_message, _load, MAX_SCALE, Parser, require, resolve_classes, _scale_arg, _threads_arg)
@@ -115,6 +116,11 @@ def _sample_parser() -> Parser:
     _scale_arg(p)
     p.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
                    help="merge a LoRA .safetensors (kohya or diffusers/PEFT) at SCALE (default 1); repeatable")
+    p.add_argument("--controlnet", action="append", default=[], metavar="DIR",
+                   help="ControlNet folder (convert/controlnet.py); repeatable, one --control-image each")
+    p.add_argument("--control-image", action="append", default=[], metavar="FILE",
+                   help="control image (edges, depth, pose) for each --controlnet, center-cropped to the output size")
+    p.add_argument("--controlnet-scale", type=float, default=1.0, help="weight of the ControlNet residuals")
     return p
 
 
@@ -134,6 +140,7 @@ def _sample(args) -> int:
     pipe = _load_for(args, args.device or "cpu")
     for path, scale in loras:
         pipe.load_lora(path, scale)
+    control = _controls(pipe, args)
     labels = resolve_classes(pipe, args.class_labels)
     per_class = labels is None and pipe.denoiser.config.num_classes is not None
     if per_class:  # one image per class, as the demo does
@@ -147,7 +154,7 @@ def _sample(args) -> int:
     check_grid(batch, height, width, nrow, args.scale or auto_scale(height, width))
     prompt = args.prompt[0] if args.prompt and len(args.prompt) == 1 else args.prompt
     images = pipe.generate(**generate_options(args), seed=args.seed, batch_size=batch, class_labels=labels,
-                           prompt=prompt, height=args.height, width=args.width)
+                           prompt=prompt, height=args.height, width=args.width, **control)
     save_grid(images, args.out, nrow=nrow, scale=args.scale,
               captions=class_titles(pipe.class_names, labels) if labels else None)
     run = pipe.last_run
@@ -170,6 +177,33 @@ def _sample(args) -> int:
         print(f"full steps {per_sample[0]}" if all(steps == per_sample[0] for steps in per_sample) else
               "full steps of each sample: " + "; ".join(f"{i}: {steps}" for i, steps in enumerate(per_sample)))
     return 0
+
+
+def _controls(pipe, args) -> dict:
+    """generate's ControlNet arguments from --controlnet / --control-image (square, at the output size)."""
+    if len(args.controlnet) != len(args.control_image):
+        raise ValueError(f"--control-image: give one per --controlnet ({len(args.controlnet)} ControlNet(s), "
+                         f"{len(args.control_image)} image(s))")
+    if not args.controlnet:
+        return {}
+    from ..data import _read_image
+
+    for path in args.controlnet:
+        try:
+            pipe.add_controlnet(path)
+        except ValueError as e:
+            raise ValueError(f"--controlnet: {e}") from None
+    size = args.height or args.width or pipe.default_size
+    if (args.height or size) != (args.width or size):
+        raise ValueError("--control-image is center-cropped square: give --height equal to --width")
+    images = []
+    for path in args.control_image:
+        try:
+            images.append(_read_image(Path(path), size, 3)[None].float() / 255)
+        except ValueError as e:
+            raise ValueError(f"--control-image: {e}") from None
+    args.height = args.width = size
+    return dict(control_image=images, controlnet_scale=args.controlnet_scale)
 
 
 def _example_cond(pipe):
