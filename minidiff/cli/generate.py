@@ -334,7 +334,8 @@ def _info(args) -> int:
 
     from ..demo import network_name
 
-    print(f"reading {args.model} (and counting each cache branch's MACs) ...", file=sys.stderr, flush=True)
+    if sys.stderr.isatty():  # a person waiting at a terminal; logs and pipes get only the report or one error
+        print(f"reading {args.model} (and counting each cache branch's MACs) ...", file=sys.stderr, flush=True)
     pipe = _load(args)
     cfg, sch = pipe.denoiser.config, pipe.scheduler
 
