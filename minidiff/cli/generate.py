@@ -117,10 +117,11 @@ def _sample_parser() -> Parser:
     p.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
                    help="merge a LoRA .safetensors (kohya or diffusers/PEFT) at SCALE (default 1); repeatable")
     p.add_argument("--controlnet", action="append", default=[], metavar="DIR",
-                   help="ControlNet folder (convert/controlnet.py); repeatable, one --control-image each")
+                   help="ControlNet folder (convert/controlnet.py); repeatable, one --control-image each (default: none)")
     p.add_argument("--control-image", action="append", default=[], metavar="FILE",
-                   help="control image (edges, depth, pose) for each --controlnet, center-cropped to the output size")
-    p.add_argument("--controlnet-scale", type=float, default=1.0, help="weight of the ControlNet residuals")
+                   help="control image (edges, depth, pose) for each --controlnet, center-cropped to the output size "
+                   "(default: none)")
+    p.add_argument("--controlnet-scale", type=float, default=1.0, help="weight of the ControlNet residuals (default 1)")
     return p
 
 
