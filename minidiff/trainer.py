@@ -453,8 +453,7 @@ def _write_checkpoint(out_dir, cfg, pipeline, model, optimizer, order, noise_gen
     """Replace out_dir/checkpoint in one rename, then refresh out_dir/loss.csv."""
     opt_state = optimizer.state_dict()
     tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
-    for index, slots in opt_state["state"].items():
-        tensors.update({f"optim.{index}.{name}": v for name, v in slots.items()})
+    tensors.update(optimizer_tensors(opt_state))
     numpy_state = np.random.get_state()
     python_state = random.getstate()
     tensors.update({
@@ -480,6 +479,21 @@ def _write_checkpoint(out_dir, cfg, pipeline, model, optimizer, order, noise_gen
         (tmp / "loss.csv").write_text(csv_text)
     with atomic_path(out_dir / "loss.csv") as tmp:
         tmp.write_text(csv_text)
+
+
+def optimizer_tensors(opt_state: dict) -> dict:
+    """An optimizer's per-parameter slots as flat tensors `optim.{index}.{slot}` (safetensors-ready)."""
+    return {f"optim.{index}.{name}": v for index, slots in opt_state["state"].items() for name, v in slots.items()}
+
+
+def restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict, param_groups: list):
+    """The inverse of `optimizer_tensors`, with the hyper-parameters saved beside them."""
+    slots: dict = {}
+    for key, value in tensors.items():
+        if key.startswith("optim."):
+            _, index, name = key.split(".", 2)
+            slots.setdefault(int(index), {})[name] = value
+    optimizer.load_state_dict({"state": slots, "param_groups": param_groups})
 
 
 def _loss_csv(losses) -> str:
@@ -523,12 +537,7 @@ def _restore(state, model, ema, optimizer, order, noise_gen):
     tensors = state["tensors"]
     load_weights(model, {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}, "model in train_state")
     load_weights(ema, state["ema"], "EMA model")
-    slots: dict = {}
-    for key, value in tensors.items():
-        if key.startswith("optim."):
-            _, index, name = key.split(".", 2)
-            slots.setdefault(int(index), {})[name] = value
-    optimizer.load_state_dict({"state": slots, "param_groups": state["param_groups"]})
+    restore_optimizer(optimizer, tensors, state["param_groups"])
     torch.set_rng_state(tensors["rng.torch"])
     kind, pos, has_gauss, gauss = state["rng_numpy"]
     np.random.set_state((kind, tensors["rng.numpy_keys"].numpy().astype(np.uint32), pos, has_gauss, gauss))
