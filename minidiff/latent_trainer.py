@@ -19,6 +19,7 @@ loss.png, samples/, SIGINT/SIGTERM save and stop.
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import time
 from dataclasses import dataclass, replace
@@ -83,6 +84,8 @@ class LatentTrainConfig:
     text_layers: int = 3
     text_heads: int = 4
     label_dropout: float = 0.1       # prompt -> "" with this probability
+    train_token_embedding: bool = False  # False: the 49,408 x width token table stays at its random init
+    #                                      (distinct random vectors name tokens as well; no 6 M-parameter update per step)
     # output
     out_dir: str = "runs/scenes"
     log_every: int = 25
@@ -240,16 +243,18 @@ def train_latent(config: LatentTrainConfig, resume=None, *, overwrite: bool = Fa
         latent = 64 // frozen.downsample_factor
         model = TextToImage(UNet(unet_config(cfg, latent)), CLIPTextEncoder(text_config(cfg, len(tokenizer.vocab))))
         batches = _Batches(cfg, frozen, tokenizer, NoiseSchedule.from_config(scheduler).alphas_cumprod)
+        model.text_encoder.embeddings.token_embedding.weight.requires_grad_(cfg.train_token_embedding)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    trained = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trained, lr=cfg.lr, weight_decay=cfg.weight_decay)
     step, seconds, losses, loss_sum = 0, 0.0, [], [0.0, 0]
     if resume is not None:
         step, seconds, losses, loss_sum = _restore(resume, cfg, model, ema, optimizer)
     result = {"model": model, "ema": ema, "step": step, "losses": losses, "autoencoder": frozen, "tokenizer": tokenizer}
     if step >= cfg.steps:
         return result
-    n_params = sum(p.numel() for p in model.parameters())
-    print(f"training the {cfg.stage} stage: {n_params / 1e6:.2f}M parameters on procedural scenes, "
+    n_params = sum(p.numel() for p in trained)
+    print(f"training the {cfg.stage} stage: {n_params / 1e6:.2f}M trained parameters on procedural scenes, "
           f"step {step} -> {cfg.steps}", flush=True)
     stop = _StopRequest()
     bar = tqdm(total=cfg.steps, initial=step, disable=not cfg.progress, dynamic_ncols=True)
@@ -268,7 +273,7 @@ def train_latent(config: LatentTrainConfig, resume=None, *, overwrite: bool = Fa
                 loss = F.mse_loss(model(xt, t, ids), noise)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            torch.nn.utils.clip_grad_norm_(trained, cfg.grad_clip)
             optimizer.step()
             _update_ema(ema, model, min(cfg.ema_decay, (1 + step) / (10 + step)))
             step += 1
@@ -311,10 +316,16 @@ def ema_pipeline(ema: TextToImage, autoencoder: Autoencoder, tokenizer, schedule
                     meta={"family": "sd1", "layout": "scenes", **(meta or {})}, pack=False)
 
 
+@functools.lru_cache(maxsize=4)
+def _fresh_scenes(seed: int, count: int, holdout: bool) -> torch.Tensor:
+    """Scenes no training step draws (another seed), drawn once per process: every save measures on them."""
+    return scene_batch(seed, 0, count, holdout=holdout)[0]
+
+
 @torch.no_grad()
-def measure_scale_factor(autoencoder: Autoencoder, count: int = 256, seed: int = 12345) -> float:
+def measure_scale_factor(autoencoder: Autoencoder, count: int = 128, seed: int = 12345) -> float:
     """SD's convention: 1 / std of the (unscaled) posterior samples on fresh scenes."""
-    images, _ = scene_batch(seed, 0, count)
+    images = _fresh_scenes(seed, count, True)
     moments = autoencoder.quant_conv(autoencoder.encoder(images.float() / 127.5 - 1.0))
     z = DiagonalGaussian(moments).sample(torch.Generator().manual_seed(seed))
     return float(1.0 / z.std())
@@ -323,8 +334,7 @@ def measure_scale_factor(autoencoder: Autoencoder, count: int = 256, seed: int =
 @torch.no_grad()
 def reconstruction_psnr(autoencoder: Autoencoder, count: int = 256, seed: int = 999) -> float:
     """PSNR (dB, images in [0, 1]) of mean-latent reconstructions of fresh scenes, held-out pairs included."""
-    images, _ = scene_batch(seed, 0, count, holdout=False)
-    x = images.float() / 127.5 - 1.0
+    x = _fresh_scenes(seed, count, False).float() / 127.5 - 1.0
     recon = torch.cat([autoencoder(x[i: i + 64]) for i in range(0, count, 64)])
     return psnr((recon.clamp(-1, 1) + 1) / 2, (x + 1) / 2)
 
