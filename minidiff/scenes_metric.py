@@ -1,6 +1,6 @@
 """The scenes model's quality metric: does a sample show what its prompt asked for?
 
-A small attribute classifier (the toy metric's network, `metrics.ToyClassifier`, with one logit group
+A small attribute classifier (convolutions and a linear read-out of the 8 x 8 map, one logit group
 per head of `scenes.HEADS`: object count, colour/shape of each object in picture order, the single
 object's place and size, the pair's axis) is trained on real scenes, all colour x shape pairs
 included. A sample follows its prompt when the heads the prompt fixes read what it says. Beside it,
@@ -13,25 +13,69 @@ from __future__ import annotations
 
 import json
 import random
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from .checkpoint import CheckpointError, atomic_folder, load_weights, read_state_dict, save_json, save_safetensors
-from .metrics import ClassifierConfig, ToyClassifier, frechet_distance, mean_cov
-from .scenes import COLOUR_NAMES, HEADS, HELD_OUT, IGNORE, PLACE_WORDS, SHAPES, parse_caption, picture_order, \
-    scene_batch, targets
+from .config import config_from_dict
+from .metrics import frechet_distance, mean_cov
+from .scenes import COLOUR_NAMES, HEADS, HELD_OUT, IGNORE, IMAGE_SIZE, PLACE_WORDS, SHAPES, parse_caption, \
+    picture_order, scene_batch, targets
 
 FORMAT = "minidiff-scenes-classifier"
 TRAIN_SEED, TEST_SEED, REFERENCE_SEED = 101, 202, 303
 
 
+@dataclass
+class SceneClassifierConfig:
+    width: int = 16
+    feature_dim: int = 128
+    num_classes: int = sum(len(classes) for classes in HEADS.values())
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "SceneClassifierConfig":
+        return config_from_dict(cls, d)
+
+
+class SceneClassifier(nn.Module):
+    """Convolutions down to 8 x 8, then a linear layer over the whole map: where things are matters
+    (places, picture order), so unlike the digits' `ToyClassifier` there is no global pooling."""
+
+    def __init__(self, config: SceneClassifierConfig):
+        super().__init__()
+        self.config = config
+        w = config.width
+
+        def conv(i, o):
+            return nn.Sequential(nn.Conv2d(i, o, 3, padding=1), nn.GroupNorm(8, o), nn.SiLU())
+
+        self.stages = nn.ModuleList([conv(3, w), nn.Sequential(conv(w, 2 * w), conv(2 * w, 2 * w)),
+                                     nn.Sequential(conv(2 * w, 4 * w), conv(4 * w, 4 * w))])
+        self.features_proj = nn.Linear(4 * w * 8 * 8, config.feature_dim)
+        self.head = nn.Linear(config.feature_dim, config.num_classes)
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) images in [0, 1] (scored at 64 x 64) -> (B, feature_dim) penultimate features."""
+        if images.shape[-2:] != (IMAGE_SIZE, IMAGE_SIZE):
+            images = F.interpolate(images, size=(IMAGE_SIZE, IMAGE_SIZE), mode="bilinear", antialias=True,
+                                   align_corners=False)
+        h = images * 2 - 1
+        for stage in self.stages:
+            h = F.avg_pool2d(stage(h), 2)
+        return F.silu(self.features_proj(h.flatten(1)))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(images))
+
+
 class SceneMetric:
     """The attribute classifier and the real scenes' feature statistics."""
 
-    def __init__(self, classifier: ToyClassifier, ref_mean, ref_cov):
+    def __init__(self, classifier: SceneClassifier, ref_mean, ref_cov):
         self.classifier = classifier.eval()
         self.ref_mean, self.ref_cov = ref_mean.double(), ref_cov.double()
 
@@ -92,7 +136,7 @@ def load_scene_metric(path) -> SceneMetric:
         raise CheckpointError(f"{config_file} is not a scenes classifier config (format={config.get('format')!r})")
     if {k: tuple(v) for k, v in config.get("heads", {}).items()} != HEADS:
         raise CheckpointError(f"{config_file} was trained for other heads than this minidiff's scenes.HEADS")
-    classifier = ToyClassifier(ClassifierConfig.from_dict(config["classifier"]))
+    classifier = SceneClassifier(SceneClassifierConfig.from_dict(config["classifier"]))
     load_weights(classifier, read_state_dict(path / "model.safetensors"), "scenes classifier")
     reference = read_state_dict(path / "reference.safetensors")
     return SceneMetric(classifier, reference["mean"], reference["cov"])
@@ -111,13 +155,12 @@ def head_accuracy(metric: SceneMetric, count: int = 512, seed: int = TEST_SEED) 
             for name in HEADS}
 
 
-def train_scene_metric(*, steps: int = 800, batch_size: int = 64, lr: float = 2e-3, seed: int = 0,
+def train_scene_metric(*, steps: int = 500, batch_size: int = 32, lr: float = 2e-3, seed: int = 0,
                        width: int = 16, progress: bool = True) -> tuple:
     """Train the classifier on an endless stream of real scenes (held-out pairs included); returns
     (SceneMetric, {"head_accuracy": ..., "reference_fd": ...})."""
     torch.manual_seed(seed)
-    total = sum(len(c) for c in HEADS.values())
-    classifier = ToyClassifier(ClassifierConfig(channels=3, image_size=64, num_classes=total, width=width))
+    classifier = SceneClassifier(SceneClassifierConfig(width=width))
     optimizer = torch.optim.AdamW(classifier.parameters(), lr=lr, weight_decay=1e-4)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, lr, total_steps=steps)
     classifier.train()
