@@ -72,6 +72,7 @@ class LatentTrainConfig:
     ae_norm_groups: int = 8
     kl_weight: float = 1e-5          # per latent element, against per-pixel reconstruction terms
     edge_weight: float = 0.5         # L1 between the images' finite differences: sharper edges
+    ae_crop: int = 0                 # > 0: train on random crops this size (the network is convolutional)
     # text2image
     autoencoder: str = ""            # the autoencoder run folder (or its model folder)
     model_channels: int = 48
@@ -188,6 +189,15 @@ def autoencoder_loss(cfg: LatentTrainConfig, model: Autoencoder, images: torch.T
     return loss + cfg.kl_weight * kl
 
 
+def random_crops(images: torch.Tensor, size: int, g: torch.Generator) -> torch.Tensor:
+    """A `size` x `size` crop of each image at a position drawn from `g` (size 0: the images whole).
+    Crops start on even pixels, so the autoencoder's downsampling grid stays aligned with the full picture's."""
+    if not size or size >= images.shape[-1]:
+        return images
+    corners = torch.randint(0, (images.shape[-1] - size) // 2 + 1, (len(images), 2), generator=g) * 2
+    return torch.stack([im[:, y: y + size, x: x + size] for im, (y, x) in zip(images, corners.tolist())])
+
+
 class _Batches:
     """Batch `step` of the scenes stream, as the stage trains on it."""
 
@@ -267,7 +277,8 @@ def train_latent(config: LatentTrainConfig, resume=None, *, overwrite: bool = Fa
             for group in optimizer.param_groups:
                 group["lr"] = cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup_steps))
             if cfg.stage == "autoencoder":
-                loss = autoencoder_loss(cfg, model, batches.images(step)[0], _step_generator(cfg, step))
+                g = _step_generator(cfg, step)
+                loss = autoencoder_loss(cfg, model, random_crops(batches.images(step)[0], cfg.ae_crop, g), g)
             else:
                 xt, t, ids, noise = batches.text2image(step)
                 loss = F.mse_loss(model(xt, t, ids), noise)
