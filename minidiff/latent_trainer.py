@@ -39,7 +39,7 @@ from .data import save_grid
 from .metrics import psnr
 from .pipeline import Pipeline
 from .plots import plot_loss
-from .scenes import scene_batch
+from .scenes import MAX_BACKGROUND_SATURATION, scene_batch
 from .schedules import NoiseSchedule
 from .text import CLIPTextConfig, CLIPTextEncoder, CLIPTokenizer
 from .trainer import TrainingInterrupted, _StopRequest, _claim_run_folder, _loss_csv, _resume_folder, \
@@ -47,6 +47,7 @@ from .trainer import TrainingInterrupted, _StopRequest, _claim_run_folder, _loss
 from .unet import UNet, UNetConfig
 
 STAGES = ("autoencoder", "text2image")
+OBJECT_SATURATION = 4 * MAX_BACKGROUND_SATURATION  # max - min of RGB in [0, 1] above which a pixel is an object's
 AE_FORMAT = "minidiff-autoencoder"
 SAMPLE_PROMPTS = ("a red circle", "a green square on the left", "a blue triangle at the top",
                   "a yellow circle on the right", "a big red square at the bottom", "a small yellow triangle",
@@ -73,6 +74,8 @@ class LatentTrainConfig:
     kl_weight: float = 1e-5          # per latent element, against per-pixel reconstruction terms
     edge_weight: float = 0.5         # L1 between the images' finite differences: sharper edges
     ae_crop: int = 0                 # > 0: train on random crops this size (the network is convolutional)
+    object_weight: float = 0.0       # extra reconstruction weight on object pixels (saturated: no background is),
+    #                                  so the few object pixels are not drowned by the background's many
     # text2image
     autoencoder: str = ""            # the autoencoder run folder (or its model folder)
     model_channels: int = 48
@@ -181,7 +184,11 @@ def autoencoder_loss(cfg: LatentTrainConfig, model: Autoencoder, images: torch.T
     posterior = DiagonalGaussian(model.quant_conv(model.encoder(images)))
     recon = model.decoder(model.post_quant_conv(posterior.sample(g)))
     diff = recon - images
-    loss = diff.abs().mean() + diff.square().mean()
+    weight = 1.0
+    if cfg.object_weight:
+        saturation = images.amax(dim=1, keepdim=True) - images.amin(dim=1, keepdim=True)  # in [-1, 1] units
+        weight = 1.0 + cfg.object_weight * (saturation > 2 * OBJECT_SATURATION).float()
+    loss = (weight * (diff.abs() + diff.square())).mean()
     if cfg.edge_weight:
         for dim in (2, 3):
             loss = loss + cfg.edge_weight * (recon.diff(dim=dim) - images.diff(dim=dim)).abs().mean()

@@ -126,8 +126,8 @@ def _toy_metric_parser() -> Parser:
     p.add_argument("--image-size", type=int, default=16)
     p.add_argument("--channels", type=int, choices=(1, 3), default=None)
     p.add_argument("--epochs", type=int, default=15)
-    p.add_argument("--steps", type=int, default=500, help="--dataset scenes: training steps on fresh scenes "
-                   "(batch 32; default 500)")
+    p.add_argument("--steps", type=int, default=1500, help="--dataset scenes: training steps on fresh scenes "
+                   "(batch 32; default 1500)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="folder to write (config.json, model.safetensors, "
                                                 "reference.safetensors)")
