@@ -149,15 +149,21 @@ def save_autoencoder(autoencoder: Autoencoder, folder: Path, meta: dict):
 
 
 def load_autoencoder(path) -> Autoencoder:
-    """The autoencoder of a run folder (its checkpoint/model/) or of an autoencoder model folder."""
+    """The autoencoder of a run folder (its checkpoint/model/), of an autoencoder folder or of a pipeline folder."""
     path = Path(path)
     for folder in (path, path / "model", path / "checkpoint" / "model"):
         if (folder / "config.json").exists():
             config = json.loads((folder / "config.json").read_text())
             if config.get("format") == AE_FORMAT:
-                model = Autoencoder(AutoencoderConfig.from_dict(config["autoencoder"]))
-                load_weights(model, read_state_dict(folder / "model.safetensors"), "autoencoder")
-                return model.eval().requires_grad_(False)
+                weights = read_state_dict(folder / "model.safetensors")
+            elif isinstance(config.get("autoencoder"), dict):  # a pipeline folder: its autoencoder.* weights
+                weights = {k[len("autoencoder."):]: v for k, v in read_state_dict(folder / "model.safetensors").items()
+                           if k.startswith("autoencoder.")}
+            else:
+                continue
+            model = Autoencoder(AutoencoderConfig.from_dict(config["autoencoder"]))
+            load_weights(model, weights, "autoencoder")
+            return model.eval().requires_grad_(False)
     raise CheckpointError(f"{path} holds no trained autoencoder (looked for config.json with format {AE_FORMAT!r} "
                           "in it, model/ and checkpoint/model/); train one with --stage autoencoder")
 
@@ -255,7 +261,9 @@ def train_latent(config: LatentTrainConfig, resume=None, *, overwrite: bool = Fa
     if cfg.stage == "autoencoder":
         model, batches, tokenizer, frozen = Autoencoder(autoencoder_config(cfg)), _Batches(cfg), None, None
     else:
-        frozen = load_autoencoder(cfg.autoencoder)
+        # a resumed run keeps the autoencoder it started with (saved in its checkpoint), whatever the
+        # autoencoder's own run folder holds now
+        frozen = load_autoencoder(cfg.autoencoder if resume is None else checkpoint_dir(resume) / "model")
         tokenizer = CLIPTokenizer.default()
         latent = 64 // frozen.downsample_factor
         model = TextToImage(UNet(unet_config(cfg, latent)), CLIPTextEncoder(text_config(cfg, len(tokenizer.vocab))))

@@ -1,6 +1,7 @@
 """The latent stages' trainer (minidiff.latent_trainer) on tiny models: exact resume for both stages,
 a loadable Stable Diffusion pipeline folder, and the pipeline equal to a hand-driven run of its parts."""
 import json
+import shutil
 
 import pytest
 import torch
@@ -64,15 +65,20 @@ def test_text2image_resumes_exactly_and_saves_a_pipeline(autoencoder_run, tmp_pa
     ae_dir, _ = autoencoder_run
     straight = train_latent(LatentTrainConfig(stage="text2image", autoencoder=str(ae_dir), steps=4,
                                               out_dir=str(tmp_path / "a"), **TINY_T2I))
-    train_latent(LatentTrainConfig(stage="text2image", autoencoder=str(ae_dir), steps=2, out_dir=str(tmp_path / "b"),
+    ae_copy = tmp_path / "ae"  # an autoencoder run that goes on training while the text2image run is paused
+    shutil.copytree(ae_dir, ae_copy)
+    train_latent(LatentTrainConfig(stage="text2image", autoencoder=str(ae_copy), steps=2, out_dir=str(tmp_path / "b"),
                                    **TINY_T2I))
+    train_main(["--resume", str(ae_copy), "--steps", "5", "--threads", "1"])
     resumed = train_main(["--resume", str(tmp_path / "b"), "--steps", "4", "--threads", "1"])
+    # equal to the straight run: the resumed run kept the autoencoder it started with
     _same(_state(straight), _state(resumed))
     assert _losses(tmp_path / "a") == _losses(tmp_path / "b")
     pipe = minidiff.load(tmp_path / "a" / "checkpoint" / "model")
     assert pipe.text_encoder is not None and pipe.tokenizer is not None and pipe.autoencoder is not None
     assert pipe.unet.config.context_dim == 16 and pipe.default_size == 64
     _same(pipe.unet.state_dict(), straight["ema"].unet.state_dict())
+    _same(resumed["autoencoder"].state_dict(), load_autoencoder(ae_dir).state_dict())
 
 
 def test_pipeline_equals_hand_driven_parts(autoencoder_run, tmp_path):
