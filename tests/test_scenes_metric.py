@@ -67,3 +67,24 @@ def test_shipped_classifier_reads_real_scenes():
     images, scenes = scene_batch(78, 0, 64, holdout=True)
     assert metric.toy_fid(images.float() / 255) < 5 * metric.toy_fid(torch.rand(64, 3, 64, 64))
     assert (targets(scenes)["count"] != IGNORE).all()
+
+
+@pytest.mark.skipif(not (WEIGHTS / "scenes" / "model.safetensors").exists(), reason="weights/scenes is not trained yet")
+def test_shipped_model_follows_colour_prompts():
+    """A cheap check without the classifier: the strongly coloured pixels of each sample are nearest
+    the colour its prompt names."""
+    import minidiff
+    from minidiff.scenes import COLOURS
+
+    pipe = minidiff.load(WEIGHTS / "scenes")
+    names = list(COLOURS)
+    prompts = [f"a big {c} square" for c in names] + [f"a big {c} circle on the left" for c in names[:2]]
+    images = pipe.generate(prompt=prompts, steps=20, seed=0, progress=False)
+    palette = torch.tensor([COLOURS[c] for c in names])
+    hits = 0
+    for image, prompt in zip(images, prompts):
+        pixels = image.flatten(1).T
+        coloured = pixels[(pixels.max(1).values - pixels.min(1).values) > 0.35]
+        if len(coloured):
+            hits += names[int((coloured.mean(0) - palette).norm(dim=1).argmin())] in prompt
+    assert hits >= len(prompts) - 1, hits
