@@ -43,7 +43,7 @@ from .scenes import MAX_BACKGROUND_SATURATION, scene_batch
 from .schedules import NoiseSchedule
 from .text import CLIPTextConfig, CLIPTextEncoder, CLIPTokenizer
 from .trainer import TrainingInterrupted, _StopRequest, _claim_run_folder, _loss_csv, _resume_folder, \
-    _update_ema, checkpoint_dir, optimizer_tensors, restore_optimizer
+    _update_ema, check_same_config, checkpoint_dir, optimizer_tensors, read_losses, restore_optimizer
 from .unet import UNet, UNetConfig
 
 STAGES = ("autoencoder", "text2image")
@@ -116,9 +116,6 @@ class LatentTrainConfig:
 
     def to_dict(self) -> dict:
         return config_to_dict(self)
-
-
-RESUMABLE = frozenset({"steps", "out_dir", "log_every", "sample_every", "ckpt_every", "sample_steps", "progress"})
 
 
 # -- models -------------------------------------------------------------------------------------------
@@ -404,24 +401,15 @@ def _write_checkpoint(out_dir, cfg, model, ema, frozen, tokenizer, scheduler, op
 
 
 def _restore(resume, cfg: LatentTrainConfig, model, ema, optimizer) -> tuple:
-    import csv
-    import io
-
     path = checkpoint_dir(resume)
     meta = json.loads((path / "train_state.json").read_text())
-    saved, now = {**LatentTrainConfig(autoencoder="x").to_dict(), **meta["config"]}, cfg.to_dict()
-    differing = [f"{k}: checkpoint {saved.get(k)!r}, now {now.get(k)!r}" for k in sorted(set(saved) | set(now))
-                 if k not in RESUMABLE and saved.get(k) != now.get(k)]
-    if differing:
-        raise ValueError(f"cannot resume from {path}: it was trained with a different config ({'; '.join(differing)})."
-                         " Resume with the original settings (see its train_state.json), or start a new run")
+    # fields added since the checkpoint was written held their defaults
+    check_same_config(path, {**LatentTrainConfig(autoencoder="x").to_dict(), **meta["config"]}, cfg.to_dict())
     tensors = read_state_dict(path / "train_state.safetensors")
     load_weights(model, {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}, "model in train_state")
     load_weights(ema, {k[4:]: v for k, v in tensors.items() if k.startswith("ema.")}, "EMA in train_state")
     restore_optimizer(optimizer, tensors, meta["param_groups"])
-    losses = [(int(r["step"]), float(r["loss"]), float(r["images_per_s"]), float(r["seconds"]))
-              for r in csv.DictReader(io.StringIO((path / "loss.csv").read_text()))]
-    return meta["step"], meta["seconds"], losses, list(meta["loss_sum"])
+    return meta["step"], meta["seconds"], read_losses(path / "loss.csv"), list(meta["loss_sum"])
 
 
 def latent_config_from(settings: dict) -> LatentTrainConfig:

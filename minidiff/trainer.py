@@ -521,16 +521,26 @@ def _read_checkpoint(path, cfg: TrainConfig) -> dict:
     meta = json.loads((path / "train_state.json").read_text())
     defaults = TrainConfig().to_dict()  # fields added since the checkpoint was written held their defaults
     saved, now = {**defaults, **meta["config"]}, cfg.to_dict()
+    check_same_config(path, saved, now)
+    meta["tensors"] = read_state_dict(path / "train_state.safetensors")
+    meta["ema"] = load(path / "model").unet.state_dict()
+    meta["losses"] = read_losses(path / "loss.csv")
+    return meta
+
+
+def check_same_config(path, saved: dict, now: dict):
+    """A resume must not change what the next step computes: only RESUMABLE fields may differ."""
     differing = [f"{k}: checkpoint {saved.get(k)!r}, now {now.get(k)!r}" for k in sorted(set(saved) | set(now))
                  if k not in RESUMABLE and saved.get(k) != now.get(k)]
     if differing:
         raise ValueError(f"cannot resume from {path}: it was trained with a different config ({'; '.join(differing)})."
                          " Resume with the original settings (see its train_state.json), or start a new run")
-    meta["tensors"] = read_state_dict(path / "train_state.safetensors")
-    meta["ema"] = load(path / "model").unet.state_dict()
-    meta["losses"] = [(int(r["step"]), float(r["loss"]), float(r["images_per_s"]), float(r["seconds"]))
-                      for r in csv.DictReader(io.StringIO((path / "loss.csv").read_text()))]
-    return meta
+
+
+def read_losses(path) -> list:
+    """The rows (step, loss, images_per_s, seconds) of a loss.csv that `_loss_csv` wrote."""
+    return [(int(r["step"]), float(r["loss"]), float(r["images_per_s"]), float(r["seconds"]))
+            for r in csv.DictReader(io.StringIO(Path(path).read_text()))]
 
 
 def _restore(state, model, ema, optimizer, order, noise_gen):
