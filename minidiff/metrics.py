@@ -249,8 +249,9 @@ def toy_classifier(pipe, model_dir=None, classifier_dir=None):
         if model_dir is None or not isinstance(dataset, str):
             return None
         classifier_dir = Path(model_dir).resolve().parent / f"{Path(dataset).name}-classifier"
-        if not (classifier_dir / "config.json").exists():
-            return None
+        if not (classifier_dir / "config.json").exists() \
+                or json.loads((classifier_dir / "config.json").read_text()).get("format") != FORMAT:
+            return None  # none, or another kind (weights/scenes-classifier reads attributes, not one class)
     network = load_metric(classifier_dir).classifier
 
     @torch.inference_mode()

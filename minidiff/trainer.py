@@ -453,8 +453,7 @@ def _write_checkpoint(out_dir, cfg, pipeline, model, optimizer, order, noise_gen
     """Replace out_dir/checkpoint in one rename, then refresh out_dir/loss.csv."""
     opt_state = optimizer.state_dict()
     tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
-    for index, slots in opt_state["state"].items():
-        tensors.update({f"optim.{index}.{name}": v for name, v in slots.items()})
+    tensors.update(optimizer_tensors(opt_state))
     numpy_state = np.random.get_state()
     python_state = random.getstate()
     tensors.update({
@@ -482,6 +481,21 @@ def _write_checkpoint(out_dir, cfg, pipeline, model, optimizer, order, noise_gen
         tmp.write_text(csv_text)
 
 
+def optimizer_tensors(opt_state: dict) -> dict:
+    """An optimizer's per-parameter slots as flat tensors `optim.{index}.{slot}` (safetensors-ready)."""
+    return {f"optim.{index}.{name}": v for index, slots in opt_state["state"].items() for name, v in slots.items()}
+
+
+def restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict, param_groups: list):
+    """The inverse of `optimizer_tensors`, with the hyper-parameters saved beside them."""
+    slots: dict = {}
+    for key, value in tensors.items():
+        if key.startswith("optim."):
+            _, index, name = key.split(".", 2)
+            slots.setdefault(int(index), {})[name] = value
+    optimizer.load_state_dict({"state": slots, "param_groups": param_groups})
+
+
 def _loss_csv(losses) -> str:
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
@@ -507,28 +521,33 @@ def _read_checkpoint(path, cfg: TrainConfig) -> dict:
     meta = json.loads((path / "train_state.json").read_text())
     defaults = TrainConfig().to_dict()  # fields added since the checkpoint was written held their defaults
     saved, now = {**defaults, **meta["config"]}, cfg.to_dict()
+    check_same_config(path, saved, now)
+    meta["tensors"] = read_state_dict(path / "train_state.safetensors")
+    meta["ema"] = load(path / "model").denoiser.state_dict()
+    meta["losses"] = read_losses(path / "loss.csv")
+    return meta
+
+
+def check_same_config(path, saved: dict, now: dict):
+    """A resume must not change what the next step computes: only RESUMABLE fields may differ."""
     differing = [f"{k}: checkpoint {saved.get(k)!r}, now {now.get(k)!r}" for k in sorted(set(saved) | set(now))
                  if k not in RESUMABLE and saved.get(k) != now.get(k)]
     if differing:
         raise ValueError(f"cannot resume from {path}: it was trained with a different config ({'; '.join(differing)})."
                          " Resume with the original settings (see its train_state.json), or start a new run")
-    meta["tensors"] = read_state_dict(path / "train_state.safetensors")
-    meta["ema"] = load(path / "model").denoiser.state_dict()
-    meta["losses"] = [(int(r["step"]), float(r["loss"]), float(r["images_per_s"]), float(r["seconds"]))
-                      for r in csv.DictReader(io.StringIO((path / "loss.csv").read_text()))]
-    return meta
+
+
+def read_losses(path) -> list:
+    """The rows (step, loss, images_per_s, seconds) of a loss.csv that `_loss_csv` wrote."""
+    return [(int(r["step"]), float(r["loss"]), float(r["images_per_s"]), float(r["seconds"]))
+            for r in csv.DictReader(io.StringIO(Path(path).read_text()))]
 
 
 def _restore(state, model, ema, optimizer, order, noise_gen):
     tensors = state["tensors"]
     load_weights(model, {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}, "model in train_state")
     load_weights(ema, state["ema"], "EMA model")
-    slots: dict = {}
-    for key, value in tensors.items():
-        if key.startswith("optim."):
-            _, index, name = key.split(".", 2)
-            slots.setdefault(int(index), {})[name] = value
-    optimizer.load_state_dict({"state": slots, "param_groups": state["param_groups"]})
+    restore_optimizer(optimizer, tensors, state["param_groups"])
     torch.set_rng_state(tensors["rng.torch"])
     kind, pos, has_gauss, gauss = state["rng_numpy"]
     np.random.set_state((kind, tensors["rng.numpy_keys"].numpy().astype(np.uint32), pos, has_gauss, gauss))

@@ -49,8 +49,24 @@ def _train_parser() -> Parser:
             p.add_argument(flag, type=int, choices=(1, 3), help=text)
         else:
             p.add_argument(flag, type=type(f.default), help=text)
+    _latent_flags(p, {f.name for f in fields(TrainConfig)})
     _threads_arg(p, default=argparse.SUPPRESS)
     return p
+
+
+def _latent_flags(p: Parser, taken: set):
+    """The flags of the latent stages (minidiff.latent_trainer) that the pixel trainer lacks."""
+    from dataclasses import fields
+
+    from ..latent_trainer import STAGES, LatentTrainConfig
+
+    p.add_argument("--stage", choices=STAGES, help="train a Stable Diffusion part on the procedural scenes: the "
+                   "autoencoder, then text2image (text encoder + U-Net on its latents; needs --autoencoder)")
+    for f in fields(LatentTrainConfig):
+        if f.name in taken or f.name == "stage":
+            continue
+        kind = _int_tuple if isinstance(f.default, tuple) else type(f.default)
+        p.add_argument("--" + f.name.replace("_", "-"), type=kind, help=f"with --stage: default {f.default or None}")
 
 
 def _int_tuple(text: str) -> tuple:
@@ -71,6 +87,8 @@ def _train(args):
     settings: dict = {}
     if resume is not None:
         settings = json.loads((checkpoint_dir(resume) / "train_state.json").read_text())["config"]
+    if "stage" in args or "stage" in settings:
+        return _train_latent({**settings, **args}, resume, overwrite)
     settings.update(PRESETS.get(args.pop("preset", None), {}))
     settings.update(args)
     check_ints(argparse.Namespace(**settings), {"--image-size": ("image_size", *IMAGE_SIZES)})
@@ -93,6 +111,21 @@ def _train(args):
     return result
 
 
+def _train_latent(settings: dict, resume, overwrite: bool):
+    from ..latent_trainer import latent_config_from, train_latent
+    from ..trainer import TrainingInterrupted
+
+    if "preset" in settings:
+        raise ValueError("--preset sizes the pixel U-Net; the --stage runs take their own size flags")
+    config = latent_config_from(settings)
+    check_output(resume if resume is not None else config.out_dir, "folder", "--resume" if resume else "--out-dir")
+    require("PIL", "writing sample grids")
+    try:
+        return train_latent(config, resume=resume, overwrite=overwrite)
+    except TrainingInterrupted as stopped:
+        raise SystemExit(stopped.exit_code) from None
+
+
 # -- toy metric --------------------------------------------------------------------------------------
 
 def _toy_metric_parser() -> Parser:
@@ -102,6 +135,8 @@ def _toy_metric_parser() -> Parser:
     p.add_argument("--image-size", type=int, default=16)
     p.add_argument("--channels", type=int, choices=(1, 3), default=None)
     p.add_argument("--epochs", type=int, default=15)
+    p.add_argument("--steps", type=int, default=1500, help="--dataset scenes: training steps on fresh scenes "
+                   "(batch 32; default 1500)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="folder to write (config.json, model.safetensors, "
                                                 "reference.safetensors)")
@@ -116,6 +151,8 @@ def _toy_metric(args):
     out = check_output(args.out, "folder")
     if out.is_dir() and any(out.iterdir()) and not args.overwrite:
         raise FileExistsError(f"--out {out} exists and is not empty; pass --overwrite to replace it")
+    if args.dataset == "scenes":
+        return _scenes_metric(args)
     if args.dataset == "digits":
         require("sklearn", "the digits dataset")
     from ..data import load_dataset
@@ -127,4 +164,18 @@ def _toy_metric(args):
     metric.save(args.out, overwrite=args.overwrite, meta={"dataset": data.source, "trained_by": command, **info})
     print(f"test accuracy {info['test_accuracy']:.4f}; real-vs-real toy FID (class-balanced sets of n) "
           f"{info['reference_fd_balanced']}; saved {args.out}")
+    return metric
+
+
+def _scenes_metric(args):
+    """The scenes attribute classifier (minidiff.scenes_metric), trained on fresh procedural scenes."""
+    from ..scenes_metric import train_scene_metric
+
+    if args.steps < 1:
+        raise ValueError(f"--steps must be positive, got {args.steps}")
+    metric, info = train_scene_metric(steps=args.steps, seed=args.seed)
+    command = "minidiff toy-metric " + " ".join(args.argv)
+    metric.save(args.out, overwrite=args.overwrite, meta={"dataset": "scenes", "trained_by": command, **info})
+    print(f"head accuracy on fresh scenes {info['head_accuracy']}; real-vs-real toy FID {info['reference_fd']}; "
+          f"saved {args.out}")
     return metric

@@ -8,7 +8,7 @@ any pickled code). A single file has no config: its U-Net is SD1.5's unless `--b
 minidiff model folder whose U-Net it was trained for.
 
 The encoder part has the U-Net's layout and goes through the U-Net's key tables
-(minidiff.convert.unet_keys); only the hint encoder and the zero convolutions are renamed here.
+(minidiff.formats.unet_keys); only the hint encoder and the zero convolutions are renamed here.
 """
 from __future__ import annotations
 
