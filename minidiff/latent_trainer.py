@@ -6,9 +6,9 @@
                    autoencoder's latents, the prompt dropped to "" with probability label_dropout
                    (the empty prompt is guidance's unconditional one).
 
-    minidiff train --stage autoencoder --out-dir /work/runs/scenes-ae --threads 1
-    minidiff train --stage text2image --autoencoder /work/runs/scenes-ae --out-dir /work/runs/scenes-t2i
-    minidiff train --resume /work/runs/scenes-t2i --steps 12000
+    minidiff train --stage autoencoder --out-dir runs/scenes-ae --threads 1
+    minidiff train --stage text2image --autoencoder runs/scenes-ae --out-dir runs/scenes-t2i
+    minidiff train --resume runs/scenes-t2i --steps 12000
 
 Batch k, with its noise, timesteps, posterior samples and prompt dropout, is a pure function of
 (seed, k) (`scenes.scene_batch`), and the models have no dropout, so a run's whole state is its
