@@ -157,16 +157,26 @@ class ToyMetric:
             save_safetensors({"mean": self.ref_mean, "cov": self.ref_cov}, tmp / "reference.safetensors")
 
 
+def read_classifier_config(path: Path, fmt: str, what: str, command: str) -> dict:
+    """A classifier folder's config.json, refused with a sentence when it is missing or of another format."""
+    config_file = path / "config.json"
+    if not config_file.exists():
+        raise CheckpointError(f"{path} is not {what} folder (no config.json); train one with `{command}`")
+    try:
+        config = json.loads(config_file.read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{config_file} is unreadable ({e}); train the classifier again with `{command}`") \
+            from None
+    if not isinstance(config, dict) or config.get("format") != fmt:
+        found = config.get("format") if isinstance(config, dict) else None
+        raise CheckpointError(f"{config_file} is not {what} config (format={found!r})")
+    return config
+
+
 def load_metric(path) -> ToyMetric:
     """Load a classifier folder written by `train_metric` (config.json, model.safetensors, reference.safetensors)."""
     path = Path(path)
-    config_file = path / "config.json"
-    if not config_file.exists():
-        raise CheckpointError(f"{path} is not a toy-metric classifier folder (no config.json); train one with "
-                              "`minidiff toy-metric --out DIR`")
-    config = json.loads(config_file.read_text())
-    if config.get("format") != FORMAT:
-        raise CheckpointError(f"{config_file} is not a toy classifier config (format={config.get('format')!r})")
+    config = read_classifier_config(path, FORMAT, "a toy-metric classifier", "minidiff toy-metric --out DIR")
     classifier = ToyClassifier(ClassifierConfig.from_dict(config["classifier"]))
     load_weights(classifier, read_state_dict(path / "model.safetensors"), "toy classifier")
     reference = read_state_dict(path / "reference.safetensors")

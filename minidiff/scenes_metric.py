@@ -23,7 +23,7 @@ from torch import nn
 from .checkpoint import CheckpointError, load_weights, read_state_dict
 from .writing import atomic_folder, save_json, save_safetensors
 from .config import config_from_dict
-from .metrics import frechet_distance, mean_cov
+from .metrics import frechet_distance, mean_cov, read_classifier_config
 from .scenes import COLOUR_NAMES, HEADS, HELD_OUT, IGNORE, IMAGE_SIZE, PLACE_WORDS, SHAPES, parse_caption, \
     picture_order, scene_batch, targets
 
@@ -129,12 +129,7 @@ def split_heads(logits: torch.Tensor) -> dict:
 def load_scene_metric(path) -> SceneMetric:
     path = Path(path)
     config_file = path / "config.json"
-    if not config_file.exists():
-        raise CheckpointError(f"{path} is not a scenes classifier folder (no config.json); train one with "
-                              "`minidiff toy-metric --dataset scenes --out DIR`")
-    config = json.loads(config_file.read_text())
-    if config.get("format") != FORMAT:
-        raise CheckpointError(f"{config_file} is not a scenes classifier config (format={config.get('format')!r})")
+    config = read_classifier_config(path, FORMAT, "a scenes classifier", "minidiff toy-metric --dataset scenes --out DIR")
     if {k: tuple(v) for k, v in config.get("heads", {}).items()} != HEADS:
         raise CheckpointError(f"{config_file} was trained for other heads than this minidiff's scenes.HEADS")
     classifier = SceneClassifier(SceneClassifierConfig.from_dict(config["classifier"]))
