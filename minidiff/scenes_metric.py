@@ -129,7 +129,8 @@ def split_heads(logits: torch.Tensor) -> dict:
 def load_scene_metric(path) -> SceneMetric:
     path = Path(path)
     config_file = path / "config.json"
-    config = read_classifier_config(path, FORMAT, "a scenes classifier", "minidiff toy-metric --dataset scenes --out DIR")
+    config = read_classifier_config(path, FORMAT, "a scenes classifier",
+                                    "minidiff toy-metric --dataset scenes --out DIR")
     if {k: tuple(v) for k, v in config.get("heads", {}).items()} != HEADS:
         raise CheckpointError(f"{config_file} was trained for other heads than this minidiff's scenes.HEADS")
     classifier = SceneClassifier(SceneClassifierConfig.from_dict(config["classifier"]))
