@@ -6,6 +6,7 @@ conditioning, initial noise, the cached network (minidiff.cache), the sampler, d
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import os
@@ -17,7 +18,7 @@ from typing import Optional, Sequence
 import torch
 
 from . import folder, packing
-from .cache import DEFAULT_POWER, RunStats, shallow_ratio, wrap  # noqa: F401 (RunStats: its old home)
+from .cache import DEFAULT_POWER, CacheOptions, RunStats, shallow_ratio, wrap  # noqa: F401 (RunStats: its old home)
 from .denoiser import Denoiser, check_denoiser
 from .folder import FORMAT, FORMAT_VERSION, split_state_dict  # noqa: F401 (importable from here as before)
 from .samplers import SAMPLERS, num_model_calls, sampler_options, start_alpha_cumprod
@@ -313,8 +314,7 @@ class Pipeline:
         """generate(budget=...): the plan picks every cache_* option, so none may be given."""
         from .planner import generate_within
 
-        defaults = dict(cache_interval=1, cache_branch=0, cache_schedule="uniform", cache_forecast=None,
-                        cache_threshold=None, cache_budget=None, cache_center=None, cache_power=DEFAULT_POWER)
+        defaults = {f"cache_{f.name}": f.default for f in dataclasses.fields(CacheOptions)}
         given = sorted(k for k, v in cache_options.items() if v != defaults[k])
         if given:
             raise ValueError(f"budget= lets the model's plan choose the caching; drop {', '.join(given)}")
