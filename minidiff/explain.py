@@ -122,11 +122,6 @@ def full_steps(pipe, kind: str, calls: int, interval: int, branch: int) -> list:
                          branch=branch)
 
 
-def supports_adaptive(pipe) -> bool:
-    """Adaptive caching decides per sample at run time, which needs the network split at the cut."""
-    return hasattr(pipe.denoiser, "forward_cut")
-
-
 def least_budget(calls: int, ratio: float) -> float:
     """The smallest cache_budget an adaptive run can keep: one full step, then shallow ones."""
     return 1 / mac_bound(1, calls - 1, ratio)
@@ -221,9 +216,8 @@ def grid_settings(pipe, grid: Grid, ratios: dict) -> list:
             for interval in grid.intervals:
                 for forecast in grid.forecasts if schedule == "uniform" else (0,):
                     out.append((schedule, interval, branch, forecast, None))
-    if supports_adaptive(pipe):
-        out += [("adaptive", None, branch, 2, budget) for branch in branches for budget in grid.budgets
-                if budget >= least_budget(grid.steps, ratios[branch]) + 0.02]
+    out += [("adaptive", None, branch, 2, budget) for branch in branches for budget in grid.budgets
+            if budget >= least_budget(grid.steps, ratios[branch]) + 0.02]
     return out
 
 

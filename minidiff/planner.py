@@ -111,7 +111,7 @@ class Grid:
 def grid_configs(grid: Grid, reference_steps: int, num_branches: int, adaptive: bool = True,
                  adaptive_forecast: int = 2) -> list:
     """Every configuration of `grid` a network with `num_branches` can run, the reference (all steps
-    full) first; `adaptive=False` for networks without the adaptive schedule (the DiT). The adaptive
+    full) first; `adaptive=False` leaves the adaptive schedule out. The adaptive
     schedule forecasts with `adaptive_forecast` (0 for samplers that inject noise: docs/adaptive.md)."""
     out = [Config(reference_steps)]
     out += [Config(k) for k in grid.fewer_steps if k < reference_steps]

@@ -57,7 +57,7 @@ def test_the_grid_holds_each_family_and_the_measured_costs_are_the_runs_own(pipe
 def test_the_grid_holds_only_what_the_network_runs():
     full = planner.grid_configs(Grid(), 50, num_branches=9)
     assert full[0] == Config(50) and len(full) == len(set(full)) == 58
-    dit = planner.grid_configs(Grid(), 50, num_branches=1, adaptive=False)  # no adaptive schedule, one branch
+    dit = planner.grid_configs(Grid(), 50, num_branches=1, adaptive=False)  # the adaptive schedule left out, one branch
     assert {c.kind for c in dit} == {"none", "uniform"} and {c.branch for c in dit} == {0}
     assert max(c.steps for c in planner.grid_configs(Grid(), 20, 9)) == 20  # nothing above the reference
 

@@ -59,7 +59,7 @@ def _plan(args) -> int:
     pipe = _load(args)
     metric = _metric(pipe, args.model, args.classifier)
     grid = planner.Grid(**QUICK) if args.quick else planner.Grid()
-    configs = planner.grid_configs(grid, args.steps, pipe.denoiser.num_branches, adaptive=True,
+    configs = planner.grid_configs(grid, args.steps, pipe.denoiser.num_branches,
                                    adaptive_forecast=0 if samplers.draws_noise(args.sampler) else 2)
     print(f"measuring {len(configs)} configurations ({args.sampler}, guidance {args.guidance_scale or 1:g}, "
           f"reference {args.steps} steps, seeds {args.seeds})")
