@@ -29,6 +29,9 @@ parser.add_argument("--out", default="out/05")
 args = parser.parse_args()
 torch.set_num_threads(1)  # a small model on a CPU: one thread is fastest, and polite on a shared machine
 out = Path(args.out)
+if not Path(args.model).is_dir():
+    parser.exit(1, f"{args.model} does not exist: the scenes model is not shipped yet. Train one with the two "
+                   "commands in weights/README.md (section scenes) and pass --model RUN/checkpoint/model\n")
 pipe = minidiff.load(args.model, pack=False)
 
 # 1. Tokens: CLIP's byte-level BPE, padded with the end token to the encoder's 77 positions.
