@@ -183,6 +183,13 @@ class Pipeline:
         """One of each real class in turn (0, 1, 2, ...), for class-conditional models."""
         return [i % self.num_real_classes() for i in range(batch_size)]
 
+    @property
+    def default_guidance(self) -> Optional[float]:
+        """The guidance scale `generate` uses when given none: config.json's "guidance_scale" (a text
+        model trained here stores the scale its prompt-following was measured at), else None (off)."""
+        g = self.meta.get("guidance_scale")
+        return float(g) if isinstance(g, (int, float)) and not isinstance(g, bool) else None
+
     def num_real_classes(self) -> int:
         """The number of class labels a user may pass (the null class of guidance excluded)."""
         n = self.denoiser.config.num_classes
@@ -234,6 +241,7 @@ class Pipeline:
 
         img2img: `init_image` ((B or 1, 3, H, W) in [0, 1]) is encoded, noised to the step where
         `strength` of the `steps` remain, and denoised from there; `noise` is then the noise added.
+        `guidance_scale` None means the model's `default_guidance` (off unless config.json names one).
         `center`/`power` are the old names of `cache_center`/`cache_power` (deprecated).
         Sampler options (`eta`, `karras_sigmas`) are refused where the sampler does not take them.
 
@@ -252,6 +260,8 @@ class Pipeline:
         as a list) steers the run, times `controlnet_scale`; a shallow step runs each ControlNet only
         up to the cut (minidiff.controlnet). Its size is the default height/width.
         """
+        if guidance_scale is None:
+            guidance_scale = self.default_guidance  # 1.0 (or anything <= 1) turns a stored default off
         if budget is not None:
             return self._generate_within(budget, steps, dict(
                 cache_interval=cache_interval, cache_branch=cache_branch, cache_schedule=cache_schedule,

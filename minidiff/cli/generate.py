@@ -44,8 +44,9 @@ def add_generate_arguments(p: argparse.ArgumentParser, device_help: str = "cpu, 
     p.add_argument("--class", dest="class_labels", nargs="+", metavar="CLASS",
                    help="class number(s) or name(s) (`minidiff info` lists them); default: every class in turn")
     p.add_argument("--prompt", nargs="+", help="text prompt(s) for text-conditioned models (default: none)")
-    p.add_argument("--negative-prompt", help="what guidance steers away from (default: none; needs --guidance-scale above 1)")
-    p.add_argument("--guidance-scale", type=float, help="classifier-free guidance scale (default: off)")
+    p.add_argument("--negative-prompt", help="what guidance steers away from (default: none; needs guidance above 1)")
+    p.add_argument("--guidance-scale", type=float, help="classifier-free guidance scale; 1 turns it off (default: the "
+                   "model's, which `minidiff info` shows; off unless the model names one)")
     p.add_argument("--height", type=int, help="image height in px (default: the model's size)")
     p.add_argument("--width", type=int, help="image width in px (default: the model's size)")
     p.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
@@ -72,7 +73,7 @@ def check_generate_arguments(args):
         if given:
             raise ValueError(f"--budget lets the model's plan choose the caching; drop {', '.join(given)}")
     check_device(args.device)
-    if args.negative_prompt is not None and not (args.guidance_scale or 0) > 1:
+    if args.negative_prompt is not None and args.guidance_scale is not None and not args.guidance_scale > 1:
         raise ValueError("--negative-prompt acts only through classifier-free guidance, which is off; add "
                          "--guidance-scale above 1 (e.g. 7.5) or drop --negative-prompt")
 
@@ -87,6 +88,9 @@ def _load_for(args, device):
     check_steps(args.steps, pipe.scheduler.num_train_timesteps)
     if args.negative_prompt is not None and pipe.text_encoder is None:
         raise ValueError("this model takes no prompt, so --negative-prompt would be ignored; drop it")
+    if args.negative_prompt is not None and args.guidance_scale is None and not (pipe.default_guidance or 0) > 1:
+        raise ValueError("--negative-prompt acts only through classifier-free guidance, which is off for this model "
+                         "by default; add --guidance-scale above 1 (e.g. 7.5) or drop --negative-prompt")
     if args.cache_schedule == "calibrated" and pipe.calibration_error:
         raise ValueError(pipe.calibration_error)
     return pipe
@@ -122,6 +126,10 @@ def _sample_parser() -> Parser:
                    help="control image (edges, depth, pose) for each --controlnet, center-cropped to the output size "
                    "(default: none)")
     p.add_argument("--controlnet-scale", type=float, default=1.0, help="weight of the ControlNet residuals (default 1)")
+    p.add_argument("--init-image", metavar="FILE", help="img2img: start from this picture (center-cropped to the "
+                   "output size), noised by --strength (default: none, start from noise)")
+    p.add_argument("--strength", type=float, default=0.75, help="img2img: the share of the steps that run; 1 keeps "
+                   "nothing of --init-image (default 0.75)")
     return p
 
 
@@ -130,6 +138,11 @@ def _sample(args) -> int:
     check_ints(args, {"--scale": ("scale", 1, MAX_SCALE)})
     check_output(args.out, "image", overwrite=args.overwrite)
     require("PIL", "writing images")
+    if args.init_image is None and args.strength != 0.75:
+        raise ValueError("--strength applies only with --init-image; add one or drop --strength")
+    check_fractions(args, {"--strength": ("strength", 0, 1)})
+    if args.init_image is not None and not Path(args.init_image).is_file():
+        raise ValueError(f"--init-image: no file {args.init_image}")
     import torch
 
     from ..data import save_grid
@@ -142,6 +155,7 @@ def _sample(args) -> int:
     for path, scale in loras:
         pipe.load_lora(path, scale)
     control = _controls(pipe, args)
+    init = _init_image(pipe, args)
     labels = resolve_classes(pipe, args.class_labels)
     per_class = labels is None and pipe.denoiser.config.num_classes is not None
     if per_class:  # one image per class, as the demo does
@@ -155,7 +169,7 @@ def _sample(args) -> int:
     check_grid(batch, height, width, nrow, args.scale or auto_scale(height, width))
     prompt = args.prompt[0] if args.prompt and len(args.prompt) == 1 else args.prompt
     images = pipe.generate(**generate_options(args), seed=args.seed, batch_size=batch, class_labels=labels,
-                           prompt=prompt, height=args.height, width=args.width, **control)
+                           prompt=prompt, height=args.height, width=args.width, **control, **init)
     save_grid(images, args.out, nrow=nrow, scale=args.scale,
               captions=class_titles(pipe.class_names, labels) if labels else None)
     run = pipe.last_run
@@ -205,6 +219,26 @@ def _controls(pipe, args) -> dict:
             raise ValueError(f"--control-image: {e}") from None
     args.height = args.width = size
     return dict(control_image=images, controlnet_scale=args.controlnet_scale)
+
+
+def _init_image(pipe, args) -> dict:
+    """generate's img2img arguments from --init-image / --strength (square, at the output size)."""
+    if args.init_image is None:
+        return {}
+    if pipe.autoencoder is None:
+        raise ValueError("--init-image: img2img needs a latent model (one with an autoencoder); this one samples "
+                         "pixels directly")
+    from ..data import _read_image
+
+    size = args.height or args.width or pipe.default_size
+    if (args.height or size) != (args.width or size):
+        raise ValueError("--init-image is center-cropped square: give --height equal to --width")
+    try:
+        image = _read_image(Path(args.init_image), size, 3)[None].float() / 255
+    except ValueError as e:
+        raise ValueError(f"--init-image: {e}") from None
+    args.height = args.width = size
+    return dict(init_image=image, strength=args.strength)
 
 
 def _example_cond(pipe):
@@ -369,6 +403,8 @@ def _info(args) -> int:
     else:
         print("  classes:     none")
     print(f"  text:        {'yes: --prompt, and --negative-prompt with --guidance-scale' if pipe.text_encoder else 'no'}")
+    if pipe.default_guidance is not None:
+        print(f"  guidance:    {pipe.default_guidance:g} by default (--guidance-scale 1 turns it off)")
     x = torch.zeros(1, cfg.in_channels, latent, latent)
     ratios = []
     for b in range(pipe.denoiser.num_branches):
@@ -391,6 +427,6 @@ def _info(args) -> int:
     training = pipe.meta.get("training")
     if isinstance(training, dict):
         config = training.get("config", {})
-        print(f"  training:    {config.get('dataset')} at {config.get('image_size')} px, step {training.get('step')}, "
+        print(f"  training:    {config.get('dataset')} at {config.get('image_size') or pipe.default_size} px, step {training.get('step')}, "
               f"{training.get('seconds')} s")
     return 0
