@@ -133,7 +133,7 @@ def test_errors_name_flags_not_api_parameters(tmp_path, model, capsys):
     cases = [
         (["sample", *m, *out, "--class", "3"], "--class 3 is the null class"),
         (["sample", *m, *out, "--class", "hexagon"], "(0: circle, 1: square, 2: star)"),
-        (["sample", *m, *out, "--negative-prompt", "blurry"], "--guidance-scale above 1"),
+        (["sample", *m, *out, "--negative-prompt", "blurry"], "takes no prompt, so --negative-prompt"),
         (["sample", *m, *out, "--steps", "0"], "--steps must be an int"),
         (["sample", *m, *out, "--guidance-scale", "500"], "--guidance-scale must be"),
         (["sample", *m, *out, "--cache-branch", "40"], "--cache-branch must be"),
