@@ -6,27 +6,23 @@ import pytest
 import torch
 from conftest import randomize, randomize_near_unit_norms
 from PIL import Image
+from test_text_cli import TEXT, UNET, VAE  # the tiny text model's configs
 
 import minidiff
-from minidiff.autoencoder import Autoencoder, AutoencoderConfig
+from minidiff.autoencoder import Autoencoder
 from minidiff.cli import main
 from minidiff.images import _font, _text_height
 from minidiff.metrics import psnr
 from minidiff.pipeline import Pipeline
+from minidiff.scenes import COLOUR_NAMES, HELD_OUT, PLACES, RELATIONS, SHAPES, parse_caption
 from minidiff.scenes_metric import SceneClassifier, SceneClassifierConfig, SceneMetric, demo_prompts, \
     load_scene_metric
 from minidiff.schedules import SchedulerConfig
-from minidiff.text import CLIPTextConfig, CLIPTextEncoder, CLIPTokenizer
-from minidiff.unet import UNet, UNetConfig
+from minidiff.text import CLIPTextEncoder, CLIPTokenizer
+from minidiff.unet import UNet
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-UNET = UNetConfig(in_channels=4, out_channels=4, model_channels=16, channel_mult=(1, 2), num_res_blocks=1,
-                  attention_levels=(1,), attention_type="transformer", num_heads=2, context_dim=16, norm_groups=8,
-                  sample_size=8)
-VAE = AutoencoderConfig(base_channels=16, channel_mult=(1, 2), num_res_blocks=1, norm_groups=8)
-TEXT = CLIPTextConfig(vocab_size=49408, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                      num_attention_heads=2)
 FOLLOWING = ["colour", "shape", "place", "relation", "all"]
 
 
@@ -80,6 +76,19 @@ def shares_by_hand(metric, images, prompts) -> dict:
     return {"colour": follows["colour"].float().mean(), "shape": follows["shape"].float().mean(),
             "place": follows["place"][:10].float().mean(), "relation": follows["relation"][10:].float().mean(),
             "all": follows["all"].float().mean()}
+
+
+def test_demo_prompts_cover_every_seen_pair_place_and_relation():
+    prompts = demo_prompts()
+    parsed = [parse_caption(p) for p in prompts]
+    singles, pairs = parsed[:10], parsed[10:]
+    assert len(prompts) == 16 and all(p["relation"] is None for p in singles) and all(p["relation"] for p in pairs)
+    seen = {(c, s) for c in COLOUR_NAMES for s in SHAPES} - set(HELD_OUT)
+    assert sorted((p["objects"][0]["colour"], p["objects"][0]["shape"]) for p in singles) == sorted(seen)
+    assert {p["place"] for p in singles} == set(PLACES)
+    assert {p["relation"] for p in pairs} == set(RELATIONS)
+    assert not {(o["colour"], o["shape"]) for p in pairs for o in p["objects"]} & set(HELD_OUT)
+    assert demo_prompts() == prompts  # fixed
 
 
 @pytest.mark.parametrize("guidance", [None, 1.0])
