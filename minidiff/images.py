@@ -32,9 +32,11 @@ def auto_scale(height: int, width: int, tile: int = READABLE_TILE) -> int:
 
 
 def grid_image(images: torch.Tensor, nrow: int = 8, *, scale: Optional[int] = None,
-               captions: Optional[Sequence[str]] = None, column_titles: Optional[Sequence[str]] = None):
+               captions: Optional[Sequence[str]] = None, column_titles: Optional[Sequence[str]] = None,
+               caption_lines: int = 1):
     """(B, C, H, W) images in [0, 1] as one PIL image, `nrow` per row, each scaled by `scale`
-    (None: `auto_scale`), with an optional caption under every tile and a title over every column."""
+    (None: `auto_scale`), with an optional caption under every tile (wrapped at spaces onto up to
+    `caption_lines` lines) and a title over every column."""
     Image = pil()
     from PIL import ImageDraw
 
@@ -42,14 +44,14 @@ def grid_image(images: torch.Tensor, nrow: int = 8, *, scale: Optional[int] = No
 
     b, c, h, w = images.shape
     scale = auto_scale(h, w) if scale is None else scale
-    check_grid(b, h, w, nrow, scale)
+    check_grid(b, h, w, nrow, scale, caption_lines=caption_lines)
     nrow = max(1, min(nrow, b))
     th, tw = h * scale, w * scale
     font = _font(max(10, min(20, tw // 8)))
     text = _text_height(font)
-    cap = text + 2 if captions else 0
+    cap = text * caption_lines + 2 if captions else 0
     top = text + 4 if column_titles else 0
-    canvas = Image.new("RGB", grid_size(b, h, w, nrow, scale, text if captions else None,
+    canvas = Image.new("RGB", grid_size(b, h, w, nrow, scale, text * caption_lines if captions else None,
                                         text if column_titles else None), (GREY,) * 3)
     draw = ImageDraw.Draw(canvas)
     array = (images.detach().float().cpu().clamp(0, 1) * 255).round().to(torch.uint8)
@@ -60,7 +62,8 @@ def grid_image(images: torch.Tensor, nrow: int = 8, *, scale: Optional[int] = No
         tile = Image.fromarray(pixels[:, :, 0] if c == 1 else pixels[:, :, :3], "L" if c == 1 else "RGB")
         canvas.paste(tile.convert("RGB").resize((tw, th), Image.Resampling.NEAREST), (x, y))
         if captions:
-            draw.text((x + 2, y + th + 1), _fit(draw, captions[i], tw - 2, font), fill="white", font=font)
+            for k, line in enumerate(_wrap(draw, captions[i], tw - 2, font, caption_lines)):
+                draw.text((x + 2, y + th + 1 + k * text), line, fill="white", font=font)
     for col, title in enumerate(column_titles or []):
         draw.text((PAD + col * (tw + PAD) + 2, 2), _fit(draw, title, tw - 2, font), fill="white", font=font)
     return canvas
@@ -77,11 +80,12 @@ def grid_size(count: int, height: int, width: int, nrow: int, scale: int, captio
     return nrow * (width * scale + PAD) + PAD, top + rows * (height * scale + cap + PAD) + PAD
 
 
-def check_grid(count: int, height: int, width: int, nrow: int, scale, what: str = "the grid"):
+def check_grid(count: int, height: int, width: int, nrow: int, scale, what: str = "the grid", *,
+               caption_lines: int = 1):
     """Refuse, before any sampling, a scale that is not a whole number >= 1 or a grid too large to hold."""
     if not isinstance(scale, int) or isinstance(scale, bool) or scale < 1:
         raise ValueError(f"scale must be a whole number >= 1, got {scale!r}")
-    w, h = grid_size(count, height, width, nrow, scale, MAX_TEXT, MAX_TEXT)
+    w, h = grid_size(count, height, width, nrow, scale, MAX_TEXT * caption_lines, MAX_TEXT)
     if w * h > MAX_GRID_PIXELS:
         raise ValueError(f"scale must be lower: {scale} makes {what} {w}x{h} px, about {w * h * 3 / 2 ** 30:.1f} GiB "
                          f"as RGB, and minidiff draws at most {MAX_GRID_PIXELS / 1e6:.0f} megapixels")
@@ -139,6 +143,19 @@ def _font(size: int):
 def _text_height(font) -> int:
     box = font.getbbox("Ag")
     return box[3] + 2
+
+
+def _wrap(draw, text: str, width: int, font, lines: int) -> list:
+    """`text` broken at spaces into at most `lines` lines that fit in `width` px (the last cut short)."""
+    text, out = str(text), []
+    while len(out) < lines - 1 and " " in text and draw.textlength(text, font=font) > width:
+        words = text.split(" ")
+        take = 1
+        while take < len(words) - 1 and draw.textlength(" ".join(words[:take + 1]), font=font) <= width:
+            take += 1
+        out.append(_fit(draw, " ".join(words[:take]), width, font))
+        text = " ".join(words[take:])
+    return out + [_fit(draw, text, width, font)]
 
 
 def _fit(draw, text: str, width: int, font) -> str:

@@ -203,6 +203,16 @@ def pair_prompts(count: int, *, seed: int = 0) -> list:
     return out
 
 
+def demo_prompts() -> list:
+    """The 16 prompts of `minidiff demo` on a text model: each seen colour x shape pair once as a single
+    object, taking the places in turn (none, then each place word), then six pairs covering every relation."""
+    pairs = [(c, s) for c in COLOUR_NAMES for s in SHAPES if (c, s) not in HELD_OUT]
+    places = [None, *PLACE_WORDS.values()]  # None first: a middle object need not say so
+    singles = [f"a {c} {s}" + (f" {places[i % len(places)]}" if places[i % len(places)] else "")
+               for i, (c, s) in enumerate(pairs)]
+    return singles + pair_prompts(6)
+
+
 @torch.inference_mode()
 def prompt_following(pipe, metric: SceneMetric, prompts: list, *, steps: int = 50, batch_size: int = 50,
                      seed: int = 0, **generate) -> dict:

@@ -310,17 +310,20 @@ def _sample_many(args) -> int:
 def _demo_parser() -> Parser:
     from .. import demo
 
-    p = Parser(prog="minidiff demo", description=demo.__doc__.splitlines()[0])
+    p = Parser(prog="minidiff demo", description=demo.__doc__.splitlines()[0] + " A text-to-image model (e.g. "
+               "--model weights/scenes) samples 16 fixed scenes prompts instead of classes.")
     p.add_argument("--model", help=f"native model folder (default: the shipped weights/{demo.DEFAULT_MODEL})")
-    p.add_argument("--classifier", help=f"toy-metric classifier folder (default: weights/{demo.DEFAULT_CLASSIFIER}); "
+    p.add_argument("--classifier", help=f"toy-metric classifier folder (default: weights/{demo.DEFAULT_CLASSIFIER}, "
+                                        f"for a text model weights/{demo.DEFAULT_SCENES_CLASSIFIER}); "
                                         "'none' skips the metrics")
     p.add_argument("--steps", type=int, default=50, help="DDIM steps (default 50)")
     p.add_argument("--interval", type=int, default=5, help="cache interval N: a full U-Net call every N steps")
     p.add_argument("--branch", type=int, default=0, help="cache branch (0: shallowest skip, the cheapest)")
     p.add_argument("--schedule", default="uniform", choices=("uniform", "nonuniform", "calibrated"),
                    help="which steps run in full (calibrated: from the model's calibration.json)")
-    p.add_argument("--per-class", type=int, default=4, help="samples per class (default 4: a 40-image grid)")
-    p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (default off)")
+    p.add_argument("--per-class", type=int, help="samples per class (default 4: a 40-image grid; class models only)")
+    p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (default: the "
+                   "model's, which `minidiff info` shows; off unless the model names one)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--repeats", type=int, default=3, help="time each setting this many times (interleaved), keep the "
                                                             "fastest (default 3: a shared machine is noisy)")
