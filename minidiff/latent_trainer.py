@@ -9,12 +9,15 @@
     minidiff train --stage autoencoder --out-dir runs/scenes-ae --threads 1
     minidiff train --stage text2image --autoencoder runs/scenes-ae --out-dir runs/scenes-t2i
     minidiff train --resume runs/scenes-t2i --steps 12000
+    minidiff train --stage text2image --init-from weights/scenes --seed 1 ...  # go on from shipped weights
 
 Batch k, with its noise, timesteps, posterior samples and prompt dropout, is a pure function of
 (seed, k) (`scenes.scene_batch`), and the models have no dropout, so a run's whole state is its
 weights, EMA, optimizer and step: k steps + resume + k steps equals 2k steps exactly. The run folder
 works as the pixel trainer's (minidiff.trainer): checkpoint/ replaced in one rename, loss.csv,
-loss.png, samples/, SIGINT/SIGTERM save and stop.
+loss.png, samples/, SIGINT/SIGTERM save and stop. A run folder does not outlive its machine, but the
+shipped weights do: `--init-from` starts a new run from them (a fresh optimizer and, with another
+--seed, fresh batches), so training can go on across sessions.
 """
 from __future__ import annotations
 
@@ -88,6 +91,8 @@ class LatentTrainConfig:
     text_layers: int = 3
     text_heads: int = 4
     label_dropout: float = 0.1       # prompt -> "" with this probability
+    init_from: str = ""              # a text-to-image model folder (e.g. weights/scenes) whose U-Net and text
+    #                                  encoder start this run, model and EMA (a fresh optimizer: not a resume)
     train_token_embedding: bool = False  # False: the 49,408 x width token table stays at its random init
     #                                      (distinct random vectors name tokens as well; no 6 M-parameter update per step)
     # output
@@ -105,6 +110,11 @@ class LatentTrainConfig:
             raise ValueError(f"stage must be one of {STAGES}, got {self.stage!r}")
         if self.dataset != "scenes":
             raise ValueError(f"the latent stages train on the procedural 'scenes' only, got dataset {self.dataset!r}")
+        if self.init_from and self.stage != "text2image":
+            raise ValueError("--init-from starts a text2image run from a trained model; it does not apply to "
+                             f"stage {self.stage!r}")
+        if self.init_from and not self.autoencoder:
+            self.autoencoder = self.init_from  # the U-Net was trained on that model's latents
         if self.stage == "text2image" and not self.autoencoder:
             raise ValueError("stage text2image needs the trained autoencoder: pass --autoencoder RUN_DIR")
         for name in ("batch_size", "steps", "log_every", "ckpt_every", "sample_steps"):
@@ -174,6 +184,25 @@ class TextToImage(nn.Module):
 
     def forward(self, xt, t, ids):
         return self.unet(xt, t, self.text_encoder(ids))
+
+
+def _start_from(model: TextToImage, folder):
+    """Copy a saved text-to-image model's U-Net and text encoder into `model` (their shapes must match
+    the run's flags), so training can go on in a session that has only the shipped weights."""
+    from .pipeline import load
+
+    pipe = load(folder, pack=False)
+    if pipe.text_encoder is None or pipe.autoencoder is None:
+        raise ValueError(f"--init-from {folder}: not a text-to-image model (it has no text encoder or autoencoder)")
+    for name, part, saved in (("U-Net", model.unet, pipe.denoiser), ("text encoder", model.text_encoder,
+                                                                      pipe.text_encoder)):
+        state = {k: v.float() for k, v in saved.state_dict().items()}
+        mine = part.state_dict()
+        wrong = sorted(set(mine) ^ set(state)) or [k for k in mine if mine[k].shape != state[k].shape]
+        if wrong:
+            raise ValueError(f"--init-from {folder}: its {name} does not match this run's flags (first difference: "
+                             f"{wrong[0]}); pass the flags it was trained with (its config.json's training.config)")
+        part.load_state_dict(state)
 
 
 # -- one step of each stage ----------------------------------------------------------------------------
@@ -266,6 +295,8 @@ def train_latent(config: LatentTrainConfig, resume=None, *, overwrite: bool = Fa
         model = TextToImage(UNet(unet_config(cfg, latent)), CLIPTextEncoder(text_config(cfg, len(tokenizer.vocab))))
         batches = _Batches(cfg, frozen, tokenizer, NoiseSchedule.from_config(scheduler).alphas_cumprod)
         model.text_encoder.embeddings.token_embedding.weight.requires_grad_(cfg.train_token_embedding)
+        if cfg.init_from and resume is None:
+            _start_from(model, cfg.init_from)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     trained = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trained, lr=cfg.lr, weight_decay=cfg.weight_decay)

@@ -100,8 +100,8 @@ def test_pipeline_equals_hand_driven_parts(autoencoder_run, tmp_path):
         x = noise.double()
         for i, t in enumerate(timesteps):
             tt = torch.full((2,), t)
-            eps_c = pipe.unet(x.float(), tt, context).double()
-            eps_u = pipe.unet(x.float(), tt, empty).double()
+            eps_c = pipe.denoiser(x.float(), tt, context).double()
+            eps_u = pipe.denoiser(x.float(), tt, empty).double()
             eps = eps_u + scale * (eps_c - eps_u)
             a_t = alphas[t]
             a_prev = alphas[timesteps[i + 1]] if i + 1 < steps else torch.tensor(alphas[0].item())
@@ -123,3 +123,21 @@ def test_bad_settings_are_refused(autoencoder_run, tmp_path):
     with pytest.raises(FileExistsError, match="already holds a training run"):
         train_latent(LatentTrainConfig(stage="autoencoder", steps=1, out_dir=str(ae_dir), **TINY_AE))
     assert json.loads((ae_dir / "checkpoint" / "train_state.json").read_text())["step"] == 4
+
+
+def test_a_run_can_start_from_a_saved_model(autoencoder_run, tmp_path):
+    """--init-from: the saved U-Net and text encoder start the new run; lr 0 keeps them unchanged."""
+    ae_dir, _ = autoencoder_run
+    train_latent(LatentTrainConfig(stage="text2image", autoencoder=str(ae_dir), steps=2, out_dir=str(tmp_path / "a"),
+                                   **TINY_T2I))
+    saved = minidiff.load(tmp_path / "a" / "checkpoint" / "model", pack=False)
+    result = train_latent(LatentTrainConfig(stage="text2image", init_from=str(tmp_path / "a" / "checkpoint" / "model"),
+                                            steps=1, out_dir=str(tmp_path / "b"), **{**TINY_T2I, "lr": 0.0, "seed": 1}))
+    _same({k: v for k, v in result["ema"].unet.state_dict().items()}, saved.denoiser.state_dict())
+    _same({k: v for k, v in result["model"].text_encoder.state_dict().items()}, saved.text_encoder.state_dict())
+    _same(result["autoencoder"].state_dict(), saved.autoencoder.state_dict())
+    with pytest.raises(ValueError, match="does not match this run's flags"):
+        train_latent(LatentTrainConfig(stage="text2image", init_from=str(tmp_path / "a" / "checkpoint" / "model"),
+                                       steps=1, out_dir=str(tmp_path / "c"), **{**TINY_T2I, "model_channels": 16}))
+    with pytest.raises(ValueError, match="does not apply to stage 'autoencoder'"):
+        LatentTrainConfig(stage="autoencoder", init_from=str(tmp_path / "a"))
