@@ -21,7 +21,7 @@ import csv
 import io
 import zlib
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -32,7 +32,10 @@ import torch.nn.functional as F
 from .writing import atomic_path
 from .metrics import psnr
 from .samplers import num_model_calls
+from .cache import wrap
 from .denoiser import Denoiser
+from .scenes_metric import ATTRIBUTES
+from .unet import PreparedContext
 
 THRESHOLD = 0.95  # "similar" in DeepCache's sense
 
@@ -266,22 +269,35 @@ class ConditionSwitch:
     """`model(x, t, cond)` that conditions on `after` instead of `before` from model call `at_step` on.
 
     A plain wrapper: the sampler and the U-Net are untouched. With guidance the pipeline's denoiser
-    passes [uncond, cond] as one batch; only the conditional (last) half is switched.
+    passes [uncond, cond] as one batch; only the conditional (last) half is switched. A text model
+    is handed its context with keys and values projected (`PreparedContext`), so the switched
+    context is projected once, by `prepare` (the network's `prepare_context`), the way the pipeline
+    projects an unswitched one.
     """
 
-    def __init__(self, model, at_step: int, before: torch.Tensor, after: torch.Tensor):
+    def __init__(self, model, at_step: int, before: torch.Tensor, after: torch.Tensor, prepare=None):
         if before.shape != after.shape:
             raise ValueError(f"the switched conditioning must match the original: {tuple(before.shape)} vs "
                              f"{tuple(after.shape)}")
-        self.model, self.at_step, self.after = model, at_step, after
+        self.model, self.at_step, self.after, self.prepare = model, at_step, after, prepare
         self.calls = 0
+        self._switched = None  # (the conditioning seen, its switched form): made once per run
 
     def __call__(self, x, t, cond=None):
         step = self.calls
         self.calls += 1
         if step >= self.at_step:
-            cond = torch.cat([cond[: cond.shape[0] - len(self.after)], self.after])
+            cond = self._switch(cond)
         return self.model(x, t, cond)
+
+    def _switch(self, cond):
+        if self._switched is None or self._switched[0] is not cond:
+            tokens = cond.tokens if isinstance(cond, PreparedContext) else cond
+            switched = torch.cat([tokens[: tokens.shape[0] - len(self.after)], self.after.to(tokens.dtype)])
+            if isinstance(cond, PreparedContext):
+                switched = self.prepare(switched)
+            self._switched = (cond, switched)
+        return self._switched[1]
 
 
 # -- switch experiment ----------------------------------------------------------------------------
@@ -292,20 +308,35 @@ class SwitchResult:
 
     rows: list
     images: dict  # k -> (B, C, H, W) in [0, 1]; k = 0 is the new label throughout, k = calls the old
+    cached_images: dict = field(default_factory=dict)  # the same runs with the cache on, if it was
 
 
 def switch_experiment(pipe, *, old, new, steps: int = 50, sampler: str = "ddim", at_steps=None, batch_size: int = 8,
                       seed: int = 0, layers=None, guidance_scale=None, classifier=None, project: Optional[int] = 4096,
-                      settle_factor: float = 2.0) -> SwitchResult:
+                      settle_factor: float = 2.0, threshold: float = THRESHOLD,
+                      cache: Optional[dict] = None) -> SwitchResult:
     """Condition on `old`, switch to `new` at step k for each k in `at_steps`; measure what follows.
 
     `old`/`new` are class labels (ints) or prompts. Returns one row per k (k = 0 and k = the number
     of model calls being the runs that never switch) with the PSNR of the final images against the
-    old-label and new-label runs, the share of images the toy classifier reads as each class, and
-    per deep layer the similarity of the final features to both runs, the feature jump at the switch
-    (1 - cos between steps k-1 and k) and the steps until they have settled: from then on changing
-    from step to step at most `settle_factor` times as much as in the unswitched run (+ 0.001).
+    old-label and new-label runs and per deep layer the similarity of the final features to both
+    runs, the feature jump at the switch (1 - cos between steps k-1 and k), the steps until they
+    have settled (from then on changing from step to step at most `settle_factor` times as much as
+    in the unswitched run, + 0.001), and the steps until they have joined the new run (`to_new_steps`:
+    from then on their cosine to the never-switched new run's features at the same step stays above
+    `threshold`; None if the last step is not).
+
+    `classifier` scores the final images: the digits' toy classifier (`images -> class`) gives the
+    share read as each class (`reads_as_old`, `reads_as_new`); a `SceneMetric` (prompts) gives, per
+    attribute a prompt fixes, the share that follows each prompt (`colour_old`, `colour_new`, ...).
+
+    `cache` (generate's `cache_*` keywords, e.g. {"cache_interval": 3}) runs every switch again with
+    the cache on: `step_k` says whether call k was full or shallow (for the adaptive schedule, for
+    how many samples), `psnr_cached_vs_uncached` compares with the uncached switch at the same k,
+    and `*_new_cached` is the share following the new condition.
     """
+    if guidance_scale is None:
+        guidance_scale = pipe.default_guidance  # as generate reads it
     calls = num_model_calls(sampler, steps)
     at_steps = list(range(0, calls, max(1, calls // 10))) if at_steps is None else list(at_steps)
     if any(not isinstance(k, int) or not 0 <= k <= calls for k in at_steps):
@@ -316,35 +347,65 @@ def switch_experiment(pipe, *, old, new, steps: int = 50, sampler: str = "ddim",
     before, uncond = pipe.conditioning(batch_size, **{key: old}, guidance_scale=guidance_scale)
     after, _ = pipe.conditioning(batch_size, **{key: new})
     noise = pipe.initial_noise(batch_size, generator=torch.Generator().manual_seed(seed))
+    prepare = unet.prepare_context if key == "prompt" else None
     reduce = FeatureReducer(project=project)
 
-    def run(at_step):
+    def cached_model():
+        options = {name.removeprefix("cache_"): value for name, value in cache.items()}
+        return wrap(unet, calls=calls, x=noise, cond=before, sampler=sampler, steps=steps,
+                    calibration=pipe.calibration, calibration_error=pipe.calibration_error, **options)
+
+    if cache is not None:
+        cached_model()  # the options are refused here, before any run, if they are wrong
+
+    def run(at_step, cached=False):
+        model = cached_model() if cached else unet
         kept = {name: [] for name in layers}
 
         def recorder(name, h):
             if name in kept:
                 kept[name].append(reduce(name, h[-batch_size:]))  # the conditional half under guidance
 
-        with recording(unet, recorder):
-            x = pipe.sample(ConditionSwitch(unet, at_step, before, after), noise.clone(), steps=steps,
+        with recording(unet, recorder if not cached else lambda name, h: None):
+            x = pipe.sample(ConditionSwitch(model, at_step, before, after, prepare), noise.clone(), steps=steps,
                             sampler=sampler, cond=before, uncond=uncond, guidance_scale=guidance_scale,
                             generator=torch.Generator().manual_seed(seed), progress=False)
         images = pipe.decode(x)
+        if cached:
+            return images, model.full_steps_per_sample
         return images, {name: torch.stack(f) for name, f in kept.items()}
+
+    def follows(images, suffix=""):
+        """Shares following each condition (only the new one for a cached run)."""
+        if classifier is None:
+            return {}
+        if key == "class_labels":
+            predicted = classifier(images)
+            return {f"reads_as_{which}{suffix}": float((predicted == labels.cpu()).float().mean())
+                    for which, labels in (("old", before), ("new", after)) if suffix == "" or which == "new"}
+        return {f"{attribute}_{which}{suffix}": float(share.float().mean())
+                for which, prompt in (("old", old), ("new", new)) if suffix == "" or which == "new"
+                for attribute, share in classifier.follows(images, [prompt] * batch_size).items()
+                if attribute in classifier.attributes(prompt)}
 
     old_images, old_feats = run(calls)
     new_images, new_feats = run(0)
     old_adjacent = {name: _adjacent(old_feats[name]) for name in layers}
-    rows, finals = [], {}
+    rows, finals, cached_finals = [], {}, {}
     for k in sorted(set(at_steps) | {0, calls}):
         images, feats = (old_images, old_feats) if k == calls else (new_images, new_feats) if k == 0 else run(k)
         finals[k] = images
-        row = {"switch_at": k, "psnr_vs_old": psnr(images, old_images, per_image=True),
-               "psnr_vs_new": psnr(images, new_images, per_image=True)}
-        if classifier is not None and key == "class_labels":
-            predicted = classifier(images)
-            row["reads_as_old"] = float((predicted == before.cpu()).float().mean())
-            row["reads_as_new"] = float((predicted == after.cpu()).float().mean())
+        row = {"switch_at": k}
+        if cache is not None:
+            cached_finals[k], full_steps_per_sample = run(k, cached=True)
+            full = sum(k in ran for ran in full_steps_per_sample)
+            row["step_k"] = "-" if k == calls else "full" if full == batch_size else "shallow" if full == 0 \
+                else f"{full}/{batch_size} full"
+        row.update(psnr_vs_old=psnr(images, old_images, per_image=True),
+                   psnr_vs_new=psnr(images, new_images, per_image=True), **follows(images))
+        if cache is not None:
+            row["psnr_cached_vs_uncached"] = psnr(cached_finals[k], images, per_image=True)
+            row.update(follows(cached_finals[k], suffix="_cached"))
         for name in layers:
             f = feats[name]
             row[f"{name}_final_cos_old"] = _mean_cos(f[-1], old_feats[name][-1])
@@ -355,8 +416,50 @@ def switch_experiment(pipe, *, old, new, steps: int = 50, sampler: str = "ddim",
                 change, usual = 1 - adjacent[k - 1:], 1 - old_adjacent[name][k - 1:]
                 unsettled = np.nonzero(change > settle_factor * usual + 1e-3)[0]
                 row[f"{name}_settle_steps"] = int(unsettled[-1] + 1) if len(unsettled) else 0
+                row[f"{name}_to_new_steps"] = steps_above(_cos_per_step(f, new_feats[name]), k, threshold)
         rows.append(row)
-    return SwitchResult(rows, finals)
+    return SwitchResult(rows, finals, cached_finals)
+
+
+def steps_above(cos: np.ndarray, start: int, threshold: float = THRESHOLD) -> Optional[int]:
+    """Steps from `start` until `cos` (one value per step) is above `threshold` at every later step;
+    None if the last step is not above it."""
+    above = cos[start:] > threshold
+    if not above[-1]:
+        return None
+    below = np.nonzero(~above)[0]
+    return int(below[-1] + 1) if len(below) else 0
+
+
+def last_followed(rows: list, column: str, calls: int, share: float = 0.5) -> Optional[int]:
+    """The last switch step k (< calls) at which at least `share` of the batch still follows the new
+    condition (`column`: that share in each row): by the next measured k the attribute is decided.
+    None where not even the run conditioned on the new one throughout follows it."""
+    followed = [r["switch_at"] for r in rows if r["switch_at"] < calls and r.get(column) is not None
+                and r[column] >= share]
+    return max(followed) if followed else None
+
+
+def format_decided(rows: list, calls: int, share: float = 0.5) -> list:
+    """One line per `*_new` column (with its cached twin): the last switch step still followed."""
+    lines = []
+    for column in [c for c in rows[0] if c == "reads_as_new" or c.removesuffix("_new") in ATTRIBUTES]:
+        parts = []
+        for label, col in (("", column), ("cached: ", f"{column}_cached")):
+            if col in rows[0]:
+                k = last_followed(rows, col, calls, share)
+                later = [r["switch_at"] for r in rows if k is not None and r["switch_at"] > k]
+                parts.append(label + ("none (not even from step 0)" if k is None else
+                                      f"{k}" + (f" (not {later[0]})" if later else "")))
+        name = column.removesuffix("_new").replace("reads_as", "class")
+        lines.append(f"{name}: last switch step still followed (>= {share:.0%} of the batch), of {calls} calls: "
+                     + "; ".join(parts))
+    return lines
+
+
+def _cos_per_step(a: torch.Tensor, b: torch.Tensor) -> np.ndarray:
+    """(S, B, D) twice -> (S,) cosine similarity of the two runs' features at each step, mean over the batch."""
+    return F.cosine_similarity(a.double(), b.double(), dim=-1).mean(-1).numpy()
 
 
 def _mean_cos(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -365,4 +468,4 @@ def _mean_cos(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def _adjacent(features: torch.Tensor) -> np.ndarray:
     """(S, B, D) -> (S - 1,) mean cosine similarity of each step's features with the next step's."""
-    return F.cosine_similarity(features[:-1].double(), features[1:].double(), dim=-1).mean(-1).numpy()
+    return _cos_per_step(features[:-1], features[1:])

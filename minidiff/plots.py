@@ -86,11 +86,15 @@ def plot_switch(result, path, layers: Sequence[str], title: str = "", samples: i
     left.set_xlabel("switch step k")
     left.set_ylabel("PSNR of the final images (dB)")
     legend_on = left
-    if "reads_as_new" in rows[0]:
+    share = next((c for c in ("reads_as_new", "all_new") if c in rows[0]), None)
+    if share is not None:
         legend_on = left.twinx()
-        legend_on.plot(k, [r["reads_as_new"] for r in rows], "k^:", label="toy classifier reads the new class")
+        said = "reads the new class" if share == "reads_as_new" else "finds every attribute of the new prompt"
+        legend_on.plot(k, [r[share] for r in rows], "k^:", label=f"classifier {said}")
+        if f"{share}_cached" in rows[0]:
+            legend_on.plot(k, [r[f"{share}_cached"] for r in rows], "v:", color="grey", label="... with the cache on")
         legend_on.set_ylim(-0.05, 1.05)
-        legend_on.set_ylabel("share read as the new class")
+        legend_on.set_ylabel("share following the new condition")
     handles = [h for ax in dict.fromkeys([left, legend_on]) for h in ax.get_legend_handles_labels()[0]]
     legend_on.legend(handles=handles, fontsize=7, loc="center")
     for name in layers:

@@ -28,6 +28,7 @@ from .scenes import COLOUR_NAMES, HEADS, HELD_OUT, IGNORE, IMAGE_SIZE, PLACE_WOR
     picture_order, scene_batch, targets
 
 FORMAT = "minidiff-scenes-classifier"
+ATTRIBUTES = ("colour", "shape", "place", "relation", "all")  # what `SceneMetric.follows` scores
 TRAIN_SEED, TEST_SEED, REFERENCE_SEED = 101, 202, 303
 
 
@@ -100,7 +101,7 @@ class SceneMetric:
         all (every head the prompt fixes). Size is not scored: prompts need not name it."""
         predicted = self.predict(images)
         wanted = [picture_order(parse_caption(p)) for p in prompts]
-        out = {k: torch.zeros(len(wanted), dtype=torch.bool) for k in ("colour", "shape", "place", "relation", "all")}
+        out = {k: torch.zeros(len(wanted), dtype=torch.bool) for k in ATTRIBUTES}
         for i, want in enumerate(wanted):
             got = {name: HEADS[name][int(predicted[name][i])] for name in HEADS}
             same = {name: got[name] == want[name] for name in HEADS if want[name] is not None and name != "size"}
@@ -110,6 +111,12 @@ class SceneMetric:
             out["relation"][i] = want["count"] == "two" and same["count"] and same["axis"]
             out["all"][i] = all(same.values())
         return out
+
+    @staticmethod
+    def attributes(prompt: str) -> list:
+        """The attributes `follows` can be true of for this prompt: place for one object, relation for two."""
+        one = parse_caption(prompt)["relation"] is None
+        return [a for a in ATTRIBUTES if a != ("relation" if one else "place")]
 
     def save(self, dst, *, meta: dict | None = None, overwrite: bool = False):
         config = {"format": FORMAT, "classifier": asdict(self.classifier.config), "heads": HEADS,

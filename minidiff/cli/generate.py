@@ -16,16 +16,8 @@ MAX_SAMPLES = 1_000_000  # sample-many -n: 20x an FID-50k set
 
 # -- options shared by sample and sample-many ---------------------------------------------------------
 
-def add_generate_arguments(p: argparse.ArgumentParser, device_help: str = "cpu, cuda, cuda:N or mps (default cpu)"):
-    """The `Pipeline.generate` options of `minidiff sample` and `minidiff sample-many`, defined once."""
-    from ..samplers import SAMPLERS
-
-    p.add_argument("--model", required=True, help="minidiff model folder (see convert/ for public checkpoints)")
-    p.add_argument("--steps", type=int, default=50, help="sampling steps (default 50)")
-    p.add_argument("--sampler", default="ddim", choices=sorted(SAMPLERS), help="(default ddim)")
-    p.add_argument("--eta", type=float, default=0.0, help="DDIM noise, ddim only (default 0: deterministic)")
-    p.add_argument("--karras-sigmas", action="store_true", help="Karras et al. 2022 noise levels "
-                   "(euler, heun, dpmpp_2m, unipc; default off)")
+def add_cache_arguments(p: argparse.ArgumentParser):
+    """The `cache_*` options of `Pipeline.generate`, defined once for every command that takes them."""
     p.add_argument("--cache-interval", type=int, default=1, help="N: one full network step every N steps "
                    "(default 1: no caching)")
     p.add_argument("--cache-branch", type=int, default=0, help="skip connection the shallow path keeps (default 0)")
@@ -39,6 +31,29 @@ def add_generate_arguments(p: argparse.ArgumentParser, device_help: str = "cpu, 
                    "(default 0.03)")
     p.add_argument("--cache-budget", type=float, help="adaptive: most MACs per sample, as a fraction of uncached "
                    "(default: none)")
+
+
+def given_cache_options(args) -> dict:
+    """The `cache_*` keywords of `generate` given other than at their defaults ({}: no caching)."""
+    import dataclasses
+
+    from ..cache import CacheOptions
+
+    return {f"cache_{f.name}": getattr(args, f"cache_{f.name}") for f in dataclasses.fields(CacheOptions)
+            if hasattr(args, f"cache_{f.name}") and getattr(args, f"cache_{f.name}") != f.default}
+
+
+def add_generate_arguments(p: argparse.ArgumentParser, device_help: str = "cpu, cuda, cuda:N or mps (default cpu)"):
+    """The `Pipeline.generate` options of `minidiff sample` and `minidiff sample-many`, defined once."""
+    from ..samplers import SAMPLERS
+
+    p.add_argument("--model", required=True, help="minidiff model folder (see convert/ for public checkpoints)")
+    p.add_argument("--steps", type=int, default=50, help="sampling steps (default 50)")
+    p.add_argument("--sampler", default="ddim", choices=sorted(SAMPLERS), help="(default ddim)")
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM noise, ddim only (default 0: deterministic)")
+    p.add_argument("--karras-sigmas", action="store_true", help="Karras et al. 2022 noise levels "
+                   "(euler, heun, dpmpp_2m, unipc; default off)")
+    add_cache_arguments(p)
     p.add_argument("--budget", type=float, help="at most this fraction of the MACs of --steps uncached steps; the "
                    "model's plan.json (`minidiff plan`) chooses steps and caching (default: none)")
     p.add_argument("--class", dest="class_labels", nargs="+", metavar="CLASS",

@@ -17,12 +17,13 @@ LIMITS = {"--batch": ("batch", 1, MAX_BATCH), "--calibration-batch": ("calibrati
           "--calibration-seed": ("calibration_seed", 0, 2 ** 64 - 1), "--branch": ("branch", 0, 10_000),
           "--branches": ("branches", 0, 10_000), "--intervals": ("intervals", 1, 10_000),
           "--repeats": ("repeats", 0, 100), "--pool": ("pool", 1, 16384), "--project": ("project", 0, 2 ** 31),
-          "--at": ("at", 0, 10_000), "--per-class": ("per_class", 1, MAX_BATCH), "--every": ("every", 1, 10_000)}
+          "--at": ("at", 0, 10_000), "--per-class": ("per_class", 1, MAX_BATCH), "--every": ("every", 1, 10_000),
+          "--cache-interval": ("cache_interval", 1, 10_000), "--cache-branch": ("cache_branch", 0, 10_000)}
 
 
 def _check_args(args):
     check_ints(args, LIMITS)
-    check_fractions(args, {"--budgets": ("budgets", 0, 1)})
+    check_fractions(args, {"--budgets": ("budgets", 0, 1), "--cache-budget": ("cache_budget", 0, 1)})
 
 
 def _check_steps(pipe, args):
@@ -69,14 +70,19 @@ def _add_recording(sub, name: str, text: str):
 
 
 def _add_switch(sub):
+    from .generate import add_cache_arguments
+
     q = sub.add_parser("switch", help="change the class/prompt at step k and measure what follows")
     _model_args(q)
-    _classifier_arg(q)
+    q.add_argument("--classifier", help="classifier folder scoring the final images, or 'none' (default: the "
+                   "model's DATASET-classifier; for prompts, weights/scenes-classifier where the prompts are "
+                   "scenes captions)")
+    add_cache_arguments(q)
     q.add_argument("--from", dest="old", required=True, help="class (number or name) or prompt before the switch")
     q.add_argument("--to", dest="new", required=True, help="class (number or name) or prompt after the switch")
     q.add_argument("--at", type=int, nargs="+", help="switch steps (default 0, S/10, 2S/10, ...)")
     q.add_argument("--layers", nargs="+", help="deep layers to follow (default mid and a middle cached feature)")
-    q.add_argument("--out", default="out/switch", help="folder for the outputs")
+    q.add_argument("--out", default="out/switch", help="folder for switch.csv, switch.png and summary.txt")
 
 
 def _add_calibrate(sub):
@@ -220,31 +226,77 @@ def _depth_cmd(pipe, args) -> int:
 
 
 def _switch_cmd(pipe, args) -> int:
-    from .. import analysis, metrics, plots
+    from .. import analysis, plots
     from ..frontier import format_rows
+    from ..writing import atomic_path
+    from .generate import given_cache_options
 
     out = Path(args.out)
     text = pipe.denoiser.config.num_classes is None
     old, new = (args.old, args.new) if text else (*resolve_classes(pipe, [args.old], "--from"),
                                                   *resolve_classes(pipe, [args.new], "--to"))
-    classifier = None if text else metrics.toy_classifier(pipe, args.model, args.classifier)
+    classifier = _switch_classifier(pipe, args, text)
+    cache = given_cache_options(args) or None
     start = time.perf_counter()
     layers = args.layers or ["mid", analysis.cached_layer(pipe.denoiser, pipe.denoiser.num_branches // 2)]
     result = analysis.switch_experiment(pipe, old=old, new=new, steps=args.steps, sampler=args.sampler,
                                         at_steps=args.at, batch_size=args.batch, seed=args.seed, layers=layers,
-                                        guidance_scale=args.guidance_scale, classifier=classifier)
+                                        guidance_scale=args.guidance_scale, classifier=classifier, cache=cache)
     rows = result.rows
     columns = sorted({c for r in rows for c in r}, key=_column_order)
-    print(format_rows(rows, [c for c in columns if not c.endswith("_final_cos_old")]))
-    print(f"{len(rows)} runs in {time.perf_counter() - start:.1f}s")
+    deep = [c for c in columns if c.startswith(tuple(f"{name}_" for name in layers))]
+    print(format_rows(rows, [c for c in columns if c not in deep]))
+    print(format_rows(rows, ["switch_at"] + [c for c in deep if not c.endswith("_final_cos_old")]))
+    calls = max(r["switch_at"] for r in rows)
+    summary = analysis.format_decided(rows, calls) or ["no classifier scored the final images"]
+    print("\n".join(summary))
+    print(f"{len(rows)} runs{' and as many cached' if cache else ''} in {time.perf_counter() - start:.1f}s")
     analysis.write_csv([{c: r.get(c) for c in columns} for r in rows], out / "switch.csv")
+    with atomic_path(out / "summary.txt") as tmp:
+        tmp.write_text("\n".join(summary) + "\n")
     plots.plot_switch(result, out / "switch.png", layers, title=f"{args.model}: switch {old} -> {new} at step k")
-    print(f"wrote {out / 'switch.csv'}, {out / 'switch.png'}")
+    print(f"wrote {out / 'switch.csv'}, {out / 'summary.txt'}, {out / 'switch.png'}")
     return 0
 
 
+def _switch_classifier(pipe, args, text: bool):
+    """What scores the final images: the digits' toy classifier, or for prompts the scenes metric
+    (weights/scenes-classifier unless told, used only where both prompts are scenes captions)."""
+    from .. import metrics
+
+    if args.classifier == "none":
+        return None
+    if not text:
+        return metrics.toy_classifier(pipe, args.model, args.classifier)
+    from ..data import find_weights
+    from ..scenes import parse_caption
+    from ..scenes_metric import load_scene_metric
+
+    folder = args.classifier
+    if folder is None:
+        try:
+            folder = find_weights("scenes-classifier")
+        except FileNotFoundError:
+            print("no prompt-following columns: weights/scenes-classifier not found (pass --classifier DIR)")
+            return None
+    for flag, prompt in (("--from", args.old), ("--to", args.new)):
+        try:
+            parse_caption(prompt)
+        except ValueError as e:
+            if args.classifier is not None:
+                raise ValueError(f"{flag}: {e}; the scenes classifier scores scenes captions only "
+                                 "(--classifier none to go without)") from None
+            print(f"no prompt-following columns: {flag} is not a scenes caption")
+            return None
+    return load_scene_metric(folder)
+
+
 def _column_order(column: str):
-    first = ["switch_at", "psnr_vs_old", "psnr_vs_new", "reads_as_old", "reads_as_new"]
+    from ..scenes_metric import ATTRIBUTES
+
+    first = ["switch_at", "step_k", "psnr_vs_old", "psnr_vs_new", "psnr_cached_vs_uncached", "reads_as_old",
+             "reads_as_new", "reads_as_new_cached"]
+    first += [f"{a}_{which}" for a in ATTRIBUTES for which in ("old", "new", "new_cached")]
     return (first.index(column), "") if column in first else (len(first), column)
 
 
