@@ -23,7 +23,7 @@ from .images import auto_scale, check_grid, class_titles, grid_image, save_image
 from .metrics import load_metric, psnr
 from .pipeline import Pipeline, load
 from .scenes import parse_caption
-from .scenes_metric import demo_prompts, load_scene_metric
+from .scenes_metric import demo_prompts, following_shares, load_scene_metric
 
 DEFAULT_MODEL = "digits-cond"
 DEFAULT_CLASSIFIER = "digits-classifier"
@@ -184,15 +184,6 @@ def demo(*, model=None, classifier=None, steps: int = 50, interval: int = 5, bra
     cached = grid_image(results[plans[1][0]]["images"], nrow, scale=scale, column_titles=titles)
     save_pictures(out, uncached, cached, interval=interval, branch=branch, schedule=schedule)
     return rows
-
-
-def following_shares(metric, images, prompts) -> dict:
-    """{attribute: share of samples following their prompt in it} (SceneMetric.follows): place over
-    the single-object prompts, relation over the pairs, the others over all."""
-    follows = metric.follows(images, prompts)
-    pair = torch.tensor([parse_caption(p)["relation"] is not None for p in prompts])
-    over = {"place": ~pair, "relation": pair}
-    return {k: float(v[over.get(k, torch.ones_like(pair))].float().mean()) for k, v in follows.items()}
 
 
 def text_demo(pipe: Pipeline, model_path, classifier_path, *, steps: int, interval: int, branch: int, schedule: str,

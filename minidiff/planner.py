@@ -24,8 +24,9 @@ from typing import Optional, Sequence
 import torch
 
 from .writing import save_json
-from .metrics import psnr
+from .metrics import load_metric, psnr
 from .samplers import SAMPLERS, num_model_calls
+from .scenes_metric import demo_prompts, following_shares, load_scene_metric
 
 PLAN_FORMAT = "minidiff-plan"
 PLAN_VERSION = 1
@@ -129,12 +130,58 @@ def grid_configs(grid: Grid, reference_steps: int, num_branches: int, adaptive: 
     return list(dict.fromkeys(out))
 
 
-def calibration_batch(pipe, seeds: Sequence[int]):
-    """One sample of each class (or one sample) per seed: the noise and labels of a measurement."""
-    per_seed = pipe.num_real_classes() if pipe.denoiser.config.num_classes is not None else 1
+def is_text(pipe) -> bool:
+    return pipe.text_encoder is not None
+
+
+def calibration_batch(pipe, seeds: Sequence[int], prompts: Optional[Sequence[str]] = None):
+    """(noise, class labels, prompts) of a measurement: per seed, one sample of each class, of each
+    prompt (a text model; default `scenes_metric.demo_prompts`, every seen pair, place and relation),
+    or one sample."""
+    labels = None
+    if is_text(pipe):
+        prompts = list(demo_prompts() if prompts is None else prompts)
+        per_seed = len(prompts)
+    elif prompts is not None:
+        raise ValueError("calibration prompts need a text model; this one takes no prompt")
+    else:
+        per_seed = pipe.num_real_classes() if pipe.denoiser.config.num_classes is not None else 1
+        labels = None if pipe.denoiser.config.num_classes is None else pipe.default_labels(per_seed) * len(seeds)
     noise = torch.cat([pipe.initial_noise(per_seed, generator=torch.Generator().manual_seed(s)) for s in seeds])
-    labels = None if pipe.denoiser.config.num_classes is None else pipe.default_labels(per_seed) * len(seeds)
-    return noise, labels
+    return noise, labels, None if prompts is None else prompts * len(seeds)
+
+
+def resolved_guidance(pipe, guidance_scale) -> float:
+    """The guidance a run with `guidance_scale` uses (None: the model's default), 1.0 when off: a plan's key."""
+    return _guidance(pipe.default_guidance if guidance_scale is None else guidance_scale)
+
+
+def quality_metric(pipe, model_dir, classifier=None):
+    """The metric of the quality columns: a toy classifier, or for a text model a scenes classifier,
+    from `classifier` (a folder; "none": no metric) or else DATASET-classifier beside the model (None
+    when there is none)."""
+    if classifier == "none":
+        return None
+    if classifier is None:
+        dataset = pipe.meta.get("training", {}).get("config", {}).get("dataset")
+        candidate = Path(model_dir).resolve().parent / f"{Path(str(dataset)).name}-classifier"
+        if not isinstance(dataset, str) or not (candidate / "config.json").exists():
+            return None
+        classifier = candidate
+    return (load_scene_metric if is_text(pipe) else load_metric)(classifier)
+
+
+def quality(metric, images: torch.Tensor, labels=None, prompts=None) -> dict:
+    """A row's quality columns: class accuracy and toy FID (a ToyMetric and class labels), or the
+    shares following their prompt in colour, shape, place, relation and all, and toy FID (a
+    SceneMetric and prompts); {} when there is nothing to score against."""
+    if prompts is not None:
+        return {**following_shares(metric, images, prompts), "toy_fid": metric.toy_fid(images),
+                "count": images.shape[0]}
+    if labels is None:
+        return {}
+    scores = metric.score(images, labels)
+    return {"accuracy": scores.accuracy, "toy_fid": scores.toy_fid, "count": images.shape[0]}
 
 
 def cost_of(config: Config, run_mac_fraction: float, sampler: str, reference_steps: int) -> float:
@@ -144,13 +191,14 @@ def cost_of(config: Config, run_mac_fraction: float, sampler: str, reference_ste
 
 
 def measure(pipe, configs: Sequence[Config], *, sampler: str = "ddim", reference_steps: int = 50,
-            guidance_scale=None, seeds: Sequence[int] = (11, 12, 13), metric=None, log=None) -> list:
+            guidance_scale=None, seeds: Sequence[int] = (11, 12, 13), metric=None, prompts=None, log=None) -> list:
     """One row per configuration that runs on this model: its cost (an adaptive run: its cap) and
-    measured_cost (what this run spent), its PSNR against the reference
-    run from the same noise (mean over images, dB), and, with a toy `metric`, class accuracy and toy
-    FID. Configurations the model refuses (an adaptive budget below one full step) are skipped."""
-    noise, labels = calibration_batch(pipe, seeds)
-    common = dict(sampler=sampler, noise=noise, class_labels=labels, guidance_scale=guidance_scale,
+    measured_cost (what this run spent), its PSNR against the reference run from the same noise
+    (mean over images, dB), and with a `metric` the `quality` columns. A text model samples each of
+    `prompts` per seed (`calibration_batch`); `guidance_scale` None is the model's default.
+    Configurations the model refuses (an adaptive budget below one full step) are skipped."""
+    noise, labels, prompts = calibration_batch(pipe, seeds, prompts)
+    common = dict(sampler=sampler, noise=noise, class_labels=labels, prompt=prompts, guidance_scale=guidance_scale,
                   seed=seeds[0], batch_size=noise.shape[0], progress=False)
     reference = pipe.generate(steps=reference_steps, **common)
     rows = []
@@ -171,15 +219,23 @@ def measure(pipe, configs: Sequence[Config], *, sampler: str = "ddim", reference
                "measured_cost": cost_of(Config(config.steps), fraction, sampler, reference_steps),
                "psnr": min(psnr(images, reference, per_image=True), PSNR_CAP),
                "seconds": round(time.perf_counter() - start, 2)}
-        if metric is not None and labels is not None:
-            scores = metric.score(images, labels)
-            row.update(accuracy=scores.accuracy, toy_fid=scores.toy_fid)
+        if metric is not None:
+            row.update(quality(metric, images, labels, prompts))
         rows.append(row)
         if log:
-            log(f"{config.label():<45} cost {row['cost']:.3f}  PSNR {row['psnr']:6.2f}"
-                + (f"  acc {row['accuracy']:.3f}  toy FID {row['toy_fid']:.2f}" if "accuracy" in row else "")
-                + f"  ({row['seconds']:.1f}s)")
+            log(f"{config.label():<45} cost {row['cost']:.3f}  PSNR {row['psnr']:6.2f}  {quality_text(row)}"
+                f"  ({row['seconds']:.1f}s)")
     return rows
+
+
+def quality_text(row: dict) -> str:
+    """A row's quality columns in a few words ("" without them)."""
+    if "all" in row:
+        return (f"colour {row['colour']:.3f}  shape {row['shape']:.3f}  place {row['place']:.3f}  "
+                f"all {row['all']:.3f}  toy FID {row['toy_fid']:.2f}")
+    if row.get("accuracy") is not None:
+        return f"acc {row['accuracy']:.3f}  toy FID {row['toy_fid']:.2f}"
+    return ""
 
 
 def best_within(rows: Sequence[dict], budget: float) -> Optional[dict]:
@@ -335,7 +391,8 @@ def generate_within(pipe, budget: float, steps: int = 50, *, sampler: str = "ddi
         raise ValueError(f"a budgeted run has its caching chosen by the plan; drop {', '.join(sorted(picked))}")
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; choose from {sorted(SAMPLERS)}")
-    chosen = plan_for(pipe if plan is None else plan, budget, steps=steps, sampler=sampler, guidance=guidance_scale)
+    guidance = resolved_guidance(pipe, guidance_scale)  # a text model's plan is keyed by its default guidance
+    chosen = plan_for(pipe if plan is None else plan, budget, steps=steps, sampler=sampler, guidance=guidance)
     images = pipe.generate(**chosen, guidance_scale=guidance_scale, **kwargs)
     pipe.last_run.plan = {"budget": budget, "reference_steps": steps, **chosen}
     return images

@@ -127,6 +127,15 @@ class SceneMetric:
             save_safetensors({"mean": self.ref_mean, "cov": self.ref_cov}, tmp / "reference.safetensors")
 
 
+def following_shares(metric: SceneMetric, images: torch.Tensor, prompts) -> dict:
+    """{attribute: share of samples following their prompt in it} (SceneMetric.follows): place over
+    the single-object prompts, relation over the pairs, the others over all."""
+    follows = metric.follows(images, prompts)
+    pair = torch.tensor([parse_caption(p)["relation"] is not None for p in prompts])
+    over = {"place": ~pair, "relation": pair}
+    return {k: float(v[over.get(k, torch.ones_like(pair))].float().mean()) for k, v in follows.items()}
+
+
 def split_heads(logits: torch.Tensor) -> dict:
     """(B, sum of head sizes) -> {head: (B, classes)} in HEADS order."""
     sizes = [len(classes) for classes in HEADS.values()]
