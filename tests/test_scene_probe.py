@@ -212,3 +212,15 @@ def test_text_options_are_refused_for_a_class_model(tmp_path, capsys):
                  "--prompts", "50"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--prompts applies only to text models" in err[0], err
+
+
+def test_the_digits_summary_of_a_short_run_leaves_out_the_switch_window():
+    """The digits probe's summary names the switch experiment's window (steps 20-40) only when the run has them."""
+    from minidiff.probe import ProbeResult, summarize as digits_summary
+
+    rows = [{"source": s, "layer": n, "timestep": t, "accuracy": a} for s, t in (("real", 500), ("real", 0),
+            ("noise", -1)) for n, a in ((CONTROL, 0.5), ("mid", 0.9 if t == 0 else 0.2))]
+    result = ProbeResult(rows, [CONTROL, "mid"], 0.1)
+    assert "switch-experiment" not in digits_summary(result, ddim_timesteps=list(range(980, -1, -160)))
+    assert "switch-experiment decision window (steps 20-40 of 50, t=580..180)" in digits_summary(
+        result, ddim_timesteps=list(range(980, -1, -20)))
