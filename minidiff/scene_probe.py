@@ -216,8 +216,8 @@ def first_readable(rows: list, attribute: str, source: str, fraction: float = 0.
     """Where an attribute becomes readable: level = fraction x the best accuracy any network layer
     reaches (over the timesteps, or steps, of `source`); per layer the noisiest point from which it
     stays >= level (probe.readable_from), and the layer that gets there first (ties: the more
-    accurate there, then the shallower). `readable` is False when the best does not beat the best
-    noise-control layer by 0.05; None when there are no rows."""
+    accurate there, then the shallower). `readable` is False when the best does not beat both the
+    best noise-control layer and majority-class chance by 0.05; None when there are no rows."""
     group = [r for r in rows if r["attribute"] == attribute and r["source"] == source and r["timestep"] >= 0]
     network = [r for r in group if r["layer"] != CONTROL]
     if not network:
@@ -233,11 +233,13 @@ def first_readable(rows: list, attribute: str, source: str, fraction: float = 0.
     at = {(r["layer"], noisiness[id(r)]): r for r in group}
     best = max(network, key=lambda r: r["accuracy"])
     noise_best = max(r["noise"] for r in network)
+    chance = max(r["chance"] for r in network)
     level = fraction * best["accuracy"]
     order = list(dict.fromkeys(r["layer"] for r in group))  # CONTROL first, then depth order
     reached = {name: readable_from(proxy, name, level) for name in order}
     layers = [n for n in order if n != CONTROL and reached[n] is not None]
-    found = {"readable": best["accuracy"] >= noise_best + 0.05, "best": best, "noise": noise_best, "level": level,
+    found = {"readable": best["accuracy"] >= max(noise_best, chance) + 0.05, "best": best, "noise": noise_best,
+             "chance": chance, "level": level,
              "layer": None, "row": None, "pixels": None if reached[CONTROL] is None else at[(CONTROL, reached[CONTROL])]}
     if layers:
         first = min(layers, key=lambda n: (-reached[n], -at[(n, reached[n])]["accuracy"], order.index(n)))
@@ -250,7 +252,7 @@ def summarize(real: Optional[SceneProbeResult], trajectory: Optional[SceneProbeR
     """Per attribute: "decided at step s, first read by layer L" along trajectories, and from which
     noise level on real scenes, each against the pixels and noise controls."""
     lines = [f"readable: from then on >= {fraction} x the attribute's best network accuracy, and that best "
-             "beats the best noise-control layer by >= 0.05"]
+             "beats both the best noise-control layer and majority-class chance by >= 0.05"]
     for attribute, head in ATTRIBUTES.items():
         chance = [r["chance"] for r in (real or trajectory).rows if r["attribute"] == attribute]
         if not chance:
@@ -272,7 +274,7 @@ def _describe(found: Optional[dict], key: str) -> str:
     where = f"step {best['step']}" if key == "step" else f"t={best['timestep']}"
     tail = f"best {best['accuracy']:.2f} ({best['layer']}, {where}), noise control <= {found['noise']:.2f}"
     if not found["readable"]:
-        return f"not readable above the noise control: {tail}"
+        return f"not readable above the noise control and chance ({found['chance']:.2f}): {tail}"
     if found["layer"] is None:
         return f"no layer stays >= {found['level']:.2f} to the end: {tail}"
     row, pixels = found["row"], found["pixels"]

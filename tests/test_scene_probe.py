@@ -147,10 +147,10 @@ def test_trajectory_states_are_the_inputs_of_the_probed_steps(pipe):
     assert torch.equal(states[6][1], final)
 
 
-def _rows(curves: dict, noise: dict) -> list:
+def _rows(curves: dict, noise: dict, chance: float = 0.25) -> list:
     """Trajectory rows of colour_a: {layer: accuracies at steps 0, 5, 10, 15}."""
     return [{"attribute": "colour_a", "layer": name, "source": "trajectory", "timestep": 900 - 60 * i, "step": 5 * i,
-             "accuracy": a, "noise": noise[name], "chance": 0.25} for name, curve in curves.items()
+             "accuracy": a, "noise": noise[name], "chance": chance} for name, curve in curves.items()
             for i, a in enumerate(curve)]
 
 
@@ -167,6 +167,8 @@ def test_decided_is_the_first_step_from_which_a_layer_stays_readable():
     flat = _rows({CONTROL: [0.25, 0.26, 0.27, 0.3], "enc.0": [0.3, 0.3, 0.31, 0.33], "mid": [0.28, 0.3, 0.3, 0.3]},
                  noise)
     assert not first_readable(flat, "colour_a", "trajectory", 0.9)["readable"]  # 0.33 < noise 0.3 + 0.05
+    assert first_readable(_rows({CONTROL: [0.2] * 4, "enc.0": [0.3, 0.4, 0.5, 0.64], "mid": [0.3] * 4}, noise, 0.6),
+                          "colour_a", "trajectory", 0.9)["readable"] is False  # 0.64 < chance 0.6 + 0.05
 
 
 def test_cli_writes_the_csv_heatmaps_and_summary(folder, tmp_path):
