@@ -204,7 +204,7 @@ def plot_loss(losses, png_path, *, missing_ok: bool = False):
     _save_figure(fig, png_path)
 
 
-def plot_probe(result, path, title: str = "", source: str = "real"):
+def plot_probe(result, path, title: str = "", source: str = "real", xlabel: str = ""):
     """Layer x timestep heatmap of held-out probe accuracy (noisy on the left, clean on the right)."""
     rows = [r for r in result.rows if r["source"] == source]
     key = "step" if source == "trajectory" else "timestep"
@@ -224,7 +224,7 @@ def plot_probe(result, path, title: str = "", source: str = "real"):
     ax.set_xticklabels(columns, fontsize=7, rotation=60)
     ax.set_yticks(range(len(result.layers)))
     ax.set_yticklabels(result.layers, fontsize=7)
-    ax.set_xlabel("sampling step (DDIM 50)" if key == "step" else "timestep t (noisy -> clean)")
+    ax.set_xlabel(xlabel or ("sampling step (DDIM 50)" if key == "step" else "timestep t (noisy -> clean)"))
     ax.set_title(title or f"held-out linear-probe accuracy of the class ({source}; chance {result.chance:.2f})",
                  fontsize=9)
     fig.colorbar(image, ax=ax, shrink=0.8, label="accuracy")

@@ -235,7 +235,7 @@ def summarize(real: ProbeResult, trajectory: Optional[ProbeResult] = None, *, dd
             first = max(reached, key=lambda n: (reached[n], n != CONTROL, at[(n, reached[n])]))
             lines.append(f"accuracy >= {level}: first (noisiest) at t={reached[first]} in {first} "
                          f"(pixels from t={earliest[CONTROL]})")
-    if ddim_timesteps is not None:
+    if ddim_timesteps is not None and len(ddim_timesteps) > window[1]:  # runs of fewer steps have no such window
         lo, hi = int(ddim_timesteps[window[0]]), int(ddim_timesteps[window[1]])
         inside = sorted({r["timestep"] for r in rows if lo >= r["timestep"] >= hi})
         if inside:

@@ -113,36 +113,76 @@ def _analyze_parser() -> Parser:
 
 
 def _add_probe(sub):
-    q = sub.add_parser("probe", help="linear probes of the class label at every layer and timestep",
-                       description="Linear probes of the class label from every recorded layer at every timestep, "
-                                   "on real digits noised to x_t and along sampling runs, with the model "
-                                   "conditioned on the null class.")
-    q.add_argument("--model", required=True, help="class-conditional minidiff model folder with a null class")
+    q = sub.add_parser("probe", help="linear probes of the class label (or a text model's scene attributes) at "
+                       "every layer and timestep",
+                       description="Linear probes from every recorded layer at every timestep, with the model "
+                                   "conditioned on the null class (digits: the class label, on real digits noised "
+                                   "to x_t and along sampling runs) or on the empty prompt (text models: colour, "
+                                   "shape, place, relation and count of real scenes and of runs from grammar "
+                                   "captions; minidiff.scene_probe).")
+    q.add_argument("--model", required=True, help="class-conditional model with a null class, or a latent "
+                   "text-to-image scenes model")
     q.add_argument("--out", default="out/probe", help="folder for probe.csv, heatmaps and summary.txt")
     q.add_argument("--timesteps", type=int, nargs="+", default=[999, 900, 800, 700, 600, 500, 400, 300, 200, 100,
                                                                   50, 0])
-    q.add_argument("--count", type=int, help="real digits to use, class-balanced (default all 1,797)")
-    q.add_argument("--per-class", type=int, default=20, help="sampling runs per class for trajectory probes")
+    q.add_argument("--count", type=int, help="real digits to use, class-balanced (default all 1,797); text "
+                   "models: real scenes (default 1000)")
+    q.add_argument("--per-class", type=int, help="sampling runs per class for trajectory probes (default 20; "
+                   "class models only)")
     q.add_argument("--steps", type=int, default=50, help="DDIM steps of the trajectories")
     q.add_argument("--every", type=int, default=5, help="probe every N-th trajectory step")
     q.add_argument("--no-trajectories", action="store_true")
     q.add_argument("--seed", type=int, default=0)
+    text = q.add_argument_group("text models only")
+    text.add_argument("--prompts", type=int, help="sampling runs from grammar captions (default 200)")
+    text.add_argument("--grid", type=int, help="pool each layer to GRID x GRID before probing (default 2; 1 is "
+                      "the global mean, which loses place)")
+    text.add_argument("--level", type=float, help="readable = from then on >= LEVEL x the attribute's best "
+                      "accuracy (default 0.9)")
+    text.add_argument("--guidance-scale", type=float, help="guidance of the trajectories (default: the model's)")
     _threads_arg(q)
+
+
+TEXT_PROBE_OPTIONS = {"--prompts": "prompts", "--grid": "grid", "--level": "level",
+                      "--guidance-scale": "guidance_scale"}
 
 
 def _probe_checks(args):
     check_output(args.out, "folder")
     require("matplotlib", "the probe heatmaps")
-    require("sklearn", "the real digits")
 
 
 def _probe_cmd(pipe, args) -> int:
+    if pipe.text_encoder is not None:
+        return _scene_probe_cmd(pipe, args)
+    given = [flag for flag, dest in TEXT_PROBE_OPTIONS.items() if getattr(args, dest) is not None]
+    if given:
+        raise ValueError(f"{given[0]} applies only to text models; this model is class-conditional")
     from ..probe import check_probe, run
 
-    check_probe(pipe, timesteps=args.timesteps, count=args.count, per_class=args.per_class,
+    require("sklearn", "the real digits")
+    per_class = 20 if args.per_class is None else args.per_class
+    check_probe(pipe, timesteps=args.timesteps, count=args.count, per_class=per_class,
                 trajectories=not args.no_trajectories)
-    run(pipe, args.out, timesteps=args.timesteps, count=args.count, per_class=args.per_class, steps=args.steps,
+    run(pipe, args.out, timesteps=args.timesteps, count=args.count, per_class=per_class, steps=args.steps,
         every=args.every, seed=args.seed, trajectories=not args.no_trajectories)
+    return 0
+
+
+def _scene_probe_cmd(pipe, args) -> int:
+    from ..scene_probe import check_scene_probe, run
+
+    if args.per_class is not None:
+        raise ValueError("--per-class applies only to class-conditional models; a text model's trajectories "
+                         "take --prompts")
+    options = dict(count=1000 if args.count is None else args.count,
+                   prompts=200 if args.prompts is None else args.prompts,
+                   grid=2 if args.grid is None else args.grid,
+                   fraction=0.9 if args.level is None else args.level)
+    check_scene_probe(pipe, timesteps=args.timesteps, steps=args.steps, every=args.every,
+                      guidance_scale=args.guidance_scale, trajectories=not args.no_trajectories, **options)
+    run(pipe, args.out, timesteps=args.timesteps, steps=args.steps, every=args.every, seed=args.seed,
+        guidance_scale=args.guidance_scale, trajectories=not args.no_trajectories, **options)
     return 0
 
 
