@@ -19,6 +19,9 @@ def _plan_parser() -> Parser:
     p.add_argument("--steps", type=int, default=50, help="the uncached reference run a budget is a fraction of")
     p.add_argument("--seeds", type=int, nargs="+", default=[11, 12, 13],
                    help="calibration noise (one image of each class per seed); check on other seeds")
+    p.add_argument("--forecasts", help="forecasts the uniform schedules try, comma-separated: "
+                   "0 (reuse), 1, 2 (Lagrange), foca, hermite, chebyshev, dicache (default 0,2; --quick: 0; the "
+                   "adaptive schedule forecasts with 2, or 0 for noisy samplers)")
     p.add_argument("--quick", action="store_true", help="a handful of configurations (to try the command)")
     p.add_argument("--classifier", help="toy-metric classifier folder for the quality columns "
                    "(default: DATASET-classifier beside the model, if there is one)")
@@ -56,9 +59,12 @@ def _plan(args) -> int:
     if not args.overwrite and planner.has_entry(target, args.sampler, args.guidance_scale, args.steps):
         raise FileExistsError(f"{target} already holds a plan for {args.sampler} at guidance "
                               f"{args.guidance_scale or 1:g} with {args.steps} steps; pass --overwrite to replace it")
+    forecasts = None if args.forecasts is None else planner.parse_forecasts(args.forecasts)
     pipe = _load(args)
     metric = _metric(pipe, args.model, args.classifier)
     grid = planner.Grid(**QUICK) if args.quick else planner.Grid()
+    if forecasts is not None:
+        grid.forecasts = forecasts
     configs = planner.grid_configs(grid, args.steps, pipe.denoiser.num_branches,
                                    adaptive_forecast=0 if samplers.draws_noise(args.sampler) else 2)
     print(f"measuring {len(configs)} configurations ({args.sampler}, guidance {args.guidance_scale or 1:g}, "
