@@ -53,13 +53,13 @@ def _plan(args) -> int:
         raise ValueError(f"--steps must be at least 2, got {args.steps}")
     if args.guidance_scale is not None and args.guidance_scale <= 0:
         raise ValueError(f"--guidance-scale must be positive, got {args.guidance_scale}")
+    forecasts = None if args.forecasts is None else planner.parse_forecasts(args.forecasts)
     target = planner.plan_path(args.model)
     if not Path(args.model).is_dir():
         raise ValueError(f"--model {args.model} is not a model folder")
     if not args.overwrite and planner.has_entry(target, args.sampler, args.guidance_scale, args.steps):
         raise FileExistsError(f"{target} already holds a plan for {args.sampler} at guidance "
                               f"{args.guidance_scale or 1:g} with {args.steps} steps; pass --overwrite to replace it")
-    forecasts = None if args.forecasts is None else planner.parse_forecasts(args.forecasts)
     pipe = _load(args)
     metric = _metric(pipe, args.model, args.classifier)
     grid = planner.Grid(**QUICK) if args.quick else planner.Grid()
