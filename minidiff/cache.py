@@ -32,13 +32,16 @@ import torch
 from .adaptive import AdaptiveSchedule, full_step_allowance
 from .cached_model import CachedModel, RunStats, mac_fraction  # noqa: F401 (the wrapper and its record)
 from .writing import save_json
-from .forecast import check_order
+from .forecast import MAX_ORDER, check_order
+from .forecasters import NAMES as FORECASTER_NAMES
 from .samplers import changed_options, draws_noise
 
 CALIBRATION_FORMAT = "minidiff-calibration"
 CALIBRATION_VERSION = 1
 SCHEDULES = ("uniform", "nonuniform", "calibrated", "adaptive")  # or an explicit list of full steps
 DEFAULT_POWER = 1.4
+# Every value of cache_forecast: Lagrange orders (0 reuses), "auto", and the literature's rules (minidiff.forecasters).
+FORECASTS = tuple(range(MAX_ORDER + 1)) + ("auto",) + FORECASTER_NAMES
 
 
 def uniform_schedule(num_calls: int, interval: int) -> list:
@@ -292,8 +295,11 @@ class CacheOptions:
     and none that the chosen schedule would ignore (an option left at its default is not counted;
     an interval next to an explicit list, which often made it, is only warned about).
 
-    `forecast`: 0, 1, 2, "auto" (2 for deterministic samplers, 0 for noisy ones) or None (0 for the
-    fixed schedules, "auto" for the adaptive one).
+    `forecast`: one of FORECASTS: 0 (reuse), 1, 2 (Lagrange extrapolation), "auto" (2 for
+    deterministic samplers, 0 for noisy ones), a rule from the literature ("foca", "hermite",
+    "chebyshev", "dicache": minidiff.forecasters), or None (0 for the fixed schedules, "auto" for
+    the adaptive one). With a named rule the adaptive schedule's signal still compares the cut
+    feature with its Lagrange forecast of the "auto" order: the rule forecasts the deep feature only.
     """
 
     schedule: object = "uniform"
@@ -325,8 +331,8 @@ class CacheOptions:
         if isinstance(self.power, bool) or not isinstance(self.power, (int, float)) or not 1.0 < self.power <= 10.0:
             raise ValueError(f"cache_power (of the non-uniform cache schedule) must be a number in (1, 10], got "
                              f"{self.power!r}")  # the search steps it down by 0.02
-        if self.forecast not in (None, "auto"):
-            check_order(self.forecast)
+        if self.forecast is not None:
+            check_forecast(self.forecast)
         threshold, budget = self.threshold, self.budget
         if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, (int, float))
                                       or not 0 <= threshold < math.inf):
@@ -355,12 +361,26 @@ class CacheOptions:
     def adaptive(self) -> bool:
         return self.schedule == "adaptive"
 
-    def forecast_order(self, sampler: str, eta: float = 0.0) -> int:
-        """The forecast order this run uses: "auto" (and None for the adaptive schedule) means 2, or 0
-        where the sampler injects noise, which makes extrapolation worse than reuse (docs/adaptive.md)."""
+    def forecast_order(self, sampler: str, eta: float = 0.0):
+        """The forecast this run uses, an order or a rule's name: "auto" (and None for the adaptive
+        schedule) means `auto_order`."""
         if self.forecast == "auto" or (self.forecast is None and self.adaptive):
-            return 0 if draws_noise(sampler, eta=eta) else 2
+            return auto_order(sampler, eta)
         return self.forecast or 0
+
+
+def auto_order(sampler: str, eta: float = 0.0) -> int:
+    """2, or 0 where the sampler injects noise, which makes extrapolation worse than reuse (docs/adaptive.md)."""
+    return 0 if draws_noise(sampler, eta=eta) else 2
+
+
+def check_forecast(forecast):
+    """`forecast` if it is one of FORECASTS (an int order, not a bool or a float), else a one-line error."""
+    if (type(forecast) is int and forecast in FORECASTS) or (type(forecast) is str and forecast in FORECASTS):
+        return forecast
+    raise ValueError(f"cache_forecast must be one of {', '.join(map(repr, FORECASTS))} (0 reuses the cached deep "
+                     f"feature, 1 and 2 extrapolate it linearly or quadratically, the names are forecasters from the "
+                     f"literature: docs/adaptive.md), got {forecast!r}")
 
 
 def wrap(net, *, calls: int, x: torch.Tensor, cond=None, sampler: str = "ddim",
@@ -374,7 +394,9 @@ def wrap(net, *, calls: int, x: torch.Tensor, cond=None, sampler: str = "ddim",
     options = CacheOptions(schedule, interval, branch, center, power, forecast, threshold, budget)
     net.check_branch(options.branch, "cache_branch")
     sampler_options = sampler_options or {}
-    order = options.forecast_order(sampler, sampler_options.get("eta", 0.0))
+    forecast = options.forecast_order(sampler, sampler_options.get("eta", 0.0))
+    # the adaptive signal forecasts the cut feature by Lagrange: of the run's order, or "auto"'s beside a named rule
+    order = forecast if isinstance(forecast, int) else auto_order(sampler, sampler_options.get("eta", 0.0))
     if options.adaptive:
         ratio = shallow_ratio(net, options.branch, x, cond) if options.budget is not None else None
         allowed = None if ratio is None else full_step_allowance(options.budget, calls, ratio)
@@ -388,7 +410,7 @@ def wrap(net, *, calls: int, x: torch.Tensor, cond=None, sampler: str = "ddim",
         full_steps = make_schedule(options.schedule, calls, options.interval, center=options.center,
                                    power=options.power, calibrated=calibration, branch=options.branch)
         decider = FixedSchedule(calls, full_steps)
-    return CachedModel(net, decider, branch=options.branch, forecast=order, samples=x.shape[0],
+    return CachedModel(net, decider, branch=options.branch, forecast=forecast, samples=x.shape[0],
                        measure_shallow_ratio=functools.partial(shallow_ratio, net, options.branch, x, cond))
 
 

@@ -15,7 +15,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from .forecast import History
+from .forecasters import make_forecaster
 
 
 def mac_fraction(full_steps_per_sample: Sequence[Sequence[int]], calls: int, shallow_ratio: float) -> float:
@@ -43,7 +43,7 @@ class RunStats:
     seconds: float
     full_steps: list = field(default_factory=list)
     full_steps_per_sample: list = field(default_factory=list)
-    forecast: int = 0
+    forecast: object = 0  # the order (0 reuse, 1, 2 Lagrange) or the forecaster's name
     measure_shallow_ratio: Optional[Callable[[], float]] = field(default=None, repr=False)
 
     @property
@@ -67,7 +67,9 @@ class CachedModel:
     The call counter is the step index; one instance serves one sampling run. `samples` is how many
     samples the batch holds (a guided batch has two rows per sample; None: one row each). `forecast`
     = k > 0 extrapolates each sample's deep feature through its last k + 1 full steps
-    (minidiff.forecast) instead of reusing the last one. `cache.wrap` makes it from checked options.
+    (minidiff.forecast) instead of reusing the last one; a name in forecasters.NAMES forecasts it by
+    that rule from the literature, from each row's own full steps (and, for "dicache", the feature
+    at the cut, which every step computes). `cache.wrap` makes it from checked options.
     """
 
     def __init__(self, net, decider, *, branch: int = 0, forecast: int = 0, samples: Optional[int] = None,
@@ -75,7 +77,7 @@ class CachedModel:
         self.net, self.decider, self.branch, self.samples = net, decider, branch, samples
         self.measure_shallow_ratio = measure_shallow_ratio  # for RunStats.mac_fraction, counted when asked
         self.forecast = forecast
-        self.deep = History(forecast)
+        self.deep = make_forecaster(forecast, getattr(net, "num_train_timesteps", None))
         self.calls = 0
         self.full_steps_per_sample: list = [] if samples is None else [[] for _ in range(samples)]
 
@@ -112,15 +114,16 @@ class CachedModel:
         fresh_rows = refresh.repeat(copies).nonzero().flatten().to(x.device)
         if len(fresh_rows) == rows:
             out, cache = self.net.forward_rest(state)
-            self.deep.push(fresh_rows, time_, cache.hidden, rows)
+            self.deep.push(fresh_rows, time_, cache.hidden, rows, state.h)
             self.decider.refreshed(fresh_rows, time_, state.h, rows)
             return out
         if len(fresh_rows) == 0:
-            return self.net.forward_from_cache(state, self.deep.forecast(None, time_))
+            return self.net.forward_from_cache(state, self.deep.forecast(None, time_, state.h))
         stale_rows = (~refresh).repeat(copies).nonzero().flatten().to(x.device)
-        fresh_out, cache = self.net.forward_rest(state.rows(fresh_rows))
-        stale_out = self.net.forward_from_cache(state.rows(stale_rows), self.deep.forecast(stale_rows, time_))
-        self.deep.push(fresh_rows, time_, cache.hidden, rows)
+        fresh, stale = state.rows(fresh_rows), state.rows(stale_rows)
+        fresh_out, cache = self.net.forward_rest(fresh)
+        stale_out = self.net.forward_from_cache(stale, self.deep.forecast(stale_rows, time_, stale.h))
+        self.deep.push(fresh_rows, time_, cache.hidden, rows, fresh.h)
         self.decider.refreshed(fresh_rows, time_, state.h[fresh_rows], rows)
         out = fresh_out.new_empty((rows,) + tuple(fresh_out.shape[1:]))
         out[fresh_rows] = fresh_out

@@ -39,17 +39,20 @@ def check_order(order) -> int:
 
 
 class History:
-    """The last `order + 1` full-step values of one per-row tensor, each with its timestep.
+    """The last `keep` full-step values of one per-row tensor, each with its timestep.
 
     slots[j] holds slot j for every row (in the memory layout of the values pushed, so forecasts
     come out channels-last like the features they stand for); a row with n values keeps them in
     the last n slots, oldest first. Rows with fewer than order + 1 values are forecast at a lower
-    order.
+    order. `keep` defaults to order + 1, what the Lagrange forecast uses; the literature's rules
+    (minidiff.forecasters) keep what theirs need. Slots are added as rows fill them, so a generous
+    `keep` (Spectrum's whole history) costs only the values actually pushed.
     """
 
-    def __init__(self, order: int):
+    def __init__(self, order: int, keep: Optional[int] = None):
         self.order = order
-        self.slots: list = []  # order + 1 tensors of shape (rows, ...)
+        self.keep = order + 1 if keep is None else keep
+        self.slots: list = []  # up to `keep` tensors of shape (rows, ...)
         self.times: list = []  # per row, oldest first
 
     @property
@@ -60,34 +63,49 @@ class History:
     def push(self, rows: torch.Tensor, t: float, value: torch.Tensor, batch: int):
         """Record `value` (one entry per index in `rows`) computed at timestep t."""
         if not self.slots:
-            shape = (batch,) + tuple(value.shape[1:])
-            self.slots = [torch.zeros(shape, dtype=value.dtype, device=value.device).to(
-                memory_format=memory_format(value)) for _ in range(self.order + 1)]
             self.times = [[] for _ in range(batch)]
-        shift = [r for r in rows.tolist() if self.times[r] and self.times[r][-1] != t]
-        if shift and self.order > 0:  # a revisited timestep overwrites its slot instead of shifting
-            idx = torch.tensor(shift, device=value.device)
-            for older, newer in zip(self.slots, self.slots[1:]):
-                older[idx] = newer[idx]
+            self.slots = [self._new_slot(value, batch)]
+        picked = rows.tolist()
+        shift = [r for r in picked if self.times[r] and self.times[r][-1] != t]
+        if shift and self.keep > 1:  # a revisited timestep overwrites its slot instead of shifting
+            if len(self.slots) < self.keep and any(len(self.times[r]) == len(self.slots) for r in shift):
+                self.slots.insert(0, self._new_slot(value, batch))
+            if len(shift) == batch:  # every row moves up one slot: rotate the list, copy nothing
+                self.slots.append(self.slots.pop(0))
+            else:
+                idx = torch.tensor(shift, device=value.device)
+                for older, newer in zip(self.slots, self.slots[1:]):
+                    older[idx] = newer[idx]
         if len(rows) == batch:
             self.slots[-1].copy_(value)
         else:
             self.slots[-1][rows] = value
-        for r in rows.tolist():
+        for r in picked:
             ts = self.times[r]
             if ts and ts[-1] == t:
                 ts.pop()
             ts.append(t)
-            del ts[: -(self.order + 1)]
+            del ts[: -self.keep]
+
+    @staticmethod
+    def _new_slot(value: torch.Tensor, batch: int) -> torch.Tensor:
+        shape = (batch,) + tuple(value.shape[1:])
+        return torch.zeros(shape, dtype=value.dtype, device=value.device).to(memory_format=memory_format(value))
+
+    def values(self, rows: Optional[torch.Tensor], count: int) -> list:
+        """The last `count` slots, for `rows` (None: every row), oldest first."""
+        slots = self.slots[len(self.slots) - count:]
+        return slots if rows is None else [slot[rows] for slot in slots]
 
     def forecast(self, rows: Optional[torch.Tensor], t: float) -> torch.Tensor:
-        """The value at timestep t for `rows` (None: every row), from each row's own history."""
+        """The Lagrange value at timestep t for `rows` (None: every row), from each row's own last order + 1 values."""
         picked = range(len(self.times)) if rows is None else rows.tolist()
-        slots = self.slots if rows is None else [slot[rows] for slot in self.slots]
+        span = min(self.order + 1, len(self.slots))
+        slots = self.values(rows, span)
         if self.order == 0 or all(len(self.times[r]) == 1 for r in picked):
             return slots[-1]
-        times = self.times[picked[0]]
-        if all(self.times[r] == times for r in picked):  # the usual case: one set of weights
+        times = self.times[picked[0]][-span:]
+        if all(self.times[r][-span:] == times for r in picked):  # the usual case: one set of weights
             first = len(slots) - len(times)
             weights = lagrange_weights(times, t)
             out = slots[first] * weights[0]
@@ -96,7 +114,7 @@ class History:
             return out
         weights = torch.zeros(len(slots), len(picked), dtype=torch.float64)
         for i, r in enumerate(picked):
-            ts = self.times[r]
+            ts = self.times[r][-span:]
             weights[len(slots) - len(ts):, i] = torch.tensor(lagrange_weights(ts, t), dtype=torch.float64)
         weights = weights.to(slots[0].device, slots[0].dtype).view(len(slots), len(picked),
                                                                    *([1] * (slots[0].ndim - 1)))
@@ -104,4 +122,3 @@ class History:
         for slot, w in zip(slots[1:], weights[1:]):
             out.addcmul_(slot, w)
         return out
-

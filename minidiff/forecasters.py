@@ -23,7 +23,8 @@ from typing import Optional, Sequence
 
 import torch
 
-from .forecast import lagrange_weights
+from .forecast import History, lagrange_weights
+from .memory_format import memory_format
 
 
 def _check_history(times: Sequence[float], values: Sequence[torch.Tensor]):
@@ -273,3 +274,116 @@ def dicache(values: Sequence[torch.Tensor], probes: Sequence[torch.Tensor], prob
     gamma = torch.where(rate > 0, moved / rate.where(rate > 0, 1), clip[0]).clamp(*clip)
     gamma = gamma.view(-1, *([1] * (values[-1].ndim - 1))).to(values[-1].dtype)
     return values[-2] + gamma * (values[-1] - values[-2])
+
+
+# -- in a cached run ------------------------------------------------------------------------------
+
+NAMES = ("foca", "hermite", "chebyshev", "dicache")  # the values of cache_forecast that name a rule above
+
+
+class Lagrange:
+    """The Lagrange forecast of order k (0: reuse) as the cache's forecaster: forecast.History, probe unused."""
+
+    def __init__(self, order: int):
+        self.history = History(order)
+
+    @property
+    def empty(self) -> bool:
+        return self.history.empty
+
+    def push(self, rows: torch.Tensor, t: float, value: torch.Tensor, batch: int, probe: torch.Tensor):
+        self.history.push(rows, t, value, batch)
+
+    def forecast(self, rows: Optional[torch.Tensor], t: float, probe: torch.Tensor) -> torch.Tensor:
+        return self.history.forecast(rows, t)
+
+
+class Rule:
+    """One of the rules above as the cache's forecaster, at the settings of its published code.
+
+    Each row (a sample, or one half of a guided sample) keeps its own history of the deep feature
+    across its full steps (`forecast.History`), so every schedule works, fixed or adaptive; rows
+    whose histories agree (every row, on a fixed schedule) are forecast in one weighted sum.
+
+    - "foca": `foca` with `horizon` None (the paper's rule). Its `recent` window is a second history
+      of two values per row: the full steps' features and this rule's own forecasts, pushed as
+      the run makes them.
+    - "hermite": `hermite` at HiCache's order 1 and s = 0.5 (at order 1 the unit of x cancels).
+    - "chebyshev": `chebyshev` at Spectrum's defaults over every full step so far; the timestep
+      span is the noise schedule's, (T - 1, 0) onto [-1, 1]: a run does not say where it will end,
+      and for a full run this is Spectrum's map of its steps up to the end points (an img2img run
+      covers only part of it). Memory: one copy of the deep feature per full step, per row.
+    - "dicache": `dicache` with clip (1, 1.5); the probe is the feature at the cut, `CutState.h`,
+      which every step, full or shallow, computes before it chooses (the adaptive schedule's signal
+      reads the same tensor, but through its own forecast, not DiCache's ratio, so the rule keeps
+      its own two values per row and runs the same under every schedule).
+    """
+
+    def __init__(self, name: str, num_train_timesteps: Optional[int] = None):
+        if name not in NAMES:
+            raise ValueError(f"unknown forecaster {name!r}; use one of {', '.join(map(repr, NAMES))}")
+        self.name = name
+        if name == "chebyshev":
+            if not num_train_timesteps or num_train_timesteps < 2:
+                raise ValueError("the chebyshev forecast maps the noise schedule's timesteps onto [-1, 1] and needs "
+                                 "its length (the network's num_train_timesteps, which a Pipeline sets)")
+            self.span = (num_train_timesteps - 1, 0)
+        self.deep = History(1, keep=num_train_timesteps if name == "chebyshev" else 2)
+        self.recent = History(1) if name == "foca" else None  # (timestep, value) of the run's last two
+        self.probes = History(1) if name == "dicache" else None  # the cut feature at the last two full steps
+
+    @property
+    def empty(self) -> bool:
+        return self.deep.empty
+
+    def push(self, rows: torch.Tensor, t: float, value: torch.Tensor, batch: int, probe: torch.Tensor):
+        """A full step at t for `rows`: their deep feature `value` and cut feature `probe`."""
+        self.deep.push(rows, t, value, batch)
+        if self.recent is not None:
+            self.recent.push(rows, t, value, batch)
+        if self.probes is not None:
+            self.probes.push(rows, t, probe, batch)
+
+    def forecast(self, rows: Optional[torch.Tensor], t: float, probe: torch.Tensor) -> torch.Tensor:
+        """The deep feature at t for `rows` (None: every row), whose cut feature now is `probe`."""
+        batch = len(self.deep.times)
+        picked = list(range(batch)) if rows is None else rows.tolist()
+        groups: dict = {}
+        for i, r in enumerate(picked):
+            key = (tuple(self.deep.times[r]), tuple(self.recent.times[r]) if self.recent is not None else ())
+            groups.setdefault(key, []).append(i)
+        if len(groups) == 1:
+            out = self._rule(rows, picked[0], t, probe)
+        else:
+            out = None
+            device = self.deep.slots[0].device
+            for positions in groups.values():
+                at = torch.tensor(positions, device=device)
+                part = self._rule(torch.tensor([picked[i] for i in positions], device=device), picked[positions[0]],
+                                  t, probe[at])
+                if out is None:
+                    out = torch.empty((len(picked),) + tuple(part.shape[1:]), dtype=part.dtype, device=device,
+                                      memory_format=memory_format(part))
+                out[at] = part
+        if self.recent is not None:
+            every = torch.arange(batch, device=out.device) if rows is None else rows
+            self.recent.push(every, t, out, batch)
+        return out
+
+    def _rule(self, rows: Optional[torch.Tensor], row: int, t: float, probe: torch.Tensor) -> torch.Tensor:
+        """The rule for `rows`, which share the history of `row`."""
+        times = self.deep.times[row]
+        values = self.deep.values(rows, len(times))
+        if self.name == "foca":
+            recent_times = self.recent.times[row]
+            return foca(times, values, t, list(zip(recent_times, self.recent.values(rows, len(recent_times)))))
+        if self.name == "hermite":
+            return hermite(times, values, t, order=1, scale=0.5)
+        if self.name == "chebyshev":
+            return chebyshev(times, values, t, self.span)
+        return dicache(values, self.probes.values(rows, len(times)), probe)
+
+
+def make_forecaster(forecast, num_train_timesteps: Optional[int] = None):
+    """The cache's forecaster for `forecast`: an order (0 reuse, 1, 2 Lagrange) or a name in NAMES."""
+    return Rule(forecast, num_train_timesteps) if isinstance(forecast, str) else Lagrange(forecast)

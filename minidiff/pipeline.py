@@ -249,8 +249,9 @@ class Pipeline:
         or "adaptive": each sample refreshes when its features at the cut stray from their forecast
         by more than `cache_threshold`, spending at most `cache_budget` of the uncached run's MACs.
         `cache_forecast` = 0 reuses the deep feature (DeepCache), 1 or 2 extrapolates it through the
-        last 2 or 3 full steps, "auto" picks 2 for deterministic samplers and 0 for noisy ones;
-        None (default) means 0 for fixed schedules and "auto" for the adaptive one. An option the
+        last 2 or 3 full steps, "auto" picks 2 for deterministic samplers and 0 for noisy ones,
+        "foca", "hermite", "chebyshev" or "dicache" forecasts it by that published rule
+        (minidiff.forecasters, compared in docs/adaptive.md); None (default) means 0 for fixed schedules and "auto" for the adaptive one. An option the
         schedule would ignore is refused by name (minidiff.cache.CacheOptions).
 
         `budget` (a fraction of the MACs of `steps` uncached steps) lets the model's plan.json

@@ -24,6 +24,7 @@ from typing import Optional, Sequence
 import torch
 
 from .writing import save_json
+from .cache import FORECASTS
 from .metrics import load_metric, psnr
 from .samplers import SAMPLERS, num_model_calls
 from .scenes_metric import demo_prompts, following_shares, load_scene_metric
@@ -32,7 +33,8 @@ PLAN_FORMAT = "minidiff-plan"
 PLAN_VERSION = 1
 PLAN_FILE = "plan.json"
 BUDGETS = tuple(round(0.10 + 0.05 * i, 2) for i in range(19))  # the table a plan stores: 0.10 .. 1.00
-KINDS = ("none", "uniform", "adaptive")  # "none": every step full (plain fewer steps)
+KINDS = ("none", "uniform", "adaptive")
+PLANNED_FORECASTS = tuple(f for f in FORECASTS if f != "auto")  # a plan stores what ran, not "auto"  # "none": every step full (plain fewer steps)
 PSNR_CAP = 100.0  # psnr(per_image=True) caps identical images here; the reference scores it
 
 
@@ -40,13 +42,14 @@ PSNR_CAP = 100.0  # psnr(per_image=True) caps identical images here; the referen
 class Config:
     """One way to spend MACs: `steps` sampler steps, caching `kind` at `branch` (1:`interval` for
     "uniform"; per-sample refreshes within `budget` of this k-step run for "adaptive") with deep
-    features reused (forecast 0) or extrapolated (1, 2)."""
+    features reused (forecast 0), extrapolated (1, 2) or forecast by a named rule from the literature
+    ("foca", "hermite", "chebyshev", "dicache": minidiff.forecasters)."""
 
     steps: int
     kind: str = "none"
     interval: int = 1
     branch: int = 0
-    forecast: int = 0
+    forecast: object = 0
     budget: Optional[float] = None
 
     def kwargs(self, sampler: str) -> dict:
@@ -88,7 +91,8 @@ def check_config(c: Config):
         raise ValueError(f"unknown planned cache kind {c.kind!r}; expected one of {KINDS}")
     if c.kind == "adaptive" and not (isinstance(c.budget, (int, float)) and 0 < c.budget <= 1):
         raise ValueError(f"an adaptive configuration needs a cache budget in (0, 1], got {c.budget!r}")
-    if not (isinstance(c.interval, int) and c.interval >= 1 and c.forecast in (0, 1, 2)
+    if not (isinstance(c.interval, int) and c.interval >= 1 and c.forecast in PLANNED_FORECASTS
+            and not isinstance(c.forecast, bool)
             and isinstance(c.branch, int) and c.branch >= 0):
         raise ValueError(f"bad planned configuration {c}")
 
@@ -101,7 +105,7 @@ class Grid:
     fewer_steps: tuple = (5, 8, 10, 12, 15, 17, 20, 25, 30, 35, 40)
     cached_steps: tuple = (15, 20, 25, 30)
     intervals: tuple = (2, 3, 5)
-    forecasts: tuple = (0, 2)
+    forecasts: tuple = (0, 2)  # of the uniform schedules (`minidiff plan --forecasts`)
     branches: tuple = (0,)
     deep_branches: tuple = (1,)  # also measured at the reference steps only, forecast 2
     adaptive_steps: tuple = (20, 30)
@@ -396,3 +400,14 @@ def generate_within(pipe, budget: float, steps: int = 50, *, sampler: str = "ddi
     images = pipe.generate(**chosen, guidance_scale=guidance_scale, **kwargs)
     pipe.last_run.plan = {"budget": budget, "reference_steps": steps, **chosen}
     return images
+
+
+def parse_forecasts(text: str) -> tuple:
+    """"0,2,foca" -> (0, 2, "foca"): the forecasts a plan measures on its uniform schedules."""
+    items = [item.strip() for item in text.split(",")]
+    out = tuple(int(item) if item.isdigit() else item for item in items)
+    bad = [item for item in out if item not in PLANNED_FORECASTS or isinstance(item, bool)]
+    if not items or bad or "" in items:
+        raise ValueError(f"--forecasts must be a comma-separated list of {', '.join(map(str, PLANNED_FORECASTS))}, "
+                         f"got {text!r}")
+    return tuple(dict.fromkeys(out))

@@ -162,7 +162,7 @@ def test_budget_is_never_exceeded_and_step_0_is_full():
 def test_cache_option_errors():
     pipe = _tiny_pipe()
     common = dict(steps=4, class_labels=[0], output="latent", progress=False)
-    with pytest.raises(ValueError, match="cache_forecast must be an int in"):
+    with pytest.raises(ValueError, match="cache_forecast must be one of 0, 1, 2, .auto., .foca."):
         pipe.generate(**common, cache_forecast=3)
     with pytest.raises(ValueError, match="cache_threshold must be a number"):
         pipe.generate(**common, cache_schedule="adaptive", cache_threshold=-1)

@@ -18,15 +18,18 @@ MAX_SAMPLES = 1_000_000  # sample-many -n: 20x an FID-50k set
 
 def add_cache_arguments(p: argparse.ArgumentParser):
     """The `cache_*` options of `Pipeline.generate`, defined once for every command that takes them."""
+    from ..cache import FORECASTS
+
     p.add_argument("--cache-interval", type=int, default=1, help="N: one full network step every N steps "
                    "(default 1: no caching)")
     p.add_argument("--cache-branch", type=int, default=0, help="skip connection the shallow path keeps (default 0)")
     p.add_argument("--cache-schedule", default="uniform", choices=["uniform", "nonuniform", "calibrated", "adaptive"],
                    help="which steps run in full (default uniform; calibrated needs the model's calibration.json)")
-    p.add_argument("--cache-forecast", default=None, choices=[0, 1, 2, "auto"],
-                   type=lambda v: v if v == "auto" else int(v) if v.isdigit() else v,
+    p.add_argument("--cache-forecast", default=None, choices=FORECASTS, metavar="{" + ",".join(map(str, FORECASTS)) + "}",
+                   type=lambda v: int(v) if v.isdigit() else v,
                    help="0: reuse the cached deep feature; 1, 2: extrapolate it through the last 2 or 3 full "
-                        "steps; auto: 2 for deterministic samplers, 0 for noisy ones (default: 0; auto if adaptive)")
+                        "steps; auto: 2 for deterministic samplers, 0 for noisy ones; foca, hermite, chebyshev, "
+                        "dicache: forecasters from the literature (docs/adaptive.md) (default: 0; auto if adaptive)")
     p.add_argument("--cache-threshold", type=float, help="adaptive: relative L1 staleness that triggers a refresh "
                    "(default 0.03)")
     p.add_argument("--cache-budget", type=float, help="adaptive: most MACs per sample, as a fraction of uncached "
@@ -203,7 +206,8 @@ def _sample(args) -> int:
         full = str(counts[0]) if len(counts) == 1 else f"{counts[0]}-{counts[-1]}"
         print(f"full steps per sample: {full} of {run.model_calls}, the rest shallow at branch {branch}; "
               f"MACs spent {run.mac_fraction:.3f} of uncached (MAC bound on speedup {1 / run.mac_fraction:.2f}x, "
-              f"shallow/full {run.shallow_ratio:.3f}), forecast order {run.forecast}")
+              f"shallow/full {run.shallow_ratio:.3f}), forecast "
+              f"{'order ' if isinstance(run.forecast, int) else ''}{run.forecast}")
         print(f"full steps {per_sample[0]}" if all(steps == per_sample[0] for steps in per_sample) else
               "full steps of each sample: " + "; ".join(f"{i}: {steps}" for i, steps in enumerate(per_sample)))
     return 0

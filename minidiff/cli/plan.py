@@ -28,6 +28,9 @@ def _plan_parser() -> Parser:
     p.add_argument("--classifier", help="classifier folder for the quality columns: a toy-metric classifier, or "
                    "a scenes classifier for a text model (default: DATASET-classifier beside the model, if there "
                    "is one; 'none' for no quality columns)")
+    p.add_argument("--forecasts", help="forecasts the uniform schedules try, comma-separated: "
+                   "0 (reuse), 1, 2 (Lagrange), foca, hermite, chebyshev, dicache (default: the grid's, 0,2 full, 2 small, 0 quick; the "
+                   "adaptive schedule forecasts with 2, or 0 for noisy samplers)")
     p.add_argument("--overwrite", action="store_true", help="replace this sampler's and guidance's existing plan")
     _threads_arg(p)
     return p
@@ -49,6 +52,7 @@ def _plan(args) -> int:
         raise ValueError(f"--steps must be at least 2, got {args.steps}")
     if args.guidance_scale is not None and args.guidance_scale <= 0:
         raise ValueError(f"--guidance-scale must be positive, got {args.guidance_scale}")
+    forecasts = None if args.forecasts is None else planner.parse_forecasts(args.forecasts)
     target = planner.plan_path(args.model)
     if not Path(args.model).is_dir():
         raise ValueError(f"--model {args.model} is not a model folder")
@@ -59,6 +63,8 @@ def _plan(args) -> int:
                               f"{guidance:g} with {args.steps} steps; pass --overwrite to replace it")
     metric = planner.quality_metric(pipe, args.model, args.classifier)
     grid = planner.Grid(**GRIDS["quick" if args.quick else args.grid])
+    if forecasts is not None:
+        grid.forecasts = forecasts
     configs = planner.grid_configs(grid, args.steps, pipe.denoiser.num_branches,
                                    adaptive_forecast=0 if samplers.draws_noise(args.sampler) else 2)
     per_seed = f"{len(planner.demo_prompts())} prompts" if planner.is_text(pipe) else \
