@@ -24,6 +24,22 @@ LIMITS = {"--batch": ("batch", 1, MAX_BATCH), "--calibration-batch": ("calibrati
 def _check_args(args):
     check_ints(args, LIMITS)
     check_fractions(args, {"--budgets": ("budgets", 0, 1), "--cache-budget": ("cache_budget", 0, 1)})
+    if hasattr(args, "default_batch"):
+        _resolve_prompts(args)
+
+
+def _resolve_prompts(args):
+    """Several --prompt values are one batch, one image each (varied conditions in one run); a single
+    prompt is repeated over --batch images."""
+    prompts = args.prompt
+    if prompts and len(prompts) > 1:
+        if args.batch is not None and args.batch != len(prompts):
+            raise ValueError(f"--batch {args.batch} does not match the {len(prompts)} prompts given (one image "
+                             "each); drop --batch, or give one prompt to repeat")
+        args.batch = len(prompts)
+    else:
+        args.batch = args.default_batch if args.batch is None else args.batch
+        args.prompt = prompts[0] if prompts else None
 
 
 def _check_steps(pipe, args):
@@ -41,10 +57,12 @@ def _model_args(p: argparse.ArgumentParser, batch: int = 8):
     p.add_argument("--model", required=True, help="minidiff model folder")
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--sampler", default="ddim", choices=sorted(SAMPLERS))
-    p.add_argument("--batch", type=int, default=batch, help="images per run")
+    p.add_argument("--batch", type=int, help=f"images per run (default {batch}; with several prompts, one each)")
+    p.set_defaults(default_batch=batch)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--class", dest="class_label", help="class number or name (default: one of each class)")
-    p.add_argument("--prompt", help="prompt for text-conditioned models")
+    p.add_argument("--prompt", nargs="+", help="prompt(s) for text-conditioned models: one is repeated over "
+                   "--batch, several make the batch (one image each)")
     p.add_argument("--guidance-scale", type=float)
     _threads_arg(p)
 
@@ -230,7 +248,9 @@ def _record_from(args, pipe):
                                       project=args.project or None, seed=args.seed, batch_size=args.batch,
                                       class_labels=_labels_from(args, pipe), prompt=args.prompt,
                                       guidance_scale=args.guidance_scale)
-    print(f"recorded {len(record.features)} layers x {record.num_steps} steps x {args.batch} images "
+    rows = next(iter(record.features.values())).shape[1]
+    guided = f" ({rows} rows: unconditional and conditional, both in every mean)" if rows != args.batch else ""
+    print(f"recorded {len(record.features)} layers x {record.num_steps} steps x {args.batch} images{guided} "
           f"({record.nbytes / 2 ** 20:.0f} MiB) in {time.perf_counter() - start:.1f}s")
     return record
 
