@@ -69,7 +69,6 @@ def test_shipped_classifier_reads_real_scenes():
     assert (targets(scenes)["count"] != IGNORE).all()
 
 
-@pytest.mark.skipif(not (WEIGHTS / "scenes" / "model.safetensors").exists(), reason="weights/scenes is not trained yet")
 def test_shipped_model_follows_colour_prompts():
     """A cheap check without the classifier: the strongly coloured pixels of each sample are nearest
     the colour its prompt names."""
