@@ -145,3 +145,29 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 def device(request) -> torch.device:
     """Every available device: CPU always (CI), CUDA as well when one is present."""
     return torch.device(request.param)
+
+
+def hand_driven_text_to_image(pipe, prompts, noise, steps: int, scale: float) -> torch.Tensor:
+    """tokenizer -> text encoder -> DDIM ("leading" spacing, SD's final alpha) with classifier-free
+    guidance over the U-Net -> decoder, written out by hand in float64: what a Stable Diffusion
+    pipeline's `generate(prompt=prompts, noise=noise, steps=steps, guidance_scale=scale)` must equal."""
+    from minidiff.schedules import NoiseSchedule
+
+    n = len(prompts)
+    with torch.inference_mode():
+        context = pipe.text_encoder(pipe.tokenizer(prompts))
+        empty = pipe.text_encoder(pipe.tokenizer([""] * n))
+        alphas = NoiseSchedule.from_config(pipe.scheduler).alphas_cumprod.double()
+        stride = pipe.scheduler.num_train_timesteps // steps
+        timesteps = [i * stride + pipe.scheduler.steps_offset for i in reversed(range(steps))]
+        x = noise.double()
+        for i, t in enumerate(timesteps):
+            tt = torch.full((n,), t)
+            eps_c = pipe.denoiser(x.float(), tt, context).double()
+            eps_u = pipe.denoiser(x.float(), tt, empty).double()
+            eps = eps_u + scale * (eps_c - eps_u)
+            a_t = alphas[t]
+            a_prev = alphas[timesteps[i + 1]] if i + 1 < steps else alphas[0]
+            x0 = (x - (1 - a_t).sqrt() * eps) / a_t.sqrt()
+            x = a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps
+        return ((pipe.autoencoder.decode(x.float()) + 1) / 2).clamp(0, 1)

@@ -8,9 +8,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import randomize, randomize_near_unit_norms
+from test_text_cli import TEXT, UNET, VAE  # the tiny text model's configs
 
 import minidiff
-from minidiff.autoencoder import Autoencoder, AutoencoderConfig
+from minidiff.autoencoder import Autoencoder
 from minidiff.cli import main
 from minidiff.pipeline import Pipeline
 from minidiff.probe import CONTROL, split_mask
@@ -19,18 +20,12 @@ from minidiff.scene_probe import (ATTRIBUTES, COLUMNS, encode_scenes, first_read
                                   trajectory_states)
 from minidiff.scenes import HEADS, IGNORE, scene_batch, targets
 from minidiff.schedules import NoiseSchedule, SchedulerConfig, make_timesteps
-from minidiff.text import CLIPTextConfig, CLIPTextEncoder, CLIPTokenizer
-from minidiff.unet import UNet, UNetConfig
+from minidiff.text import CLIPTextEncoder, CLIPTokenizer
+from minidiff.unet import UNet
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 WEIGHTS = Path(__file__).resolve().parents[1] / "weights"
-UNET = UNetConfig(in_channels=4, out_channels=4, model_channels=16, channel_mult=(1, 2), num_res_blocks=1,
-                  attention_levels=(1,), attention_type="transformer", num_heads=2, context_dim=16, norm_groups=8,
-                  sample_size=8)
-VAE = AutoencoderConfig(base_channels=16, channel_mult=(1, 2), num_res_blocks=1, norm_groups=8)
-TEXT = CLIPTextConfig(vocab_size=49408, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                      num_attention_heads=2)
 
 
 @pytest.fixture(scope="module")

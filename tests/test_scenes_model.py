@@ -5,9 +5,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import hand_driven_text_to_image
 
 import minidiff
-from minidiff.schedules import NoiseSchedule
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 MODEL = Path(__file__).resolve().parents[1] / "weights" / "scenes"
@@ -30,21 +30,5 @@ def test_shipped_pipeline_equals_hand_driven_parts(pipe):
     prompts, steps, scale = ["a red circle on the left", "a blue square above a yellow triangle"], 4, 5.0
     noise = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0))
     images = pipe.generate(prompt=prompts, noise=noise, steps=steps, progress=False)  # the default guidance, 5
-    with torch.inference_mode():
-        context = pipe.text_encoder(pipe.tokenizer(prompts))
-        empty = pipe.text_encoder(pipe.tokenizer(["", ""]))
-        alphas = NoiseSchedule.from_config(pipe.scheduler).alphas_cumprod.double()
-        stride = pipe.scheduler.num_train_timesteps // steps
-        timesteps = [i * stride + pipe.scheduler.steps_offset for i in reversed(range(steps))]
-        x = noise.double()
-        for i, t in enumerate(timesteps):
-            tt = torch.full((2,), t)
-            eps_c = pipe.denoiser(x.float(), tt, context).double()
-            eps_u = pipe.denoiser(x.float(), tt, empty).double()
-            eps = eps_u + scale * (eps_c - eps_u)
-            a_t = alphas[t]
-            a_prev = alphas[timesteps[i + 1]] if i + 1 < steps else alphas[0]
-            x0 = (x - (1 - a_t).sqrt() * eps) / a_t.sqrt()
-            x = a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps
-        by_hand = ((pipe.autoencoder.decode(x.float()) + 1) / 2).clamp(0, 1)
+    by_hand = hand_driven_text_to_image(pipe, prompts, noise, steps, scale)
     assert (images - by_hand).abs().max() < 1e-4
