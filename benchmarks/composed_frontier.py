@@ -52,6 +52,9 @@ def family_table(entry) -> str:
     lines = ["| budget | " + " | ".join(GROUPS) + " | winner | composition beats both parts? |",
              "|---" * (len(GROUPS) + 3) + "|"]
     for b, best in family_bests(rows, steps, TABLE_BUDGETS):
+        if not any(best.values()):  # a small grid has nothing this cheap
+            lines.append(f"| {b:.2f} | " + " | ".join("-" for _ in GROUPS) + " | nothing measured fits | - |")
+            continue
         top = max((r for r in best.values() if r), key=lambda r: r["psnr"])
         cells = ["-" if r is None else (f"**{r['psnr']:.2f}** ({short(r)})" if r is top else
                                         f"{r['psnr']:.2f} ({short(r)})") for r in best.values()]
