@@ -335,8 +335,7 @@ def switch_experiment(pipe, *, old, new, steps: int = 50, sampler: str = "ddim",
     how many samples), `psnr_cached_vs_uncached` compares with the uncached switch at the same k,
     and `*_new_cached` is the share following the new condition.
     """
-    if guidance_scale is None:
-        guidance_scale = pipe.default_guidance  # as generate reads it
+    guidance_scale = pipe.guidance_for(guidance_scale)  # as generate reads it
     calls = num_model_calls(sampler, steps)
     at_steps = list(range(0, calls, max(1, calls // 10))) if at_steps is None else list(at_steps)
     if any(not isinstance(k, int) or not 0 <= k <= calls for k in at_steps):

@@ -188,7 +188,7 @@ def prepare(pipe, condition: dict, *, steps: int = 50, sampler: str = "ddim", br
     one sample per condition, noise from `seed`; guidance None is the model's default."""
     (key, values), = condition.items()
     n = len(values)
-    guidance = pipe.default_guidance if guidance_scale is None else guidance_scale
+    guidance = pipe.guidance_for(guidance_scale)
     cond, uncond = pipe.conditioning(n, **{key: values}, guidance_scale=guidance)
     noise = pipe.initial_noise(n, generator=torch.Generator().manual_seed(seed))
     layer = cached_layer(pipe.denoiser, branch)

@@ -198,7 +198,7 @@ def text_demo(pipe: Pipeline, model_path, classifier_path, *, steps: int, interv
                "each demo grid", caption_lines=CAPTION_LINES)
     metric = None if classifier_path is None else load_scene_metric(classifier_path)
     noise = pipe.initial_noise(len(prompts), generator=torch.Generator().manual_seed(seed))
-    used = pipe.default_guidance if guidance is None else guidance
+    used = pipe.guidance_for(guidance)
     guided = f"guidance {used:g}" if used is not None and used > 1 else "no guidance"
     n_params = sum(param.numel() for param in pipe.denoiser.parameters())
     print(f"model {model_path} ({size}x{size} text-to-image, {n_params / 1e6:.2f}M-parameter {network_name(pipe)}), "

@@ -190,6 +190,10 @@ class Pipeline:
         g = self.meta.get("guidance_scale")
         return float(g) if isinstance(g, (int, float)) and not isinstance(g, bool) else None
 
+    def guidance_for(self, guidance_scale: Optional[float]) -> Optional[float]:
+        """The guidance a run asked for `guidance_scale` uses: None means the model's default."""
+        return self.default_guidance if guidance_scale is None else guidance_scale
+
     def num_real_classes(self) -> int:
         """The number of class labels a user may pass (the null class of guidance excluded)."""
         n = self.denoiser.config.num_classes
@@ -251,8 +255,8 @@ class Pipeline:
         `cache_forecast` = 0 reuses the deep feature (DeepCache), 1 or 2 extrapolates it through the
         last 2 or 3 full steps, "auto" picks 2 for deterministic samplers and 0 for noisy ones,
         "foca", "hermite", "chebyshev" or "dicache" forecasts it by that published rule
-        (minidiff.forecasters, compared in docs/adaptive.md); None (default) means 0 for fixed schedules and "auto" for the adaptive one. An option the
-        schedule would ignore is refused by name (minidiff.cache.CacheOptions).
+        (minidiff.forecasters, compared in docs/adaptive.md); None (default) means 0 for fixed
+        schedules and "auto" for the adaptive one. An option the schedule would ignore is refused by name (minidiff.cache.CacheOptions).
 
         `budget` (a fraction of the MACs of `steps` uncached steps) lets the model's plan.json
         (`minidiff plan`) choose the steps and caching: the best configuration measured within it.
@@ -261,8 +265,7 @@ class Pipeline:
         as a list) steers the run, times `controlnet_scale`; a shallow step runs each ControlNet only
         up to the cut (minidiff.controlnet). Its size is the default height/width.
         """
-        if guidance_scale is None:
-            guidance_scale = self.default_guidance  # 1.0 (or anything <= 1) turns a stored default off
+        guidance_scale = self.guidance_for(guidance_scale)  # 1.0 (or anything <= 1) turns a stored default off
         if budget is not None:
             return self._generate_within(budget, steps, dict(
                 cache_interval=cache_interval, cache_branch=cache_branch, cache_schedule=cache_schedule,

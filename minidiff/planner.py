@@ -157,7 +157,7 @@ def calibration_batch(pipe, seeds: Sequence[int], prompts: Optional[Sequence[str
 
 def resolved_guidance(pipe, guidance_scale) -> float:
     """The guidance a run with `guidance_scale` uses (None: the model's default), 1.0 when off: a plan's key."""
-    return _guidance(pipe.default_guidance if guidance_scale is None else guidance_scale)
+    return _guidance(pipe.guidance_for(guidance_scale))
 
 
 def quality_metric(pipe, model_dir, classifier=None):
