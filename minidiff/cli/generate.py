@@ -424,7 +424,7 @@ def _info(args) -> int:
         print(f"  classes:     {count} ({listed}); --class takes a number{' or a name' if names else ''}; {guidance}")
     else:
         print("  classes:     none")
-    print(f"  text:        {'yes: --prompt, and --negative-prompt with --guidance-scale' if pipe.text_encoder else 'no'}")
+    print(f"  text:        {'yes: --prompt, and --negative-prompt when guidance is above 1' if pipe.text_encoder else 'no'}")
     if pipe.default_guidance is not None:
         print(f"  guidance:    {pipe.default_guidance:g} by default (--guidance-scale 1 turns it off)")
     x = torch.zeros(1, cfg.in_channels, latent, latent)
